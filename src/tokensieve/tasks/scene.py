@@ -1,0 +1,99 @@
+"""Scene vocabulary and rendering: a 3x3 grid of cells on a plain background.
+
+An image is ``IMAGE_SIZE`` x ``IMAGE_SIZE`` RGB. Each object occupies one cell
+(so objects never touch) and is an ``OBJECT_SIZE``-pixel square box placed at a
+random offset inside its cell.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .glyphs import glyph_mask
+
+IMAGE_SIZE = 96
+GRID = 3
+CELL = IMAGE_SIZE // GRID
+OBJECT_SIZE = 14
+MARGIN = 3
+GLYPH_SCALE = 2
+
+BACKGROUND: tuple[int, int, int] = (240, 240, 236)
+INK: tuple[int, int, int] = (20, 20, 20)
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "green": (30, 160, 50),
+    "blue": (35, 75, 220),
+    "yellow": (235, 195, 20),
+}
+SHAPES: tuple[str, ...] = ("square", "circle", "triangle")
+
+ROW_NAMES: tuple[str, ...] = ("top", "middle", "bottom")
+COL_NAMES: tuple[str, ...] = ("left", "center", "right")
+
+
+def cell_name(cell: int) -> str:
+    """Name of cell 0..8 (row-major): "top left", "top", ..., "center", ..., "bottom right"."""
+    row, col = divmod(cell, GRID)
+    if row == 1 and col == 1:
+        return "center"
+    if row == 1:
+        return COL_NAMES[col]
+    if col == 1:
+        return ROW_NAMES[row]
+    return f"{ROW_NAMES[row]} {COL_NAMES[col]}"
+
+
+CELL_NAMES: tuple[str, ...] = tuple(cell_name(c) for c in range(GRID * GRID))
+
+
+@dataclass(frozen=True)
+class Item:
+    """One drawn thing: a coloured shape, or a glyph in ink (``glyph`` set, ``shape`` None)."""
+
+    cell: int
+    colour: str | None = None
+    shape: str | None = None
+    glyph: str | None = None
+
+
+def shape_mask(shape: str, size: int = OBJECT_SIZE) -> np.ndarray:
+    """Bool mask of shape (size, size) for one of ``SHAPES``."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    if shape == "square":
+        return np.ones((size, size), dtype=bool)
+    if shape == "circle":
+        c = (size - 1) / 2
+        return (yy - c) ** 2 + (xx - c) ** 2 <= (size / 2) ** 2
+    if shape == "triangle":
+        half_width = (yy + 1) / size * (size / 2)
+        return np.abs(xx - (size - 1) / 2) <= half_width
+    raise ValueError(f"unknown shape {shape!r}; valid shapes: {', '.join(SHAPES)}")
+
+
+def item_mask(item: Item) -> np.ndarray:
+    """Bool mask of an item: (OBJECT_SIZE, OBJECT_SIZE) for shapes, (14, 10) for glyphs."""
+    if item.glyph is not None:
+        return glyph_mask(item.glyph, GLYPH_SCALE)
+    assert item.shape is not None
+    return shape_mask(item.shape)
+
+
+def render(items: list[Item], rng: np.random.Generator) -> tuple[Image.Image, list[tuple[int, int, int, int]]]:
+    """Draw ``items`` (distinct cells) and return the image and each item's box (x0, y0, x1, y1), x1/y1 exclusive."""
+    canvas = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    canvas[:] = BACKGROUND
+    boxes = []
+    for item in items:
+        mask = item_mask(item)
+        h, w = mask.shape
+        row, col = divmod(item.cell, GRID)
+        y0 = row * CELL + int(rng.integers(MARGIN, CELL - h - MARGIN + 1))
+        x0 = col * CELL + int(rng.integers(MARGIN, CELL - w - MARGIN + 1))
+        colour = INK if item.glyph is not None else COLOURS[item.colour]  # type: ignore[index]
+        canvas[y0 : y0 + h, x0 : x0 + w][mask] = colour
+        boxes.append((x0, y0, x0 + w, y0 + h))
+    return Image.fromarray(canvas, "RGB"), boxes
