@@ -1,0 +1,137 @@
+"""Train the shipped tiny LLaVA from scratch on CPU: ``python -m tokensieve.tiny.train``.
+
+Defaults are the exact settings used for the checkpoint in ``tokensieve/tiny/checkpoint``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..tasks import TASKS
+from .build import build_model, build_processor
+from .data import Pool, build_pool, collate
+
+EVAL_START = 100_000
+"""Training-time evaluation uses test items from here on, leaving items 0.. for the final evaluation."""
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warmup to ``peak`` over ``warmup`` steps, then cosine decay to 5% of peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def next_token_accuracy(model, pool: Pool, pad_id: int, batch_size: int) -> dict[str, float]:
+    """Per-task accuracy of the first greedy answer token (the whole answer: answers are one word)."""
+    model.eval()
+    correct = torch.zeros(len(pool.ids), dtype=torch.bool)
+    for lo in range(0, len(pool.ids), batch_size):
+        index = torch.arange(lo, min(lo + batch_size, len(pool.ids)))
+        batch = collate(pool, index, pad_id, with_answer=False)
+        logits = model(**batch, logits_to_keep=1).logits[:, -1]
+        correct[index] = logits.argmax(-1) == pool.answer[index]
+    model.train()
+    return {task: correct[pool.task == t].float().mean().item() for t, task in enumerate(TASKS)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tokensieve.tiny.train", description=__doc__)
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training options (defaults = the shipped checkpoint's settings)."""
+    parser.add_argument("--out", type=Path, default=Path("runs/tiny"), help="output checkpoint directory")
+    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
+    parser.add_argument("--warmup", type=int, default=200, help="linear warmup steps")
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--pool-per-task", type=int, default=20_000, help="pre-generated training examples per task")
+    parser.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations")
+    parser.add_argument("--eval-items", type=int, default=200, help="held-out items per task for those evaluations")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``train-tiny`` subcommand on an argparse subparsers object."""
+    parser = subparsers.add_parser("train-tiny", help="train the shipped tiny LLaVA model from scratch on CPU")
+    add_arguments(parser)
+    parser.set_defaults(func=lambda args: run(args))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse ``argv`` and train; returns the training summary."""
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train with the parsed options, save the checkpoint and ``training_summary.json`` in ``args.out``."""
+    if args.steps < 1 or args.batch_size < 1:
+        raise ValueError("--steps and --batch-size must be positive")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    start_time = time.time()
+    processor = build_processor()
+    tokenizer = processor.tokenizer
+    pad_id = tokenizer.pad_token_id
+    model = build_model(tokenizer)
+    model.train()
+    train_pool = build_pool(tokenizer, "train", args.pool_per_task, start=args.seed * args.pool_per_task)
+    eval_pool = build_pool(tokenizer, "test", args.eval_items, start=EVAL_START)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.98),
+    )
+    generator = torch.Generator().manual_seed(args.seed)
+    history = []
+    bar = tqdm(range(args.steps), desc="train-tiny", mininterval=10)
+    running = None
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        index = torch.randint(0, len(train_pool.ids), (args.batch_size,), generator=generator)
+        loss = model(**collate(train_pool, index, pad_id, with_answer=True)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.3f}", refresh=False)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            acc = next_token_accuracy(model, eval_pool, pad_id, 64)
+            elapsed = time.time() - start_time
+            history.append({"step": step + 1, "loss": running, "elapsed_s": elapsed, "accuracy": acc})
+            accs = " ".join(f"{k}={v:.3f}" for k, v in acc.items())
+            tqdm.write(f"step {step + 1} loss {running:.4f} elapsed {elapsed:.0f}s acc {accs}", file=None)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out)
+    processor.save_pretrained(args.out)
+    summary = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
+        "wall_time_s": time.time() - start_time,
+        "final_heldout_accuracy": history[-1]["accuracy"],
+        "heldout_items_per_task": args.eval_items,
+        "history": history,
+    }
+    (args.out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The tiny model's tokenizer, processor and batching; and the shipped checkpoint, when present."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoProcessor, AutoTokenizer
+
+from tokensieve.tasks import TASKS, generate, vocabulary
+from tokensieve.tiny import NUM_IMAGE_TOKENS, TINY_DIR, build_inputs, load_tiny, parse_answers
+from tokensieve.tiny.build import build_processor, build_tokenizer
+from tokensieve.tiny.data import normalize
+from tokensieve.tiny.prompt import prompt_text
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor()
+
+
+def test_tokenizer_round_trips_every_task(processor) -> None:
+    tok = processor.tokenizer
+    for word in vocabulary():
+        ids = tok(word, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and ids[0] != tok.unk_token_id and tok.decode(ids) == word
+    for task in TASKS:
+        for e in generate(task, "train", 20):
+            text = f"{prompt_text(e.question)} {e.answer} </s>"
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert tok.unk_token_id not in ids
+            decoded = tok.decode(ids)
+            assert decoded == text.replace(":", " :"), "word-level: decoding joins words with spaces"
+            assert tok(decoded, add_special_tokens=False)["input_ids"] == ids
+
+
+def test_saved_processor_loads_offline(tmp_path, processor) -> None:
+    processor.save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    assert tok.convert_tokens_to_ids("<image>") == processor.tokenizer.convert_tokens_to_ids("<image>")
+    loaded = AutoProcessor.from_pretrained(tmp_path, local_files_only=True)
+    assert type(loaded).__name__ == "LlavaProcessor"
+    assert loaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+
+
+def test_build_inputs_image_tokens_and_left_padding(processor) -> None:
+    examples = generate("attribute", "test", 1) + generate("relation", "test", 1) + generate("counting", "test", 1)
+    batch = build_inputs(processor, examples)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert batch["pixel_values"].shape == (3, 3, 96, 96)
+    assert ((batch["input_ids"] == image_id).sum(1) == NUM_IMAGE_TOKENS).all()
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max(), "prompts of different lengths, so padding happens"
+    assert (batch["attention_mask"][:, -1] == 1).all()
+    pad = batch["attention_mask"] == 0
+    assert (batch["input_ids"][pad] == processor.tokenizer.pad_token_id).all()
+    for row in batch["attention_mask"]:
+        assert torch.equal(row, torch.sort(row).values), "padding on the left"
+
+
+def test_training_normalisation_matches_processor(processor) -> None:
+    examples = generate("detail", "test", 2)
+    batch = build_inputs(processor, examples)
+    pixels = torch.from_numpy(np.stack([np.asarray(e.image) for e in examples])).permute(0, 3, 1, 2)
+    assert torch.allclose(normalize(pixels), batch["pixel_values"], atol=1e-5)
+
+
+def test_parse_answers(processor) -> None:
+    tok = processor.tokenizer
+    ids = tok(["<s> USER : yes </s> </s>", "<s> USER : 5 </s> <pad>"], add_special_tokens=False,
+              return_tensors="pt")["input_ids"]
+    assert parse_answers(tok, ids, 3) == ["yes", "5"]
+
+
+FIXED_ITEMS = [(task, i) for task in TASKS for i in (0, 1)]
+
+
+@pytest.mark.skipif(not (TINY_DIR / "model.safetensors").is_file(),
+                    reason="shipped checkpoint absent: tokensieve/tiny/checkpoint/model.safetensors not trained yet")
+def test_shipped_model_answers_fixed_items() -> None:
+    model, processor = load_tiny()
+    examples = [generate(task, "test", 1, start=i)[0] for task, i in FIXED_ITEMS]
+    inputs = build_inputs(processor, examples)
+    assert inputs["input_ids"].shape[1] > NUM_IMAGE_TOKENS
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    answers = parse_answers(processor.tokenizer, out, inputs["input_ids"].shape[1])
+    assert answers == [e.answer for e in examples]
