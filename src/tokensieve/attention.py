@@ -1,0 +1,68 @@
+"""Exact softmax attention rows, recomputed from a decoder layer's own projections.
+
+Methods that rank tokens by attention need a few rows of a layer's attention matrix. Rather than
+forcing eager attention on the whole model, the engine recomputes just those rows from the layer's
+input: input norm, q/k projections, the model's rotary embedding, GQA head sharing, the causal and
+padding mask, softmax in fp32. This is ``len(queries) x n`` dot products per head instead of ``n x n``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+
+def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: nn.Module):
+    """Apply the rotary embedding the way the layer's own modelling file does."""
+    apply = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+    if apply is not None:
+        return apply(q, k, cos, sin)
+    half = q.shape[-1] // 2
+
+    def rot(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+
+def attention_rows(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    queries: torch.Tensor,
+    allowed: torch.Tensor,
+) -> torch.Tensor:
+    """Softmax attention probabilities of chosen query rows against all rows, at one decoder layer.
+
+    Args:
+        layer: a Llama-family decoder layer (``input_layernorm`` and ``self_attn`` with q/k projections).
+        hidden: ``(B, n, d)`` the layer's input hidden states (before its input norm).
+        cos, sin: ``(B, n, head_dim)`` rotary tables of the rows (batch dim may be 1).
+        queries: ``(B, q)`` long, row indices of the queries.
+        allowed: ``(B, q, n)`` bool, which keys each query may attend to (causal, padding).
+
+    Returns:
+        ``(B, H, q, n)`` float32 probabilities; rows sum to 1 over allowed keys.
+    """
+    attn = layer.self_attn
+    head_dim = attn.head_dim
+    x = layer.input_layernorm(hidden)
+    batch, n, _ = x.shape
+    xq = x.gather(1, queries[..., None].expand(-1, -1, x.shape[-1]))
+    q = attn.q_proj(xq).view(batch, queries.shape[1], -1, head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(batch, n, -1, head_dim).transpose(1, 2)
+    cos = cos.expand(batch, -1, -1)
+    sin = sin.expand(batch, -1, -1)
+    qcos = cos.gather(1, queries[..., None].expand(-1, -1, cos.shape[-1]))
+    qsin = sin.gather(1, queries[..., None].expand(-1, -1, sin.shape[-1]))
+    q, _ = rotate(q, q, qcos, qsin, attn)
+    _, k = rotate(k, k, cos, sin, attn)
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scaling
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)

@@ -1,0 +1,440 @@
+"""The engine: per-instance shims around the decoder layers that apply the ledger.
+
+``prune(model, method, **options)`` is a context manager. On entry it checks the method against the
+model (raising before anything is touched), then installs, on this model instance only:
+
+* a forward pre-hook and hook on the top-level model, which open and close a *pass* (one forward
+  call: the prefill or one decode step), read the input layout and turn the cache into a
+  :class:`~tokensieve.cache.LedgerCache`;
+* a ``forward`` attribute on each decoder layer (the shim) that applies the method's selections at
+  its points, gathers the layer's keyword arguments (rotary rows, position ids, mask) for the alive
+  rows, calls the original layer, and records and evicts that layer's cache entries.
+
+Leaving the context removes all of it, also when the body raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from . import methods as method_registry
+from .adapters import Adapter, adapter_for
+from .attention import attention_rows
+from .cache import LedgerCache
+from .flops import Shape, prefill_flops
+from .ledger import Ledger, Rows
+from .methods.base import CacheView, Grid, Method, Point, Queries, View
+from .report import Report, SampleReport
+
+
+@dataclass
+class Pass:
+    """State of one forward call of the top-level model."""
+
+    prefill: bool
+    offset: int
+    new_tokens: int
+    cache: LedgerCache | None
+    saved: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, Rows]] = field(default_factory=dict)
+    memo: dict[tuple, Any] = field(default_factory=dict)
+
+
+class Engine:
+    """Applies one method to one model; see :func:`prune`."""
+
+    def __init__(self, model: nn.Module, method: Method) -> None:
+        self.model = model
+        self.adapter: Adapter = adapter_for(model)
+        self.method = method
+        self.num_layers = len(self.adapter.layers)
+        method.bind(self.num_layers)
+        if method.visual and not self.adapter.image_token_ids:
+            raise ValueError(
+                f"{method.name} prunes visual tokens but {type(model).__name__} is a text-only model; "
+                "use a cache-stage method such as streamingllm"
+            )
+        self.points: dict[int, list[Point]] = {}
+        for point in method.points():
+            self.points.setdefault(point.before, []).append(point)
+        self.attention_layers = {p.attention_layer for p in method.points() if p.attention_layer is not None}
+        self.renumber = method.positions_mode() == "renumber"
+        if self.renumber and self.adapter.mrope:
+            raise ValueError("positions='renumber' is not defined for M-RoPE models (Qwen2-VL); use positions='keep'")
+        self.shape = Shape.from_config(self.adapter.text_config)
+        self.ledger: Ledger | None = None
+        self.state: Pass | None = None
+        self.report = Report(method.name, dataclasses.asdict(method), method.positions_mode())
+        self.history: list[Report] = []
+        self._undo: list[Callable[[], None]] = []
+
+    # ------------------------------------------------------------------ install / remove
+    def install(self) -> None:
+        """Hook the top-level model and shim every decoder layer of this instance."""
+        pre = self.model.register_forward_pre_hook(self._begin, with_kwargs=True)
+        post = self.model.register_forward_hook(self._end, with_kwargs=True)
+        self._undo += [pre.remove, post.remove]
+        for idx, layer in enumerate(self.adapter.layers):
+            had = "forward" in layer.__dict__
+            previous = layer.__dict__.get("forward")
+            original = layer.forward
+
+            def shim(hidden_states: torch.Tensor, *args: Any, _l: int = idx, _f: Callable = original, **kwargs: Any):
+                return self._layer(_l, _f, hidden_states, args, kwargs)
+
+            layer.forward = shim
+            self._undo.append(lambda layer=layer, had=had, previous=previous: self._restore(layer, had, previous))
+
+    @staticmethod
+    def _restore(layer: nn.Module, had: bool, previous: Any) -> None:
+        if had:
+            layer.forward = previous
+        else:
+            del layer.forward
+
+    def remove(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+        self.state = None
+
+    # ------------------------------------------------------------------ passes
+    def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        tokens = input_ids if input_ids is not None else embeds
+        if tokens is None:
+            raise ValueError("the model was called without input_ids or inputs_embeds")
+        batch, new = tokens.shape[0], tokens.shape[1]
+        cache = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.adapter.text_config, "use_cache", True)
+        if cache is not None:
+            cache = LedgerCache.adopt(cache)
+            kwargs["past_key_values"] = cache
+        elif use_cache:
+            cache = LedgerCache(config=self.adapter.text_config)
+            kwargs["past_key_values"] = cache
+        offset = cache.logical_length if cache is not None else 0
+        mask2d = kwargs.get("attention_mask")
+        if mask2d is None or mask2d.dim() != 2:
+            real = torch.ones(batch, offset + new, dtype=torch.bool, device=tokens.device)
+        else:
+            real = mask2d.bool()
+        prefill = offset == 0 or self.ledger is None
+        if prefill:
+            self.ledger = self._new_ledger(input_ids, kwargs, real, batch, new, offset, tokens.device)
+            self.report = Report(self.method.name, dataclasses.asdict(self.method), self.method.positions_mode())
+            self.history.append(self.report)
+        else:
+            if batch != self.ledger.real.shape[0]:
+                raise ValueError("the batch size changed between prefill and decoding (beam search is not supported)")
+            self.ledger.hidden = Rows.full(batch, offset, new, tokens.device)
+            self.ledger.real = real
+        self.state = Pass(prefill=prefill, offset=offset, new_tokens=new, cache=cache if use_cache else None)
+        return args, kwargs
+
+    def _new_ledger(self, input_ids, inputs, real, batch, new, offset, device) -> Ledger:
+        if self.method.visual and input_ids is None:
+            raise ValueError(f"{self.method.name} needs input_ids to find the visual tokens (got inputs_embeds only)")
+        if input_ids is not None and self.adapter.image_token_ids:
+            layout = self.adapter.layout(input_ids, inputs)
+        else:
+            layout = None
+        visual = layout.visual if layout is not None else torch.zeros(batch, new, dtype=torch.bool, device=device)
+        if self.method.visual and not visual.any():
+            raise ValueError(f"{self.method.name} prunes visual tokens, but this input has none (a text-only prompt)")
+        self.grids = layout.grids if layout is not None else [[] for _ in range(batch)]
+        ledger = Ledger(
+            hidden=Rows.full(batch, offset, new, device),
+            caches=[None] * self.num_layers,
+            real=real,
+            visual=torch.cat([torch.zeros(batch, offset, dtype=torch.bool, device=device), visual], 1),
+            image_index=layout.image_index if layout is not None else torch.full((batch, new), -1, device=device),
+            prompt_length=offset + new,
+            cache_identity=[True] * self.num_layers,
+        )
+        if offset:
+            ledger.caches = [Rows.full(batch, 0, offset, device) for _ in range(self.num_layers)]
+        ledger.record_visual("input", ledger.hidden)
+        return ledger
+
+    def _end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        state, ledger = self.state, self.ledger
+        if state is None or ledger is None:
+            return output
+        ledger.length = state.offset + state.new_tokens
+        if state.cache is not None:
+            state.cache.logical_length = ledger.length
+        self._write_report(state.prefill)
+        self.state = None
+        return output
+
+    # ------------------------------------------------------------------ the shim
+    def _layer(self, idx: int, original: Callable, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        state, ledger = self.state, self.ledger
+        if state is None or ledger is None:
+            return original(hidden, *args, **kwargs)
+        if state.prefill:
+            for point in self.points.get(idx, []):
+                hidden = self._apply_point(point, hidden)
+            ledger.hidden_counts.append(self._real_counts(ledger.hidden))
+        kwargs = self._layer_kwargs(idx, hidden, kwargs)
+        if state.prefill and idx in self.attention_layers:
+            cos, sin = kwargs["position_embeddings"]
+            state.saved[idx] = (hidden, cos, sin, ledger.hidden)
+        out = original(hidden, *args, **kwargs)
+        if state.cache is not None:
+            self._track_cache(idx, state.cache)
+        return out
+
+    def _real_counts(self, rows: Rows) -> list[int]:
+        real = self.ledger.real.gather(1, rows.pos) & rows.valid
+        return real.sum(1).tolist()
+
+    def _layer_kwargs(self, idx: int, hidden: torch.Tensor, kwargs: dict) -> dict:
+        state, ledger = self.state, self.ledger
+        rows = ledger.hidden
+        hidden_identity = ledger.identity or not state.prefill
+        cache_rows = ledger.caches[idx]
+        if hidden_identity and ledger.cache_identity[idx] and not self.renumber:
+            return kwargs
+        kw = dict(kwargs)
+        key = ("rows", id(rows))
+        if key not in state.memo:
+            state.memo[key] = self._gather_positions(rows, hidden, kwargs)
+        kw["position_embeddings"], kw["position_ids"] = state.memo[key]
+        keys = rows if cache_rows is None or not state.cache else cache_rows.cat(rows)
+        mkey = ("mask", id(rows), id(cache_rows))
+        if mkey not in state.memo:
+            state.memo[mkey] = self._mask(rows, keys, kwargs.get("attention_mask"), hidden.dtype)
+        kw["attention_mask"] = state.memo[mkey]
+        return kw
+
+    def _gather_positions(self, rows: Rows, hidden: torch.Tensor, kwargs: dict):
+        state, ledger = self.state, self.ledger
+        cos, sin = kwargs["position_embeddings"]
+        pids = kwargs.get("position_ids")
+        batch = rows.pos.shape[0]
+        if state.prefill and not ledger.identity:
+            idx = rows.pos - state.offset
+            cos = cos.expand(batch, -1, -1).gather(1, idx[..., None].expand(-1, -1, cos.shape[-1]))
+            sin = sin.expand(batch, -1, -1).gather(1, idx[..., None].expand(-1, -1, sin.shape[-1]))
+            if pids is not None:
+                lead = pids.shape[:-2]
+                full = pids.expand(*lead, batch, pids.shape[-1])
+                pids = full.gather(-1, idx.expand(*lead, -1, -1))
+        if self.renumber:
+            if pids is None:
+                raise ValueError("positions='renumber' needs position_ids from the model")
+            pids = pids.expand(batch, -1)
+            if state.prefill:
+                shift = ledger.shift.gather(1, rows.pos.clamp(max=ledger.shift.shape[1] - 1))
+            else:
+                shift = ledger.shift[:, -1:]
+            pids = pids - shift
+            cos, sin = self.adapter.rotary(hidden, position_ids=pids)
+        return (cos, sin), pids
+
+    def _mask(self, rows: Rows, keys: Rows, like: Any, dtype: torch.dtype) -> torch.Tensor:
+        """``(B, 1, n, m)`` mask of ``rows`` (queries) against ``keys``: causal in original positions,
+        padding and ragged entries masked, each row allowed to see itself (no empty softmax rows)."""
+        allowed = self._allowed(rows, keys)[:, None]
+        floating = isinstance(like, torch.Tensor) and like.is_floating_point()
+        if like is None:
+            floating = getattr(self.adapter.text_config, "_attn_implementation", "sdpa") == "eager"
+        if not floating:
+            return allowed
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+    def _allowed(self, rows: Rows, keys: Rows) -> torch.Tensor:
+        qpos, kpos = rows.pos[:, :, None], keys.pos[:, None, :]
+        real_k = self.ledger.real.gather(1, keys.pos)[:, None, :]
+        return keys.valid[:, None, :] & ((real_k & (kpos <= qpos)) | (kpos == qpos))
+
+    # ------------------------------------------------------------------ prefill points
+    def _apply_point(self, point: Point, hidden: torch.Tensor) -> torch.Tensor:
+        ledger = self.ledger
+        rows = ledger.hidden
+        view = View(
+            point=point,
+            hidden=hidden,
+            positions=rows.pos,
+            valid=rows.valid,
+            visual=ledger.is_visual(rows),
+            grids=self._grids(rows),
+            attention=lambda queries: self._attention(point, queries),
+            query_valid=lambda queries: self._queries(rows, queries)[1],
+        )
+        selection = self.method.select(view)
+        if selection.hidden is not None:
+            hidden = selection.hidden
+        keep = selection.keep & rows.valid
+        if bool((keep == rows.valid).all()):
+            ledger.record_visual(f"{point.stage}:{point.before}", rows)
+            return hidden
+        new_rows, index = rows.select(keep)
+        hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        if self.renumber and point.stage == "encoder":
+            removed = torch.ones_like(ledger.real)
+            removed.scatter_(1, new_rows.pos, False)
+            removed &= ledger.real
+            ledger.shift = removed.long().cumsum(1) - removed.long()
+            ledger.shift = torch.cat([ledger.shift, removed.long().sum(1, keepdim=True)], 1)
+        ledger.hidden = new_rows
+        ledger.identity = False
+        ledger.record_visual(f"{point.stage}:{point.before}", new_rows)
+        return hidden
+
+    def _grids(self, rows: Rows) -> list[list[Grid]]:
+        out: list[list[Grid]] = []
+        for b, grids in enumerate(self.grids):
+            sample = []
+            for positions, r, c in grids:
+                cols = torch.searchsorted(rows.pos[b], positions.to(rows.pos.device), right=True) - 1
+                if bool((rows.pos[b, cols.clamp(min=0)] == positions).all()):
+                    sample.append(Grid(cols, r, c))
+            out.append(sample)
+        return out
+
+    def _queries(self, rows: Rows, queries: Queries) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, q)`` row indices of the queries and ``(B, q)`` bool of which are real."""
+        ledger = self.ledger
+        real = ledger.real.gather(1, rows.pos) & rows.valid
+        batch, n = rows.pos.shape
+        if queries == "last":
+            return torch.full((batch, 1), n - 1, device=rows.pos.device), real[:, -1:]
+        cols = torch.arange(n, device=rows.pos.device).expand(batch, n)
+        if queries == "all":
+            return cols, real
+        if queries == "text":
+            vis = ledger.is_visual(rows)
+            last_vis = torch.where(vis, cols, torch.full_like(cols, -1)).max(1, keepdim=True).values
+            return cols, real & (cols > last_vis)
+        raise ValueError(f"unknown query set {queries!r}")
+
+    def _attention(self, point: Point, queries: Queries) -> torch.Tensor:
+        state = self.state
+        hidden, cos, sin, rows = state.saved[point.attention_layer]
+        if rows is not self.ledger.hidden:
+            raise RuntimeError("attention rows were saved for a different token set than the point's")
+        qidx, _ = self._queries(rows, queries)
+        allowed = self._allowed(rows, rows).gather(1, qidx[..., None].expand(-1, -1, rows.width))
+        layer = self.adapter.layers[point.attention_layer]
+        with torch.no_grad():
+            return attention_rows(layer, hidden, cos, sin, qidx, allowed)
+
+    # ------------------------------------------------------------------ cache
+    def _track_cache(self, idx: int, cache: LedgerCache) -> None:
+        ledger, state = self.ledger, self.state
+        rows = ledger.hidden
+        held = ledger.caches[idx]
+        ledger.caches[idx] = rows if held is None else held.cat(rows)
+        if state.prefill:
+            ledger.cache_identity[idx] = ledger.cache_identity[idx] and ledger.identity
+        if cache.stored_length(idx) != ledger.caches[idx].width:
+            raise RuntimeError(f"layer {idx}: cache holds {cache.stored_length(idx)} entries, the ledger {ledger.caches[idx].width}")
+        if "cache" not in self.method.stages:
+            return
+        held = ledger.caches[idx]
+        real = ledger.real.gather(1, held.pos) & held.valid
+        keep = self.method.evict(CacheView(idx, held.pos, held.valid, real, state.offset + state.new_tokens))
+        if keep is None or bool((keep == held.valid).all()):
+            return
+        new_rows, index = held.select(keep)
+        cache.gather(idx, index)
+        ledger.caches[idx] = new_rows
+        ledger.cache_identity[idx] = False
+
+    # ------------------------------------------------------------------ report
+    def _write_report(self, prefill: bool) -> None:
+        ledger, report = self.ledger, self.report
+        batch = ledger.real.shape[0]
+        cache_counts = [self._real_counts(c) if c is not None else [0] * batch for c in ledger.caches]
+        element = 2 * self.shape.kv_width * self._kv_element_size()
+        if prefill:
+            prompt_real = ledger.real[:, : ledger.prompt_length].sum(1).tolist()
+            samples = []
+            for b in range(batch):
+                lengths = [counts[b] for counts in ledger.hidden_counts]
+                if len(lengths) != self.num_layers:
+                    lengths = [prompt_real[b]] * self.num_layers
+                caches = [c[b] for c in cache_counts]
+                vis_in = len(ledger.visual_kept["input"][b])
+                samples.append(
+                    SampleReport(
+                        hidden_lengths=lengths,
+                        attention_out_lengths=list(lengths),
+                        cache_lengths_prefill=caches,
+                        cache_lengths_end=list(caches),
+                        visual_tokens=vis_in,
+                        visual_kept={k: v[b] for k, v in ledger.visual_kept.items()},
+                        flops=prefill_flops(self.shape, lengths),
+                        flops_unpruned=prefill_flops(self.shape, [prompt_real[b]] * self.num_layers),
+                        kv_bytes_prefill=sum(caches) * element,
+                        kv_bytes_end=sum(caches) * element,
+                    )
+                )
+            report.samples = samples
+        else:
+            report.decode_steps += 1
+            for b, sample in enumerate(report.samples):
+                sample.cache_lengths_end = [c[b] for c in cache_counts]
+                sample.kv_bytes_end = sum(sample.cache_lengths_end) * element
+
+    def _kv_element_size(self) -> int:
+        param = next(self.adapter.layers[0].parameters())
+        return param.element_size()
+
+
+class Run:
+    """Handle returned by :func:`prune`: ``run.report`` is the latest call's report."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @property
+    def report(self) -> Report:
+        return self._engine.report
+
+    @property
+    def reports(self) -> list[Report]:
+        """Reports of every prefill run inside the context, oldest first."""
+        return list(self._engine.history)
+
+    @property
+    def method(self) -> Method:
+        return self._engine.method
+
+
+@contextlib.contextmanager
+def prune(model: nn.Module, method: str | Method, **options: Any) -> Iterator[Run]:
+    """Prune ``model``'s tokens with ``method`` inside the ``with`` block.
+
+    Example::
+
+        with tokensieve.prune(model, "fastv", layer=2, keep=0.25) as run:
+            out = model.generate(**inputs)
+        run.report.to_dict()
+
+    Args:
+        model: a supported ``transformers`` model instance (see ``tokensieve.adapters``).
+        method: a method name (``tokensieve methods`` lists them) or a :class:`~tokensieve.methods.Method`.
+        **options: the method's options when ``method`` is a name.
+
+    Raises:
+        ValueError / TypeError: unknown method or option, options out of range, unsupported model;
+            raised before the model is touched.
+    """
+    engine = Engine(model, method_registry.get(method, **options))
+    engine.install()
+    try:
+        yield Run(engine)
+    finally:
+        engine.remove()

@@ -1,0 +1,41 @@
+"""The methods, by name. ``tokensieve.methods.FastV(layer=2, keep=0.25)`` or ``get("fastv", ...)``."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from .base import CacheView, Grid, Method, Point, Selection, View
+from .fastv import FastV
+from .pool import Pool
+from .random_drop import RandomDrop
+from .streamingllm import StreamingLLM
+
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (FastV, RandomDrop, Pool, StreamingLLM)}
+
+
+def get(name: str | Method, **options: Any) -> Method:
+    """Build a method from its name and options, or return a Method instance unchanged.
+
+    Raises:
+        ValueError: unknown name (the closest names are suggested).
+        TypeError: an option the method does not take (its options are listed).
+    """
+    if isinstance(name, Method):
+        if options:
+            raise TypeError("options go into the method's constructor when passing a Method instance")
+        return name
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(str(name), REGISTRY, n=3)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"unknown method {name!r}{hint} Available: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[name]
+    valid = cls.options()
+    bad = [k for k in options if k not in valid]
+    if bad:
+        raise TypeError(f"method {name!r} takes no option {', '.join(map(repr, bad))}; its options are: {', '.join(valid)}")
+    return cls(**options)
+
+
+__all__ = ["REGISTRY", "get", "Method", "Point", "View", "Selection", "CacheView", "Grid",
+           "FastV", "RandomDrop", "Pool", "StreamingLLM"]

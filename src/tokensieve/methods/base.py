@@ -1,0 +1,169 @@
+"""What a method is: a name, the stage(s) it acts in, and a selection rule. No tensor surgery.
+
+A method tells the engine *where* it acts (:class:`Point`) and *what it needs* there; the engine calls
+:meth:`Method.select` with a :class:`View` of the tokens alive at that point and applies the returned
+:class:`Selection` through the ledger. Cache-stage methods implement :meth:`Method.evict` instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Literal
+
+import torch
+
+Queries = Literal["last", "all", "text"]
+
+
+@dataclass(frozen=True)
+class Point:
+    """A place in the prefill pass where a method selects tokens.
+
+    Attributes:
+        before: index of the decoder layer whose input is shrunk; 0 with ``stage="encoder"`` means the
+            visual tokens entering the LLM.
+        stage: ``"encoder"`` (before the LLM) or ``"prefill"`` (between decoder layers).
+        attention_layer: decoder layer whose attention rows the rule reads, or None.
+    """
+
+    before: int
+    stage: Literal["encoder", "prefill"] = "prefill"
+    attention_layer: int | None = None
+
+
+@dataclass
+class Grid:
+    """One image's visual tokens as a ``rows x cols`` grid (row-major), for spatial methods.
+
+    ``index`` is ``(rows*cols,)`` long: the column of each grid cell in the view's rows.
+    """
+
+    index: torch.Tensor
+    rows: int
+    cols: int
+
+
+@dataclass
+class View:
+    """The tokens alive at a point, as a method sees them.
+
+    Attributes:
+        point: where we are.
+        hidden: ``(B, n, d)`` hidden states of the alive rows (the projected visual features and text
+            embeddings at the encoder stage).
+        positions: ``(B, n)`` original positions of the rows.
+        valid: ``(B, n)`` bool, False for padding entries of ragged batches.
+        visual: ``(B, n)`` bool, valid visual rows (the candidates of visual-token methods).
+        grids: per sample, the grids of its images (empty where the layout is not a regular grid).
+        attention: ``attention(queries)`` -> ``(B, H, q, n)`` float32 softmax rows at ``point.attention_layer``
+            for the ``"last"`` token, ``"all"`` valid tokens or the ``"text"`` tokens after the last image.
+        query_valid: for ``attention``, callable giving ``(B, q)`` bool of which query rows are real.
+    """
+
+    point: Point
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor
+    visual: torch.Tensor
+    grids: list[list[Grid]]
+    attention: Callable[[Queries], torch.Tensor]
+    query_valid: Callable[[Queries], torch.Tensor]
+
+
+@dataclass
+class Selection:
+    """A method's answer at a point: rows to keep, and optionally new hidden states for them.
+
+    Attributes:
+        keep: ``(B, n)`` bool over the view's rows.
+        hidden: ``(B, n, d)`` replacement hidden states (merging and pooling methods), or None.
+    """
+
+    keep: torch.Tensor
+    hidden: torch.Tensor | None = None
+
+
+@dataclass
+class CacheView:
+    """One layer's KV cache as a cache-stage method sees it.
+
+    Attributes:
+        layer: decoder layer index.
+        positions: ``(B, m)`` original positions held.
+        valid: ``(B, m)`` bool, False for padding entries.
+        real: ``(B, m)`` bool, valid and not a padding token of the input.
+        length: tokens processed so far (prompt plus decoded).
+    """
+
+    layer: int
+    positions: torch.Tensor
+    valid: torch.Tensor
+    real: torch.Tensor
+    length: int
+
+
+class Method:
+    """Base class of all methods. Subclasses are dataclasses whose fields are the method's options."""
+
+    name: ClassVar[str]
+    stages: ClassVar[tuple[str, ...]]
+    paper: ClassVar[str] = ""
+    needs: ClassVar[tuple[str, ...]] = ()
+    visual: ClassVar[bool] = True
+
+    def bind(self, num_layers: int) -> None:
+        """Check the options against a model with ``num_layers`` decoder layers; raise ValueError."""
+
+    def points(self) -> list[Point]:
+        """The prefill points where :meth:`select` is called (none for cache-only methods)."""
+        return []
+
+    def select(self, view: View) -> Selection:
+        raise NotImplementedError(f"{self.name} has no prefill selection")
+
+    def evict(self, view: CacheView) -> torch.Tensor | None:
+        """``(B, m)`` bool of cache entries to keep at ``view.layer``, or None to keep all."""
+        return None
+
+    def positions_mode(self) -> Literal["keep", "renumber"]:
+        """How rotary positions of tokens kept at the encoder stage are assigned."""
+        return "keep"
+
+    @classmethod
+    def options(cls) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+
+
+def check_fraction(name: str, value: float) -> None:
+    """Raise ValueError unless ``0 < value <= 1``."""
+    if not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+
+
+def check_layer(name: str, value: int, num_layers: int, low: int = 0) -> None:
+    """Raise ValueError unless ``low <= value < num_layers``."""
+    if not isinstance(value, int) or not low <= value < num_layers:
+        raise ValueError(f"{name}={value!r} is outside this model: it has {num_layers} decoder layers, use {low}..{num_layers - 1}")
+
+
+def top_visual(scores: torch.Tensor, visual: torch.Tensor, keep: float) -> torch.Tensor:
+    """Keep non-visual rows and, per sample, the ``round(keep * n_visual)`` highest-scoring visual rows.
+
+    Args:
+        scores: ``(B, n)`` float, higher is kept first.
+        visual: ``(B, n)`` bool candidates.
+        keep: fraction of visual rows kept per sample (at least one is kept).
+
+    Returns:
+        ``(B, n)`` bool keep mask.
+    """
+    mask = ~visual
+    for b in range(scores.shape[0]):
+        cand = visual[b].nonzero().squeeze(1)
+        if cand.numel() == 0:
+            continue
+        k = max(1, round(keep * cand.numel()))
+        best = scores[b, cand].topk(k).indices
+        mask[b, cand[best]] = True
+    return mask

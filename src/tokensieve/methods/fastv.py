@@ -1,0 +1,54 @@
+"""FastV: drop the visual tokens that receive the least attention, once, after an early layer.
+
+Chen et al., "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference Acceleration for
+Large Vision-Language Models", ECCV 2024 (arXiv 2403.06764); authors' code pkunlp-icler/FastV.
+
+Algorithm (prefill, static: decoding does not re-rank):
+    1. run layers 0..K-1 on the full sequence;
+    2. score each visual token j by the attention it receives at layer K-1, averaged over heads:
+       ``variant="paper"``: also averaged over all query tokens (the paper's "average attention");
+       ``variant="code"``: the last query token's row only (what the released code computes);
+    3. keep the top ``keep = 1 - R`` fraction of visual tokens; layers K.. see only those (their
+       original rotary positions are kept); text tokens are never dropped.
+
+Default ``variant="code"``: it is what published comparisons that run the authors' code measure, and
+it needs one attention row instead of n. Choice made here: in the paper variant, the mean over
+queries counts every valid query row (rows that cannot see token j by causality contribute 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from .base import Method, Point, Selection, View, check_fraction, check_layer, top_visual
+
+
+@dataclass
+class FastV(Method):
+    """Options: ``layer`` K (>= 1), ``keep`` fraction of visual tokens kept (1 - R), ``variant``."""
+
+    layer: int = 2
+    keep: float = 0.5
+    variant: Literal["code", "paper"] = "code"
+
+    name: ClassVar[str] = "fastv"
+    stages: ClassVar[tuple[str, ...]] = ("prefill",)
+    paper: ClassVar[str] = "Chen et al., An Image is Worth 1/2 Tokens After Layer 2, ECCV 2024"
+    needs: ClassVar[tuple[str, ...]] = ("attention",)
+
+    def bind(self, num_layers: int) -> None:
+        check_layer("layer", self.layer, num_layers, low=1)
+        check_fraction("keep", self.keep)
+        if self.variant not in ("code", "paper"):
+            raise ValueError(f"variant must be 'code' or 'paper', got {self.variant!r}")
+
+    def points(self) -> list[Point]:
+        return [Point(before=self.layer, attention_layer=self.layer - 1)]
+
+    def select(self, view: View) -> Selection:
+        queries = "last" if self.variant == "code" else "all"
+        probs = view.attention(queries)  # (B, H, q, n)
+        qvalid = view.query_valid(queries).to(probs.dtype)  # (B, q)
+        received = (probs.mean(1) * qvalid[..., None]).sum(1) / qvalid.sum(1, keepdim=True)
+        return Selection(keep=top_visual(received, view.visual, self.keep))

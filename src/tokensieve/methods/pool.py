@@ -1,0 +1,62 @@
+"""Spatial average pooling of the visual grid before the LLM: the downsampling baseline.
+
+Each image's visual tokens are laid out on their grid and averaged over ``stride x stride`` cells
+(the last row/column of cells may be partial when the grid side is not a multiple of the stride).
+Each cell becomes one token whose position is the cell's top-left token; with the default
+``positions="keep"`` it keeps that token's rotary position, with ``"renumber"`` the prompt is simply
+shorter (as when a pooled projector feeds the LLM fewer tokens). Needs a regular grid per image
+(LLaVA-1.5, Qwen2-VL); LLaVA-NeXT's anyres layout is rejected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from .base import Method, Point, Selection, View
+
+
+@dataclass
+class Pool(Method):
+    """Options: ``stride`` (>= 2), ``positions`` ("keep" or "renumber")."""
+
+    stride: int = 2
+    positions: Literal["keep", "renumber"] = "keep"
+
+    name: ClassVar[str] = "pool"
+    stages: ClassVar[tuple[str, ...]] = ("encoder",)
+    paper: ClassVar[str] = "baseline: spatial average pooling of visual tokens"
+    needs: ClassVar[tuple[str, ...]] = ("grid",)
+
+    def bind(self, num_layers: int) -> None:
+        if not isinstance(self.stride, int) or self.stride < 2:
+            raise ValueError(f"stride must be an integer >= 2, got {self.stride!r}")
+        if self.positions not in ("keep", "renumber"):
+            raise ValueError(f"positions must be 'keep' or 'renumber', got {self.positions!r}")
+
+    def points(self) -> list[Point]:
+        return [Point(before=0, stage="encoder")]
+
+    def positions_mode(self) -> Literal["keep", "renumber"]:
+        return self.positions
+
+    def select(self, view: View) -> Selection:
+        keep = ~view.visual
+        hidden = view.hidden.clone()
+        s = self.stride
+        for b, grids in enumerate(view.grids):
+            covered = 0
+            for grid in grids:
+                covered += grid.index.numel()
+                feats = view.hidden[b, grid.index].view(grid.rows, grid.cols, -1)
+                for r in range(0, grid.rows, s):
+                    for c in range(0, grid.cols, s):
+                        cell = feats[r : r + s, c : c + s].reshape(-1, feats.shape[-1])
+                        target = grid.index[r * grid.cols + c]
+                        hidden[b, target] = cell.mean(0)
+                        keep[b, target] = True
+            if covered != int(view.visual[b].sum()):
+                raise ValueError("pool needs every image laid out on a regular grid; this model's visual layout is not")
+        return Selection(keep=keep, hidden=hidden)

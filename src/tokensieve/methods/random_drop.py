@@ -1,0 +1,39 @@
+"""Random visual-token dropping: the floor every method must beat.
+
+Keeps a seeded uniform random ``keep`` fraction of each sample's visual tokens, either before the LLM
+(``layer=0``, encoder stage) or at the input of decoder layer ``layer``. Text tokens are never dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .base import Method, Point, Selection, View, check_fraction, check_layer, top_visual
+
+
+@dataclass
+class RandomDrop(Method):
+    """Options: ``keep`` fraction of visual tokens kept, ``layer`` (0 = before the LLM), ``seed``."""
+
+    keep: float = 0.5
+    layer: int = 0
+    seed: int = 0
+
+    name: ClassVar[str] = "random"
+    stages: ClassVar[tuple[str, ...]] = ("encoder", "prefill")
+    paper: ClassVar[str] = "baseline: uniform random token dropping"
+
+    def bind(self, num_layers: int) -> None:
+        check_fraction("keep", self.keep)
+        check_layer("layer", self.layer, num_layers)
+
+    def points(self) -> list[Point]:
+        return [Point(before=self.layer, stage="encoder" if self.layer == 0 else "prefill")]
+
+    def select(self, view: View) -> Selection:
+        gen = torch.Generator().manual_seed(self.seed)
+        scores = torch.rand(view.visual.shape, generator=gen).to(view.hidden.device)
+        return Selection(keep=top_visual(scores, view.visual, self.keep))

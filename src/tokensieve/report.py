@@ -1,0 +1,62 @@
+"""What a pruned run reports, per sample: lengths per layer, kept visual positions, FLOPs, KV bytes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class SampleReport:
+    """One sample of one ``generate()`` / forward call.
+
+    Attributes:
+        hidden_lengths: real tokens entering each decoder layer during prefill.
+        attention_out_lengths: real tokens leaving each layer's attention (smaller than
+            ``hidden_lengths`` only where a method prunes inside that layer).
+        cache_lengths_prefill: real entries in each layer's KV cache after prefill.
+        cache_lengths_end: the same at the end of the call (after decoding).
+        visual_tokens: visual tokens in the input.
+        visual_kept: stage name -> original positions of the visual tokens alive after that stage
+            (``"input"`` is every visual token).
+        flops, flops_unpruned: analytic LLM prefill FLOPs with and without pruning (all tokens).
+        kv_bytes_prefill, kv_bytes_end: KV-cache bytes of this sample's real entries.
+    """
+
+    hidden_lengths: list[int]
+    attention_out_lengths: list[int]
+    cache_lengths_prefill: list[int]
+    cache_lengths_end: list[int]
+    visual_tokens: int
+    visual_kept: dict[str, list[int]]
+    flops: int
+    flops_unpruned: int
+    kv_bytes_prefill: int
+    kv_bytes_end: int
+
+
+@dataclass
+class Report:
+    """The report of the latest call inside a ``prune()`` context (``run.report``)."""
+
+    method: str
+    options: dict[str, Any]
+    positions: str
+    samples: list[SampleReport] = field(default_factory=list)
+    decode_steps: int = 0
+
+    @property
+    def flops_ratio(self) -> float:
+        """Pruned over unpruned prefill FLOPs, summed over the samples."""
+        return sum(s.flops for s in self.samples) / max(1, sum(s.flops_unpruned for s in self.samples))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return {
+            "method": self.method,
+            "options": dict(self.options),
+            "positions": self.positions,
+            "decode_steps": self.decode_steps,
+            "flops_ratio": self.flops_ratio,
+            "samples": [asdict(s) for s in self.samples],
+        }

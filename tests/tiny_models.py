@@ -1,0 +1,162 @@
+"""Tiny random-weight models of every supported family, and batches for them, for mechanics tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
+
+VOCAB = 64
+IMAGE = 60
+VIDEO = 61
+PAD = 0
+TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD)
+
+
+def _vision() -> CLIPVisionConfig:
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=32, patch_size=8, projection_dim=32)
+
+
+def build(family: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """A tiny model of ``family`` in eval mode, fp32."""
+    torch.manual_seed(seed)
+    if family == "llava":
+        cfg = LlavaConfig(vision_config=_vision(), text_config=LlamaConfig(**TEXT), image_token_id=IMAGE,
+                          vision_feature_layer=-2, vision_feature_select_strategy="default")
+        model = LlavaForConditionalGeneration(cfg)
+    elif family == "llava-next":
+        cfg = LlavaNextConfig(vision_config=_vision(), text_config=LlamaConfig(**TEXT), image_token_id=IMAGE,
+                              image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]],
+                              vision_feature_layer=-2, vision_feature_select_strategy="default")
+        model = LlavaNextForConditionalGeneration(cfg)
+    elif family in ("qwen2-vl", "qwen2.5-vl"):
+        text = dict(TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
+        vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=4, patch_size=4, spatial_merge_size=2,
+                      temporal_patch_size=2, in_channels=3)
+        if family == "qwen2-vl":
+            cfg = Qwen2VLConfig(text_config=text, vision_config=dict(vision, mlp_ratio=2),
+                                image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=62, vision_end_token_id=63)
+            model = Qwen2VLForConditionalGeneration(cfg)
+        else:
+            cfg = Qwen2_5_VLConfig(text_config=text, vision_config=dict(vision, intermediate_size=64, out_hidden_size=32,
+                                   fullatt_block_indexes=[0], window_size=16),
+                                   image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=62, vision_end_token_id=63)
+            model = Qwen2_5_VLForConditionalGeneration(cfg)
+    elif family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**TEXT))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**TEXT))
+    else:
+        raise ValueError(family)
+    model.config._attn_implementation = attn
+    for sub in (getattr(model.config, "text_config", None), getattr(model.config, "vision_config", None)):
+        if sub is not None:
+            sub._attn_implementation = attn
+    model.generation_config.pad_token_id = PAD
+    return model.eval()
+
+
+def _left_pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), PAD)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def _text(gen: torch.Generator, n: int) -> list[int]:
+    return torch.randint(3, 50, (n,), generator=gen).tolist()
+
+
+def batch(family: str, model: torch.nn.Module, sizes: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
+    """A left-padded batch; sample i has ``sizes[i]`` images (0 = text only) and its own text lengths.
+
+    LLaVA-NeXT samples get different image sizes (different anyres token counts); Qwen2-VL samples
+    get different grids.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    seqs, pixels, extra = [], [], {}
+    if family == "llava":
+        per_image = 16
+        for i, k in enumerate(sizes):
+            seqs.append([1] + _text(gen, 2 + i) + ([IMAGE] * per_image + _text(gen, 1)) * k + _text(gen, 3 + 2 * i))
+            pixels += [torch.randn(3, 32, 32, generator=gen) for _ in range(k)]
+        out = {}
+        if pixels:
+            out["pixel_values"] = torch.stack(pixels)
+    elif family == "llava-next":
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches  # noqa: F401
+        shapes = [(32, 32), (32, 64), (64, 32)]
+        sizes_img, counts = [], []
+        for i, k in enumerate(sizes):
+            sample = []
+            for j in range(k):
+                h, w = shapes[(i + j) % len(shapes)]
+                sizes_img.append([h, w])
+                n = _next_tokens(model, h, w)
+                sample += [IMAGE] * n + _text(gen, 1)
+                pixels.append(_next_pixels(model, h, w, gen))
+            seqs.append([1] + _text(gen, 2 + i) + sample + _text(gen, 3 + i))
+        out = {}
+        if pixels:
+            width = max(p.shape[0] for p in pixels)
+            out["pixel_values"] = torch.stack([torch.cat([p, p.new_zeros(width - p.shape[0], *p.shape[1:])]) for p in pixels])
+            out["image_sizes"] = torch.tensor(sizes_img)
+    elif family in ("qwen2-vl", "qwen2.5-vl"):
+        grids = [(1, 4, 4), (1, 4, 8), (1, 8, 4)]
+        thw = []
+        for i, k in enumerate(sizes):
+            sample = []
+            for j in range(k):
+                t, h, w = grids[(i + j) % len(grids)]
+                thw.append([t, h, w])
+                n = t * h * w // 4
+                sample += [62] + [IMAGE] * n + [63]
+                pixels.append(torch.randn(t * h * w, 3 * 2 * 4 * 4, generator=gen))
+            seqs.append([1] + _text(gen, 2 + i) + sample + _text(gen, 3 + i))
+        out = {}
+        if pixels:
+            out["pixel_values"] = torch.cat(pixels)
+            out["image_grid_thw"] = torch.tensor(thw)
+    else:
+        seqs = [[1] + _text(gen, 12 + 5 * i) for i in range(len(sizes))]
+        out = {}
+    ids, mask = _left_pad(seqs)
+    out.update(input_ids=ids, attention_mask=mask)
+    if family in ("qwen2-vl", "qwen2.5-vl"):
+        out["mm_token_type_ids"] = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
+    return out
+
+
+def _next_tokens(model, h: int, w: int) -> int:
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+    cfg = model.config
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    gh, gw = get_anyres_image_grid_shape((h, w), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+    feat = torch.zeros(1, gh * side, gw * side)
+    rows, cols = unpad_image(feat, (h, w)).shape[1:]
+    return side * side + rows * (cols + 1)
+
+
+def _next_pixels(model, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    cfg = model.config
+    n = image_size_to_num_patches((h, w), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+    return torch.randn(n, 3, 32, 32, generator=gen)
