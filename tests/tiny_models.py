@@ -85,64 +85,58 @@ def _text(gen: torch.Generator, n: int) -> list[int]:
     return torch.randint(3, 50, (n,), generator=gen).tolist()
 
 
-def batch(family: str, model: torch.nn.Module, sizes: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
-    """A left-padded batch; sample i has ``sizes[i]`` images (0 = text only) and its own text lengths.
+def samples(family: str, model: torch.nn.Module, sizes: list[int], seed: int = 0) -> list[dict]:
+    """Per-sample parts: ``ids`` (list), ``pixels`` (list of tensors) and per-image ``meta``.
 
-    LLaVA-NeXT samples get different image sizes (different anyres token counts); Qwen2-VL samples
-    get different grids.
+    Sample i has ``sizes[i]`` images (0 = text only) and its own text lengths. LLaVA-NeXT images get
+    different sizes (different anyres token counts); Qwen2-VL images get different grids.
     """
     gen = torch.Generator().manual_seed(seed)
-    seqs, pixels, extra = [], [], {}
-    if family == "llava":
-        per_image = 16
-        for i, k in enumerate(sizes):
-            seqs.append([1] + _text(gen, 2 + i) + ([IMAGE] * per_image + _text(gen, 1)) * k + _text(gen, 3 + 2 * i))
-            pixels += [torch.randn(3, 32, 32, generator=gen) for _ in range(k)]
-        out = {}
-        if pixels:
-            out["pixel_values"] = torch.stack(pixels)
-    elif family == "llava-next":
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches  # noqa: F401
-        shapes = [(32, 32), (32, 64), (64, 32)]
-        sizes_img, counts = [], []
-        for i, k in enumerate(sizes):
-            sample = []
-            for j in range(k):
-                h, w = shapes[(i + j) % len(shapes)]
-                sizes_img.append([h, w])
-                n = _next_tokens(model, h, w)
-                sample += [IMAGE] * n + _text(gen, 1)
+    out = []
+    for i, k in enumerate(sizes):
+        ids, pixels, meta = [1] + _text(gen, 2 + i), [], []
+        for j in range(k):
+            if family == "llava":
+                ids += [IMAGE] * 16 + _text(gen, 1)
+                pixels.append(torch.randn(3, 32, 32, generator=gen))
+            elif family == "llava-next":
+                h, w = [(32, 32), (32, 64), (64, 32)][(i + j) % 3]
+                ids += [IMAGE] * _next_tokens(model, h, w) + _text(gen, 1)
                 pixels.append(_next_pixels(model, h, w, gen))
-            seqs.append([1] + _text(gen, 2 + i) + sample + _text(gen, 3 + i))
-        out = {}
-        if pixels:
-            width = max(p.shape[0] for p in pixels)
-            out["pixel_values"] = torch.stack([torch.cat([p, p.new_zeros(width - p.shape[0], *p.shape[1:])]) for p in pixels])
-            out["image_sizes"] = torch.tensor(sizes_img)
-    elif family in ("qwen2-vl", "qwen2.5-vl"):
-        grids = [(1, 4, 4), (1, 4, 8), (1, 8, 4)]
-        thw = []
-        for i, k in enumerate(sizes):
-            sample = []
-            for j in range(k):
-                t, h, w = grids[(i + j) % len(grids)]
-                thw.append([t, h, w])
-                n = t * h * w // 4
-                sample += [62] + [IMAGE] * n + [63]
+                meta.append([h, w])
+            elif family in ("qwen2-vl", "qwen2.5-vl"):
+                t, h, w = [(1, 4, 4), (1, 4, 8), (1, 8, 4)][(i + j) % 3]
+                ids += [62] + [IMAGE] * (t * h * w // 4) + [63]
                 pixels.append(torch.randn(t * h * w, 3 * 2 * 4 * 4, generator=gen))
-            seqs.append([1] + _text(gen, 2 + i) + sample + _text(gen, 3 + i))
-        out = {}
-        if pixels:
-            out["pixel_values"] = torch.cat(pixels)
-            out["image_grid_thw"] = torch.tensor(thw)
-    else:
-        seqs = [[1] + _text(gen, 12 + 5 * i) for i in range(len(sizes))]
-        out = {}
-    ids, mask = _left_pad(seqs)
-    out.update(input_ids=ids, attention_mask=mask)
+                meta.append([t, h, w])
+        ids += _text(gen, 3 + 2 * i + (10 if not k else 0))
+        out.append({"ids": ids, "pixels": pixels, "meta": meta})
+    return out
+
+
+def collate(family: str, parts: list[dict]) -> dict[str, torch.Tensor]:
+    """Left-padded model inputs from :func:`samples` parts."""
+    ids, mask = _left_pad([p["ids"] for p in parts])
+    out: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
+    pixels = [x for p in parts for x in p["pixels"]]
+    meta = [m for p in parts for m in p["meta"]]
+    if pixels and family == "llava":
+        out["pixel_values"] = torch.stack(pixels)
+    elif pixels and family == "llava-next":
+        width = max(x.shape[0] for x in pixels)
+        out["pixel_values"] = torch.stack([torch.cat([x, x.new_zeros(width - x.shape[0], *x.shape[1:])]) for x in pixels])
+        out["image_sizes"] = torch.tensor(meta)
+    elif pixels:
+        out["pixel_values"] = torch.cat(pixels)
+        out["image_grid_thw"] = torch.tensor(meta)
     if family in ("qwen2-vl", "qwen2.5-vl"):
         out["mm_token_type_ids"] = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
     return out
+
+
+def batch(family: str, model: torch.nn.Module, sizes: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
+    """A left-padded batch of :func:`samples`."""
+    return collate(family, samples(family, model, sizes, seed))
 
 
 def _next_tokens(model, h: int, w: int) -> int:

@@ -126,6 +126,11 @@ class Method:
         """``(B, m)`` bool of cache entries to keep at ``view.layer``, or None to keep all."""
         return None
 
+    def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
+        """Visual tokens entering each layer and leaving its attention, predicted without running the
+        model (for ``tokensieve flops``). Default: nothing removed."""
+        return [n_visual] * num_layers, [n_visual] * num_layers
+
     def positions_mode(self) -> Literal["keep", "renumber"]:
         """How rotary positions of tokens kept at the encoder stage are assigned."""
         return "keep"

@@ -46,6 +46,11 @@ class FastV(Method):
     def points(self) -> list[Point]:
         return [Point(before=self.layer, attention_layer=self.layer - 1)]
 
+    def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
+        kept = max(1, round(self.keep * n_visual))
+        n_in = [n_visual] * self.layer + [kept] * (num_layers - self.layer)
+        return n_in, list(n_in)
+
     def select(self, view: View) -> Selection:
         queries = "last" if self.variant == "code" else "all"
         probs = view.attention(queries)  # (B, H, q, n)

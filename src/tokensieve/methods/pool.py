@@ -10,6 +10,7 @@ shorter (as when a pooled projector feeds the LLM fewer tokens). Needs a regular
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -38,6 +39,13 @@ class Pool(Method):
 
     def points(self) -> list[Point]:
         return [Point(before=0, stage="encoder")]
+
+    def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
+        side = math.isqrt(n_visual)
+        if side * side != n_visual:
+            raise ValueError(f"pool needs a square grid; {n_visual} visual tokens is not a square")
+        kept = math.ceil(side / self.stride) ** 2
+        return [kept] * num_layers, [kept] * num_layers
 
     def positions_mode(self) -> Literal["keep", "renumber"]:
         return self.positions

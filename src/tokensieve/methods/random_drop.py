@@ -2,6 +2,8 @@
 
 Keeps a seeded uniform random ``keep`` fraction of each sample's visual tokens, either before the LLM
 (``layer=0``, encoder stage) or at the input of decoder layer ``layer``. Text tokens are never dropped.
+Each sample draws from its own generator seeded with ``seed``, so a sample gets the same tokens alone
+or in any batch.
 """
 
 from __future__ import annotations
@@ -33,7 +35,16 @@ class RandomDrop(Method):
     def points(self) -> list[Point]:
         return [Point(before=self.layer, stage="encoder" if self.layer == 0 else "prefill")]
 
+    def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
+        kept = max(1, round(self.keep * n_visual))
+        n_in = [n_visual] * self.layer + [kept] * (num_layers - self.layer)
+        return n_in, list(n_in)
+
     def select(self, view: View) -> Selection:
-        gen = torch.Generator().manual_seed(self.seed)
-        scores = torch.rand(view.visual.shape, generator=gen).to(view.hidden.device)
+        scores = torch.zeros(view.visual.shape)
+        for b in range(scores.shape[0]):
+            cand = view.visual[b].cpu()
+            gen = torch.Generator().manual_seed(self.seed)
+            scores[b, cand] = torch.rand(int(cand.sum()), generator=gen)
+        scores = scores.to(view.hidden.device)
         return Selection(keep=top_visual(scores, view.visual, self.keep))
