@@ -45,7 +45,7 @@ def attribute(rng: np.random.Generator) -> Example:
         question, answer = f"what colour is the object at {CELL_NAMES[target.cell]} ?", target.colour
     else:
         question, answer = f"what shape is the object at {CELL_NAMES[target.cell]} ?", target.shape
-    return Example("attribute", image, question, str(answer), [boxes[0]])
+    return Example("attribute", image, question, str(answer), [boxes[0]], tuple(items))
 
 
 def existence(rng: np.random.Generator) -> Example:
@@ -63,7 +63,8 @@ def existence(rng: np.random.Generator) -> Example:
     items = [first, *others]
     image, boxes = render(items, rng)
     question = f"is there a {colour} {shape} ?"
-    return Example("existence", image, question, "yes" if present else "no", [boxes[0]] if present else boxes)
+    answer, relevant = ("yes", [boxes[0]]) if present else ("no", boxes)
+    return Example("existence", image, question, answer, relevant, tuple(items))
 
 
 def counting(rng: np.random.Generator) -> Example:
@@ -75,8 +76,10 @@ def counting(rng: np.random.Generator) -> Example:
     targets = [Item(c, _pick(rng, COLOUR_NAMES), shape) for c in cells[:count]]
     other_shapes = [s for s in SHAPES if s != shape]
     distract = [Item(c, _pick(rng, COLOUR_NAMES), _pick(rng, other_shapes)) for c in cells[count:]]
-    image, boxes = render(targets + distract, rng)
-    return Example("counting", image, f"how many {shape}s are there ?", COUNT_WORDS[count], boxes[:count])
+    items = targets + distract
+    image, boxes = render(items, rng)
+    question = f"how many {shape}s are there ?"
+    return Example("counting", image, question, COUNT_WORDS[count], boxes[:count], tuple(items))
 
 
 def relation(rng: np.random.Generator) -> Example:
@@ -99,7 +102,7 @@ def relation(rng: np.random.Generator) -> Example:
     image, boxes = render(items, rng)
     word = "left of" if horizontal else "above"
     question = f"is the {ca} {sa} {word} the {cb} {sb} ?"
-    return Example("relation", image, question, "yes" if answer else "no", boxes[:2])
+    return Example("relation", image, question, "yes" if answer else "no", boxes[:2], tuple(items))
 
 
 def detail(rng: np.random.Generator) -> Example:
@@ -112,7 +115,7 @@ def detail(rng: np.random.Generator) -> Example:
     items += [_random_object(rng, c) for c in cells[n_glyphs:]]
     image, boxes = render(items, rng)
     question = f"what is the character at {CELL_NAMES[cells[0]]} ?"
-    return Example("detail", image, question, chars[0], [boxes[0]])
+    return Example("detail", image, question, chars[0], [boxes[0]], tuple(items))
 
 
 GENERATORS: dict[str, Callable[[np.random.Generator], Example]] = {

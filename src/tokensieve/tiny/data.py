@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from ..tasks import TASKS, Example, generate
+from ..tasks.questions import scene_questions
 from .build import CLIP_MEAN, CLIP_STD, NUM_IMAGE_TOKENS
 from .prompt import prompt_text
 
@@ -20,38 +21,57 @@ class Pool:
     """Pre-generated examples.
 
     ``pixels``: uint8 (N, 3, H, W); ``ids``: per example the prompt token ids (image
-    token already expanded) followed by the answer id and ``</s>``; ``task``: (N,) task index;
-    ``answer``: (N,) answer token id.
+    token already expanded), the answer id and ``</s>``, then any extra turns
+    ``USER: q ASSISTANT: a </s>`` about the same image; ``prompt_len``: length of the
+    first-turn prompt; ``targets``: positions whose tokens are supervised (answers and their
+    ``</s>``); ``task``: (N,) task index; ``answer``: (N,) first answer's token id.
     """
 
     pixels: torch.Tensor
     ids: list[list[int]]
+    prompt_len: list[int]
+    targets: list[list[int]]
     task: torch.Tensor
     answer: torch.Tensor
 
 
-def encode_examples(tokenizer, examples: list[Example], with_answer: bool) -> list[list[int]]:
-    """Token ids of each example's prompt (and answer + ``</s>`` if ``with_answer``), ``<image>`` expanded."""
+def encode_texts(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of multi-turn texts with ``<image>`` expanded, and the positions right after each
+    ``ASSISTANT :`` (the answer) and the one after it (its ``</s>``)."""
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    texts = [prompt_text(e.question) + (f" {e.answer} </s>" if with_answer else "") for e in examples]
-    out = []
+    assistant, colon = tokenizer.convert_tokens_to_ids(["ASSISTANT", ":"])
+    all_ids, all_targets = [], []
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         k = ids.index(image_id)
-        out.append(ids[:k] + [image_id] * NUM_IMAGE_TOKENS + ids[k + 1 :])
-    return out
+        ids = ids[:k] + [image_id] * NUM_IMAGE_TOKENS + ids[k + 1 :]
+        starts = [j for j in range(2, len(ids)) if ids[j - 2] == assistant and ids[j - 1] == colon]
+        all_ids.append(ids)
+        all_targets.append([p for j in starts for p in (j, j + 1)])
+    return all_ids, all_targets
 
 
-def build_pool(tokenizer, split: str, per_task: int, start: int = 0, progress: bool = True) -> Pool:
-    """Generate ``per_task`` examples of every task from ``split`` (items ``start`` ..)."""
-    pixels, ids, task_idx, answers = [], [], [], []
+def build_pool(tokenizer, split: str, per_task: int, start: int = 0, extra_turns: int = 0,
+               progress: bool = True) -> Pool:
+    """Generate ``per_task`` examples of every task from ``split`` (items ``start`` ..).
+
+    Each example's own question comes first; ``extra_turns`` further questions about the
+    same image (any task type, seeded by the example index) follow as extra turns.
+    """
+    pixels, texts, prompt_len, task_idx, answers = [], [], [], [], []
     for t, task in enumerate(tqdm(TASKS, desc=f"generating {split} pool", disable=not progress)):
         examples = generate(task, split, per_task, start=start)
         pixels.append(np.stack([np.asarray(e.image, dtype=np.uint8) for e in examples]))
-        ids += encode_examples(tokenizer, examples, with_answer=True)
+        for i, e in enumerate(examples):
+            rng = np.random.default_rng([t, start + i, 7])
+            extra = [qa for qa in scene_questions(e.items, rng, extra_turns + 1) if qa[0] != e.question]
+            texts.append(f"{prompt_text(e.question)} {e.answer} </s>"
+                         + "".join(f" USER: {q} ASSISTANT: {a} </s>" for q, a in extra[:extra_turns]))
         task_idx += [t] * per_task
         answers += tokenizer.convert_tokens_to_ids([e.answer for e in examples])
+    ids, targets = encode_texts(tokenizer, texts)
+    prompt_len = [tg[0] for tg in targets]
     px = torch.from_numpy(np.concatenate(pixels)).permute(0, 3, 1, 2).contiguous()
-    return Pool(px, ids, torch.tensor(task_idx), torch.tensor(answers))
+    return Pool(px, ids, prompt_len, targets, torch.tensor(task_idx), torch.tensor(answers))
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
@@ -65,10 +85,11 @@ def collate(pool: Pool, index: torch.Tensor, pad_id: int, with_answer: bool) -> 
     """Left-padded batch of pool rows ``index``.
 
     Returns input_ids / attention_mask / position_ids (B, L), pixel_values (B, 3, H, W) and,
-    when ``with_answer``, labels (B, L) that are IGNORE_INDEX except on the answer and ``</s>``.
-    Without the answer, the sequences end at the prompt (for next-token evaluation).
+    when ``with_answer``, labels (B, L) that are IGNORE_INDEX except on answers and their ``</s>``.
+    Without the answer, the sequences end at the first prompt (for next-token evaluation).
     """
-    seqs = [pool.ids[i] if with_answer else pool.ids[i][:-2] for i in index.tolist()]
+    rows = index.tolist()
+    seqs = [pool.ids[i] if with_answer else pool.ids[i][: pool.prompt_len[i]] for i in rows]
     length = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
@@ -83,6 +104,8 @@ def collate(pool: Pool, index: torch.Tensor, pad_id: int, with_answer: bool) -> 
     }
     if with_answer:
         labels = torch.full_like(input_ids, IGNORE_INDEX)
-        labels[:, -2:] = input_ids[:, -2:]
+        for row, (i, s) in enumerate(zip(rows, seqs)):
+            cols = torch.tensor(pool.targets[i]) + (length - len(s))
+            labels[row, cols] = input_ids[row, cols]
         batch["labels"] = labels
     return batch

@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--pool-per-task", type=int, default=20_000, help="pre-generated training examples per task")
+    parser.add_argument("--extra-turns", type=int, default=4,
+                        help="extra questions about the same image per training sequence")
     parser.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations")
     parser.add_argument("--eval-items", type=int, default=200, help="held-out items per task for those evaluations")
 
@@ -90,7 +92,8 @@ def run(args: argparse.Namespace) -> dict:
     pad_id = tokenizer.pad_token_id
     model = build_model(tokenizer)
     model.train()
-    train_pool = build_pool(tokenizer, "train", args.pool_per_task, start=args.seed * args.pool_per_task)
+    train_pool = build_pool(tokenizer, "train", args.pool_per_task, start=args.seed * args.pool_per_task,
+                            extra_turns=args.extra_turns)
     eval_pool = build_pool(tokenizer, "test", args.eval_items, start=EVAL_START)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
