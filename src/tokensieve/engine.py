@@ -184,6 +184,7 @@ class Engine:
             for point in self.points.get(idx, []):
                 hidden = self._apply_point(point, hidden)
             ledger.hidden_counts.append(self._real_counts(ledger.hidden))
+            ledger.visual_counts.append(ledger.is_visual(ledger.hidden).sum(1).tolist())
         kwargs = self._layer_kwargs(idx, hidden, kwargs)
         if state.prefill and idx in self.attention_layers:
             cos, sin = kwargs["position_embeddings"]
@@ -363,8 +364,7 @@ class Engine:
             samples = []
             for b in range(batch):
                 lengths = [counts[b] for counts in ledger.hidden_counts]
-                if len(lengths) != self.num_layers:
-                    lengths = [prompt_real[b]] * self.num_layers
+                visual = [counts[b] for counts in ledger.visual_counts]
                 caches = [c[b] for c in cache_counts]
                 vis_in = len(ledger.visual_kept["input"][b])
                 samples.append(
@@ -374,6 +374,7 @@ class Engine:
                         cache_lengths_prefill=caches,
                         cache_lengths_end=list(caches),
                         visual_tokens=vis_in,
+                        visual_lengths=visual,
                         visual_kept={k: v[b] for k, v in ledger.visual_kept.items()},
                         flops=prefill_flops(self.shape, lengths),
                         flops_unpruned=prefill_flops(self.shape, [prompt_real[b]] * self.num_layers),

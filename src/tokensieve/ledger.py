@@ -95,6 +95,7 @@ class Ledger:
     shift: torch.Tensor | None = None
     cache_identity: list[bool] = field(default_factory=list)
     hidden_counts: list[list[int]] = field(default_factory=list)
+    visual_counts: list[list[int]] = field(default_factory=list)
     inside_counts: dict[int, list[int]] = field(default_factory=dict)
     visual_kept: dict[str, list[list[int]]] = field(default_factory=dict)
 

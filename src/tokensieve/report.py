@@ -17,6 +17,7 @@ class SampleReport:
         cache_lengths_prefill: real entries in each layer's KV cache after prefill.
         cache_lengths_end: the same at the end of the call (after decoding).
         visual_tokens: visual tokens in the input.
+        visual_lengths: visual tokens entering each decoder layer during prefill.
         visual_kept: stage name -> original positions of the visual tokens alive after that stage
             (``"input"`` is every visual token).
         flops, flops_unpruned: analytic LLM prefill FLOPs with and without pruning (all tokens).
@@ -28,6 +29,7 @@ class SampleReport:
     cache_lengths_prefill: list[int]
     cache_lengths_end: list[int]
     visual_tokens: int
+    visual_lengths: list[int]
     visual_kept: dict[str, list[int]]
     flops: int
     flops_unpruned: int

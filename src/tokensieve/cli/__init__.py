@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import flops_cmd, methods_cmd
+from . import compare_cmd, eval_cmd, flops_cmd, methods_cmd
 
 
 class UserError(Exception):
@@ -18,20 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
     hf_logging.set_verbosity_error()
     parser = argparse.ArgumentParser(prog="tokensieve", description="Training-free token pruning for transformers models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    flops_cmd.add_parser(sub)
-    methods_cmd.add_parser(sub)
-    for name in ("eval_cmd",):
-        try:
-            module = __import__(f"{__name__}.{name}", fromlist=["add_parser"])
-        except ImportError:
-            continue
+    for module in (flops_cmd, methods_cmd, eval_cmd, compare_cmd):
         module.add_parser(sub)
-    try:
-        from ..tiny import train
-    except ImportError:
-        pass
-    else:
-        train.add_parser(sub)
+    from ..tiny import train
+
+    train.add_parser(sub)
     return parser
 
 

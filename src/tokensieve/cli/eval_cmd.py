@@ -1,0 +1,53 @@
+"""``tokensieve eval``: a method's accuracy, FLOPs, latency and KV memory on the task suite."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .. import evaluation, models
+from .options import add_method_flags, method_options
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a method on the task suite against the unpruned model")
+    p.add_argument("--model", default="tiny", help="'tiny' (shipped), a checkpoint directory or a hub id")
+    p.add_argument("--task", default="all", help="a task name or 'all'")
+    add_method_flags(p)
+    p.add_argument("--limit", type=int, default=evaluation.TEST_ITEMS, help="test items per task (default: the whole split, 500)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", type=Path, help="also write the result here")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = method_options(args)
+    evaluation.resolve_tasks(args.task)
+    if args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    from .. import methods
+
+    methods.get(args.method, **options)
+    model, processor = models.load(args.model)
+    prompting = evaluation.Prompting(processor, tiny=args.model == "tiny")
+    result = evaluation.evaluate(model, prompting, args.task, args.method, options, args.limit, args.batch_size)
+    result["settings"]["model"] = args.model
+    print(format_result(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def format_result(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"{s['method']} {s['options']} on {', '.join(s['tasks'])} ({result['samples']} items)"]
+    for task, r in result["per_task"].items():
+        lines.append(f"  {task:<10} accuracy {r['accuracy']:.3f}  unpruned {r['baseline_accuracy']:.3f}  agreement {r['agreement']:.3f}")
+    lines.append(f"  accuracy {result['accuracy']:.3f} (unpruned {result['baseline_accuracy']:.3f}), agreement {result['agreement']:.3f}")
+    lines.append(f"  visual tokens kept (mean over layers) {result['visual_tokens_kept']['mean']:.1f}; "
+                 f"TFLOPs {result['tflops']:.5f} of {result['tflops_unpruned']:.5f} ({result['tflops'] / result['tflops_unpruned']:.3f})")
+    lines.append(f"  TTFT {result['ttft_ms']:.1f} ms (unpruned {result['ttft_ms_unpruned']:.1f}); "
+                 f"decode {result['decode_ms_per_token'] or 0:.1f} ms/token; KV {result['kv_bytes'] / 1024:.1f} KiB/sample")
+    return "\n".join(lines)

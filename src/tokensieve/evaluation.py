@@ -1,0 +1,172 @@
+"""Task accuracy of a pruned model against the same model unpruned, on the same samples.
+
+For each batch of held-out items the model generates greedily twice: unpruned, then inside
+``prune()``. Accuracy, agreement with the unpruned answers, visual tokens kept, FLOPs (from the
+ledger), time to first token, decode time per token and KV bytes are aggregated over the samples.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__, methods
+from .engine import prune
+from .tasks import TASKS, Example, generate
+from .timing import ForwardTimer
+
+TEST_ITEMS = 500
+"""Size of each task's fixed held-out test split: test items 0..499."""
+
+
+@dataclass
+class Prompting:
+    """How a model is prompted with task examples and how its answers are read."""
+
+    processor: Any
+    tiny: bool
+
+    def inputs(self, examples: list[Example]) -> Any:
+        if self.tiny:
+            from .tiny import build_inputs
+
+            return build_inputs(self.processor, examples)
+        conversations = [
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{e.question} Answer with one word."}]}]
+            for e in examples
+        ]
+        texts = [self.processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        return self.processor(images=[e.image for e in examples], text=texts, padding=True, return_tensors="pt")
+
+    def answers(self, generated: torch.Tensor, prompt_len: int) -> list[str]:
+        tokenizer = self.processor.tokenizer
+        if self.tiny:
+            from .tiny import parse_answers
+
+            return parse_answers(tokenizer, generated, prompt_len)
+        out = []
+        for text in tokenizer.batch_decode(generated[:, prompt_len:], skip_special_tokens=True):
+            words = text.strip().lower().split()
+            out.append(words[0].strip(".,!?;:") if words else "")
+        return out
+
+
+def resolve_tasks(task: str) -> list[str]:
+    if task == "all":
+        return list(TASKS)
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}, all")
+    return [task]
+
+
+def _chunks(items: list[Example], size: int) -> Iterable[list[Example]]:
+    for lo in range(0, len(items), size):
+        yield items[lo : lo + size]
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    prompting: Prompting,
+    task: str,
+    method: str = "none",
+    options: dict[str, Any] | None = None,
+    limit: int = TEST_ITEMS,
+    batch_size: int = 16,
+    max_new_tokens: int = 3,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``method`` on the first ``limit`` test items of ``task`` ("all" for every task).
+
+    Returns the JSON-ready result: accuracy, baseline_accuracy, agreement, visual_tokens_kept (mean
+    and per layer), tflops, tflops_unpruned (per-sample means), ttft_ms and decode_ms_per_token
+    (medians over batches / steps), kv_bytes and kv_bytes_unpruned (per-sample means after prefill),
+    per-task accuracies, and the settings.
+    """
+    options = dict(options or {})
+    if not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    methods.get(method, **options)  # validate the name and options before any work
+    tasks = resolve_tasks(task)
+    examples = [e for t in tasks for e in generate(t, "test", limit)]
+    bar = tqdm(total=len(examples), desc=f"eval {method}", unit="item", disable=not progress)
+    rows: list[dict[str, Any]] = []
+    timing: dict[str, list[float]] = {"prefill": [], "decode": [], "base_prefill": [], "base_decode": []}
+    report = None
+    generation = dict(max_new_tokens=max_new_tokens, do_sample=False)
+    for chunk in _chunks(examples, batch_size):
+        inputs = prompting.inputs(chunk)
+        prompt_len = inputs["input_ids"].shape[1]
+        with prune(model, method, **options) as run, ForwardTimer(model) as timer:
+            timer.start()
+            out = model.generate(**inputs, **generation)
+        report = run.report
+        answers = prompting.answers(out, prompt_len)
+        timing["prefill"] += timer.prefill_ms
+        timing["decode"] += timer.decode_ms
+        if method == "none":
+            base_answers = answers
+        else:
+            with ForwardTimer(model) as timer:
+                timer.start()
+                base_out = model.generate(**inputs, **generation)
+            base_answers = prompting.answers(base_out, prompt_len)
+            timing["base_prefill"] += timer.prefill_ms
+            timing["base_decode"] += timer.decode_ms
+        for example, answer, base, sample in zip(chunk, answers, base_answers, report.samples):
+            rows.append({"task": example.task, "answer": example.answer, "predicted": answer, "baseline": base,
+                         "visual": sample.visual_lengths, "flops": sample.flops, "flops_unpruned": sample.flops_unpruned,
+                         "kv": sample.kv_bytes_prefill})
+        bar.update(len(chunk))
+    bar.close()
+    if method == "none":
+        timing["base_prefill"], timing["base_decode"] = timing["prefill"], timing["decode"]
+    settings = {"model": getattr(model.config, "_name_or_path", ""), "tasks": tasks, "method": method,
+                "options": report.options, "positions": report.positions, "limit": limit, "batch_size": batch_size,
+                "max_new_tokens": max_new_tokens, "items": "test split items 0..limit-1 of each task",
+                "tokensieve": __version__, "torch": torch.__version__}
+    return summarise(rows, tasks, timing, settings)
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+def summarise(rows: list[dict[str, Any]], tasks: list[str], timing: dict[str, list[float]], settings: dict[str, Any]) -> dict[str, Any]:
+    """Aggregate per-sample rows into the result dict."""
+    layers = len(rows[0]["visual"])
+    per_layer = [_mean(r["visual"][l] for r in rows) for l in range(layers)]
+    return {
+        "accuracy": _mean(r["predicted"] == r["answer"] for r in rows),
+        "baseline_accuracy": _mean(r["baseline"] == r["answer"] for r in rows),
+        "agreement": _mean(r["predicted"] == r["baseline"] for r in rows),
+        "per_task": {
+            t: {
+                "accuracy": _mean(r["predicted"] == r["answer"] for r in rows if r["task"] == t),
+                "baseline_accuracy": _mean(r["baseline"] == r["answer"] for r in rows if r["task"] == t),
+                "agreement": _mean(r["predicted"] == r["baseline"] for r in rows if r["task"] == t),
+            }
+            for t in tasks
+        },
+        "visual_tokens_kept": {"mean": _mean(per_layer), "per_layer": per_layer},
+        "tflops": _mean(r["flops"] for r in rows) / 1e12,
+        "tflops_unpruned": _mean(r["flops_unpruned"] for r in rows) / 1e12,
+        "ttft_ms": _median(timing["prefill"]),
+        "decode_ms_per_token": _median(timing["decode"]),
+        "ttft_ms_unpruned": _median(timing["base_prefill"]),
+        "decode_ms_per_token_unpruned": _median(timing["base_decode"]),
+        "kv_bytes": _mean(r["kv"] for r in rows),
+        "samples": len(rows),
+        "settings": settings,
+    }

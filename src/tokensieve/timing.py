@@ -1,0 +1,54 @@
+"""Wall-clock timing of a model's forward calls: prefill (time to first token) and decode steps."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ForwardTimer:
+    """Times every forward of ``model`` while installed; the first call after :meth:`start` is the prefill.
+
+    Install it inside a ``prune()`` context so its hooks wrap the engine's (the pre-hook is prepended,
+    the post-hook appended): the engine's bookkeeping is then part of the measured time.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.prefill_ms: list[float] = []
+        self.decode_ms: list[float] = []
+        self._t0 = 0.0
+        self._first = True
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "ForwardTimer":
+        self._handles = [
+            self.model.register_forward_pre_hook(self._pre, prepend=True),
+            self.model.register_forward_hook(self._post),
+        ]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def start(self) -> None:
+        """Mark the start of a new generate() call."""
+        self._first = True
+
+    def _sync(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def _pre(self, module: nn.Module, args: tuple) -> None:
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._sync()
+        ms = 1000 * (time.perf_counter() - self._t0)
+        (self.prefill_ms if self._first else self.decode_ms).append(ms)
+        self._first = False
