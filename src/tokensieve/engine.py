@@ -162,6 +162,7 @@ class Engine:
         if offset:
             ledger.caches = [Rows.full(batch, 0, offset, device) for _ in range(self.num_layers)]
         ledger.record_visual("input", ledger.hidden)
+        self.method.check_input([len(v) for v in ledger.visual_kept["input"]])
         return ledger
 
     def _end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -180,18 +181,63 @@ class Engine:
         state, ledger = self.state, self.ledger
         if state is None or ledger is None:
             return original(hidden, *args, **kwargs)
+        inside = None
         if state.prefill:
             for point in self.points.get(idx, []):
-                hidden = self._apply_point(point, hidden)
+                if point.inside:
+                    inside = point
+                else:
+                    hidden = self._apply_point(point, hidden)
             ledger.hidden_counts.append(self._real_counts(ledger.hidden))
             ledger.visual_counts.append(ledger.is_visual(ledger.hidden).sum(1).tolist())
         kwargs = self._layer_kwargs(idx, hidden, kwargs)
+        rows_in = ledger.hidden
         if state.prefill and idx in self.attention_layers:
             cos, sin = kwargs["position_embeddings"]
-            state.saved[idx] = (hidden, cos, sin, ledger.hidden)
-        out = original(hidden, *args, **kwargs)
+            state.saved[idx] = (hidden, cos, sin, rows_in)
+        if inside is not None:
+            out = self._inside(idx, inside, original, hidden, args, kwargs)
+        else:
+            out = original(hidden, *args, **kwargs)
         if state.cache is not None:
-            self._track_cache(idx, state.cache)
+            self._track_cache(idx, state.cache, rows_in)
+        return out
+
+    def _inside(self, idx: int, point: Point, original: Callable, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Run layer ``idx`` with tokens leaving after its attention: every row is a query, key and value
+        (and enters the cache), then only the kept rows go through the o-projection, residual and MLP.
+
+        The layer is run as its parts (pre-norm attention block, then pre-norm MLP block), the structure
+        shared by the Llama-family decoder layers of every supported model.
+        """
+        ledger = self.ledger
+        rows = ledger.hidden
+        keep = self._select(point, hidden, rows).keep & rows.valid
+        if bool((keep == rows.valid).all()):
+            ledger.record_visual(f"inside:{idx}", rows)
+            return original(hidden, *args, **kwargs)
+        layer = self.adapter.layers[idx]
+        missing = [p for p in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp") if not hasattr(layer, p)]
+        if missing or args:
+            raise TypeError(f"pruning inside {type(layer).__name__} needs a pre-norm decoder layer called with keywords")
+        new_rows, index = rows.select(keep)
+        gather = index[..., None].expand(-1, -1, hidden.shape[-1])
+
+        def rows_to_project(module: nn.Module, inputs: tuple) -> tuple:
+            x = inputs[0]
+            return (x.gather(1, index[..., None].expand(-1, -1, x.shape[-1])),)
+
+        handle = layer.self_attn.o_proj.register_forward_pre_hook(rows_to_project)
+        try:
+            attn_out = layer.self_attn(hidden_states=layer.input_layernorm(hidden), **kwargs)[0]
+        finally:
+            handle.remove()
+        out = hidden.gather(1, gather) + attn_out
+        out = out + layer.mlp(layer.post_attention_layernorm(out))
+        ledger.hidden = new_rows
+        ledger.identity = False
+        ledger.inside_counts[idx] = self._real_counts(new_rows)
+        ledger.record_visual(f"inside:{idx}", new_rows)
         return out
 
     def _real_counts(self, rows: Rows) -> list[int]:
@@ -260,9 +306,8 @@ class Engine:
         return keys.valid[:, None, :] & ((real_k & (kpos <= qpos)) | (kpos == qpos))
 
     # ------------------------------------------------------------------ prefill points
-    def _apply_point(self, point: Point, hidden: torch.Tensor) -> torch.Tensor:
+    def _select(self, point: Point, hidden: torch.Tensor, rows: Rows):
         ledger = self.ledger
-        rows = ledger.hidden
         view = View(
             point=point,
             hidden=hidden,
@@ -270,10 +315,16 @@ class Engine:
             valid=rows.valid,
             visual=ledger.is_visual(rows),
             grids=self._grids(rows),
+            visual_input=[len(v) for v in ledger.visual_kept["input"]],
             attention=lambda queries: self._attention(point, queries),
             query_valid=lambda queries: self._queries(rows, queries)[1],
         )
-        selection = self.method.select(view)
+        return self.method.select(view)
+
+    def _apply_point(self, point: Point, hidden: torch.Tensor) -> torch.Tensor:
+        ledger = self.ledger
+        rows = ledger.hidden
+        selection = self._select(point, hidden, rows)
         if selection.hidden is not None:
             hidden = selection.hidden
         keep = selection.keep & rows.valid
@@ -332,13 +383,12 @@ class Engine:
             return attention_rows(layer, hidden, cos, sin, qidx, allowed)
 
     # ------------------------------------------------------------------ cache
-    def _track_cache(self, idx: int, cache: LedgerCache) -> None:
+    def _track_cache(self, idx: int, cache: LedgerCache, rows: Rows) -> None:
         ledger, state = self.ledger, self.state
-        rows = ledger.hidden
         held = ledger.caches[idx]
         ledger.caches[idx] = rows if held is None else held.cat(rows)
         if state.prefill:
-            ledger.cache_identity[idx] = ledger.cache_identity[idx] and ledger.identity
+            ledger.cache_identity[idx] = ledger.cache_identity[idx] and bool(rows.valid.all()) and rows.width == ledger.prompt_length - state.offset
         if cache.stored_length(idx) != ledger.caches[idx].width:
             raise RuntimeError(f"layer {idx}: cache holds {cache.stored_length(idx)} entries, the ledger {ledger.caches[idx].width}")
         if "cache" not in self.method.stages:
@@ -364,19 +414,20 @@ class Engine:
             samples = []
             for b in range(batch):
                 lengths = [counts[b] for counts in ledger.hidden_counts]
+                out_lengths = [ledger.inside_counts[l][b] if l in ledger.inside_counts else n for l, n in enumerate(lengths)]
                 visual = [counts[b] for counts in ledger.visual_counts]
                 caches = [c[b] for c in cache_counts]
                 vis_in = len(ledger.visual_kept["input"][b])
                 samples.append(
                     SampleReport(
                         hidden_lengths=lengths,
-                        attention_out_lengths=list(lengths),
+                        attention_out_lengths=out_lengths,
                         cache_lengths_prefill=caches,
                         cache_lengths_end=list(caches),
                         visual_tokens=vis_in,
                         visual_lengths=visual,
                         visual_kept={k: v[b] for k, v in ledger.visual_kept.items()},
-                        flops=prefill_flops(self.shape, lengths),
+                        flops=prefill_flops(self.shape, lengths, out_lengths),
                         flops_unpruned=prefill_flops(self.shape, [prompt_real[b]] * self.num_layers),
                         kv_bytes_prefill=sum(caches) * element,
                         kv_bytes_end=sum(caches) * element,

@@ -170,3 +170,26 @@ def summarise(rows: list[dict[str, Any]], tasks: list[str], timing: dict[str, li
         "samples": len(rows),
         "settings": settings,
     }
+
+
+def calibration_examples(task: str, samples: int, seed: int = 0) -> list[Example]:
+    """``samples`` training-split items spread evenly over the task(s), the ``seed``-th such draw."""
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"--samples must be at least 1, got {samples}")
+    tasks = resolve_tasks(task)
+    per_task = -(-samples // len(tasks))
+    pools = [generate(t, "train", per_task, start=seed * per_task) for t in tasks]
+    mixed = [pool[i] for i in range(per_task) for pool in pools]
+    return mixed[:samples]
+
+
+def calibrate_on_tasks(model: Any, prompting: Prompting, task: str, budget: float, samples: int = 64, seed: int = 0,
+                       batch_size: int = 64, visual_only: bool = False, model_name: str = "", progress: bool = True):
+    """Fit a FitPrune recipe on training-split items of the task suite."""
+    from .calibration import calibrate
+
+    examples = calibration_examples(task, samples, seed)
+    batches = [prompting.inputs(chunk) for chunk in _chunks(examples, batch_size)]
+    describe = {"model": model_name, "seed": seed,
+                "calibration": f"tasks={','.join(resolve_tasks(task))} split=train items {seed}*k.. ({samples} samples)"}
+    return calibrate(model, batches, budget, visual_only=visual_only, progress=progress, describe=describe)

@@ -7,12 +7,13 @@ from typing import Any
 
 from .base import CacheView, Grid, Method, Point, Selection, View
 from .fastv import FastV
+from .fitprune import FitPrune, FitPruneSearch
 from .none import Unpruned
 from .pool import Pool
 from .random_drop import RandomDrop
 from .streamingllm import StreamingLLM
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Unpruned, FastV, RandomDrop, Pool, StreamingLLM)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Unpruned, FastV, FitPrune, RandomDrop, Pool, StreamingLLM)}
 
 
 def get(name: str | Method, **options: Any) -> Method:
@@ -39,4 +40,4 @@ def get(name: str | Method, **options: Any) -> Method:
 
 
 __all__ = ["REGISTRY", "get", "Method", "Point", "View", "Selection", "CacheView", "Grid",
-           "Unpruned", "FastV", "RandomDrop", "Pool", "StreamingLLM"]
+           "Unpruned", "FastV", "FitPrune", "FitPruneSearch", "RandomDrop", "Pool", "StreamingLLM"]

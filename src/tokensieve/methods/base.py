@@ -25,11 +25,14 @@ class Point:
             visual tokens entering the LLM.
         stage: ``"encoder"`` (before the LLM) or ``"prefill"`` (between decoder layers).
         attention_layer: decoder layer whose attention rows the rule reads, or None.
+        inside: the tokens leave *inside* layer ``before``, after its attention: they still act as keys
+            and values there (and stay in its cache) but skip its o-projection and MLP (FitPrune).
     """
 
     before: int
     stage: Literal["encoder", "prefill"] = "prefill"
     attention_layer: int | None = None
+    inside: bool = False
 
 
 @dataclass
@@ -56,6 +59,7 @@ class View:
         valid: ``(B, n)`` bool, False for padding entries of ragged batches.
         visual: ``(B, n)`` bool, valid visual rows (the candidates of visual-token methods).
         grids: per sample, the grids of its images (empty where the layout is not a regular grid).
+        visual_input: per sample, the number of visual tokens in the input (before any pruning).
         attention: ``attention(queries)`` -> ``(B, H, q, n)`` float32 softmax rows at ``point.attention_layer``
             for the ``"last"`` token, ``"all"`` valid tokens or the ``"text"`` tokens after the last image.
         query_valid: for ``attention``, callable giving ``(B, q)`` bool of which query rows are real.
@@ -67,6 +71,7 @@ class View:
     valid: torch.Tensor
     visual: torch.Tensor
     grids: list[list[Grid]]
+    visual_input: list[int]
     attention: Callable[[Queries], torch.Tensor]
     query_valid: Callable[[Queries], torch.Tensor]
 
@@ -114,6 +119,9 @@ class Method:
 
     def bind(self, num_layers: int) -> None:
         """Check the options against a model with ``num_layers`` decoder layers; raise ValueError."""
+
+    def check_input(self, visual_tokens: list[int]) -> None:
+        """Check a batch (visual tokens per sample) before any layer runs; raise ValueError."""
 
     def points(self) -> list[Point]:
         """The prefill points where :meth:`select` is called (none for cache-only methods)."""

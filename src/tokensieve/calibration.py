@@ -1,0 +1,148 @@
+"""Fitting a FitPrune recipe to a FLOPs budget on calibration inputs (see :mod:`tokensieve.methods.fitprune`).
+
+One measuring pass records each sample's unpruned attention masses per layer; then a binary search
+over the tolerance alpha runs fitting passes (the model, through the engine, prunes layer by layer by
+the fitting rule) and turns each into a recipe (floored mean of the per-sample removals). The recipe's
+FLOPs ratio is computed from the ledger's per-sample token counts; the search keeps the best recipe
+at or under the budget, and a repair step brings it within ``tolerance`` of the budget.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import adapter_for
+from .engine import prune
+from .flops import Shape, prefill_flops
+from .methods.fitprune import FitPruneSearch
+from .recipe import Recipe
+
+
+def recipe_ratio(shape: Shape, counts: dict[int, int], samples: list[tuple[int, int]], visual_only: bool) -> float:
+    """FLOPs ratio of removing ``counts`` inside each layer, over samples given as (real tokens, visual tokens)."""
+    pruned = full = 0
+    for real, vis in samples:
+        text = 0 if visual_only else real - vis
+        n_in, n_out, n = [], [], vis
+        for layer in range(shape.layers):
+            n_in.append(n + text)
+            n = max(1, n - counts.get(layer, 0))
+            n_out.append(n + text)
+        pruned += prefill_flops(shape, n_in, n_out)
+        full += prefill_flops(shape, [vis + text] * shape.layers)
+    return pruned / full
+
+
+@torch.no_grad()
+def calibrate(
+    model: Any,
+    batches: list[dict[str, torch.Tensor]],
+    budget: float,
+    visual_only: bool = False,
+    tolerance: float = 0.01,
+    iterations: int = 14,
+    progress: bool = True,
+    describe: dict[str, Any] | None = None,
+) -> Recipe:
+    """Fit a recipe meeting ``budget`` (FLOPs ratio in (0, 1)) on ``batches`` of model inputs.
+
+    Raises:
+        ValueError: budget outside (0, 1), inputs without visual tokens, or a budget no recipe reaches.
+    """
+    if not isinstance(budget, (int, float)) or not 0 < budget < 1:
+        raise ValueError(f"the FLOPs budget must be in (0, 1), got {budget!r}")
+    start = time.perf_counter()
+    adapter = adapter_for(model)
+    shape = Shape.from_config(adapter.text_config)
+    measures: list[FitPruneSearch] = []
+    samples: list[tuple[int, int]] = []
+    for inputs in batches:
+        search = FitPruneSearch(num_layers=shape.layers, alpha=None, shape=shape, visual_only=visual_only)
+        with prune(model, search) as run:
+            model(**inputs, use_cache=False)
+        measures.append(search)
+        samples += [(s.hidden_lengths[0], s.visual_tokens) for s in run.report.samples]
+    if any(v == 0 for _, v in samples):
+        raise ValueError("every calibration input needs visual tokens")
+    visual_tokens = round(sum(v for _, v in samples) / len(samples))
+
+    def fit(alpha: float) -> dict[int, int]:
+        totals = [0] * shape.layers
+        for inputs, measure in zip(batches, measures):
+            search = FitPruneSearch(num_layers=shape.layers, alpha=alpha, budget=budget, shape=shape,
+                                    visual_only=visual_only, masses=measure.masses)
+            with prune(model, search):
+                model(**inputs, use_cache=False)
+            for layer, removed in search.removed.items():
+                totals[layer] += sum(removed)
+        return {layer: total // len(samples) for layer, total in enumerate(totals) if total // len(samples) > 0}
+
+    lo, hi = 0.0, 1.0
+    best: tuple[float, float, dict[int, int]] | None = None
+    bar = tqdm(range(iterations), desc=f"calibrate flops={budget}", disable=not progress)
+    for _ in bar:
+        alpha = (lo + hi) / 2
+        counts = fit(alpha)
+        ratio = recipe_ratio(shape, counts, samples, visual_only)
+        bar.set_postfix(alpha=f"{alpha:.4f}", ratio=f"{ratio:.4f}")
+        if ratio <= budget:
+            if best is None or ratio > best[0]:
+                best = (ratio, alpha, counts)
+            hi = alpha
+        else:
+            lo = alpha
+        if best is not None and budget - best[0] <= tolerance:
+            break
+    bar.close()
+    if best is None:
+        counts = fit(1.0)
+        ratio = recipe_ratio(shape, counts, samples, visual_only)
+        if ratio > budget:
+            raise ValueError(f"no recipe reaches a FLOPs ratio of {budget}: pruning all it can, the fit gives {ratio:.3f}")
+        best = (ratio, 1.0, counts)
+    ratio, alpha, counts = best
+    counts = _repair(shape, counts, samples, visual_only, budget, tolerance)
+    ratio = recipe_ratio(shape, counts, samples, visual_only)
+    info = dict(describe or {})
+    return Recipe(
+        removed=counts,
+        visual_tokens=visual_tokens,
+        num_layers=shape.layers,
+        model=str(info.pop("model", getattr(model.config, "_name_or_path", ""))),
+        budget=budget,
+        achieved=ratio,
+        calibration=str(info.pop("calibration", "")),
+        samples=len(samples),
+        seed=int(info.pop("seed", 0)),
+        alpha=alpha,
+        flops_convention="visual" if visual_only else "all",
+        seconds=time.perf_counter() - start,
+        extra=info,
+    )
+
+
+def _repair(shape: Shape, counts: dict[int, int], samples, visual_only: bool, budget: float, tolerance: float) -> dict[int, int]:
+    """Bring a feasible recipe within ``tolerance`` under the budget by the smallest steps: postpone one
+    token's removal by one layer (or, at the last layer, give it back), taking each time the step with
+    the largest ratio still at or under the budget."""
+    counts = {l: n for l, n in counts.items() if n > 0}
+    ratio = recipe_ratio(shape, counts, samples, visual_only)
+    while budget - ratio > tolerance:
+        best: tuple[float, dict[int, int]] | None = None
+        for layer in [l for l, n in counts.items() if n > 0]:
+            trial = dict(counts)
+            trial[layer] -= 1
+            if layer + 1 < shape.layers:
+                trial[layer + 1] = trial.get(layer + 1, 0) + 1
+            trial = {l: n for l, n in trial.items() if n > 0}
+            trial_ratio = recipe_ratio(shape, trial, samples, visual_only)
+            if ratio < trial_ratio <= budget and (best is None or trial_ratio > best[0]):
+                best = (trial_ratio, trial)
+        if best is None:
+            break
+        ratio, counts = best
+    return counts

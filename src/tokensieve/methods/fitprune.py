@@ -1,0 +1,204 @@
+"""FitPrune: a per-layer visual-token pruning recipe fitted to a FLOPs budget from attention statistics.
+
+Ye, Wu, Lin, Zhou, "Fit and Prune: Fast and Training-free Visual Token Pruning for Multi-modal Large
+Language Models", AAAI 2025 (arXiv 2409.10197); authors' code ywh187/FitPrune.
+
+Notation, at decoder layer l, with A the softmax attention maximised over heads (``(n, n)``), V the
+visual tokens alive, T the text tokens after the (last) image:
+
+    cross_j = sum_{t in T} A[t, j]          (text -> visual attention received by visual token j)
+    self_j  = sum_{i in V} A[i, j] / |V|    (visual -> visual attention received, averaged)
+
+Inference (:class:`FitPrune`), prefill only, static during decoding: at each layer l with
+``recipe[l] > 0``, computed from layer l's *own* attention, remove the ``recipe[l]`` visual tokens with
+the lowest score; they still serve as keys and values in layer l (and stay in its cache) and leave
+after its attention, skipping its o-projection and MLP; survivors keep their original positions.
+
+    score="product" (the release's, default):  cross_j * self_j
+    score="fit": the order in which the fitting rule removes tokens: a token's score is
+                 max(rank of cross_j, rank of self_j) in ascending order, so removing the k lowest
+                 is the intersection rule of the fit; ties broken by the product score.
+
+Fitting (:class:`FitPruneSearch`, driven by :mod:`tokensieve.calibration`): with the unpruned masses
+``M_cross[l] = sum_{j in V} cross_j / |T|`` and ``M_self[l] = sum_{j in V} self_j`` of each calibration
+sample, one pass for a tolerance alpha goes layer by layer: if the FLOPs already spent plus the
+remaining layers at the current length meet the budget (mean over the calibration batch), nothing more
+is pruned; otherwise each sample removes the intersection of the longest ascending prefix of cross
+(resp. self) whose removal keeps at least (1 - alpha) of M_cross[l] (resp. M_self[l]); the recipe is
+the floored per-layer mean of the removals. Choices made here, where the release is silent or broken:
+the binary search keeps the recipe that meets the budget (never the last one tried), and a final
+repair step gives tokens back at the deepest pruned layers until the recipe is within 0.01 of the
+budget; FLOPs count all tokens by default (the release counts visual tokens only; both are offered).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+
+from ..flops import Shape, layer_macs
+from ..recipe import Recipe
+from .base import Method, Point, Selection, View
+
+
+def attention_scores(view: View) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``cross``, ``self`` (``(B, n)``, zero off the visual rows) and ``text`` count ``(B,)`` at the view's layer."""
+    probs = view.attention("all").max(1).values  # (B, n, n), head max
+    text_rows = view.query_valid("text").to(probs.dtype)  # (B, n)
+    vis = view.visual.to(probs.dtype)
+    n_vis = vis.sum(1, keepdim=True).clamp(min=1)
+    cross = (probs * text_rows[..., None]).sum(1) * vis
+    self_ = (probs * vis[..., None]).sum(1) / n_vis * vis
+    return cross, self_, text_rows.sum(1)
+
+
+def _ascending_rank(values: torch.Tensor) -> torch.Tensor:
+    order = values.argsort()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(values.numel(), device=values.device)
+    return rank
+
+
+@dataclass
+class FitPrune(Method):
+    """Options: ``recipe`` (a :class:`Recipe` or JSON path), ``score`` ("product" or "fit"),
+    ``fractions`` (scale the recipe to inputs with other visual-token counts)."""
+
+    recipe: Recipe | str | None = None
+    score: Literal["product", "fit"] = "product"
+    fractions: bool = False
+
+    name: ClassVar[str] = "fitprune"
+    stages: ClassVar[tuple[str, ...]] = ("prefill",)
+    paper: ClassVar[str] = "Ye et al., Fit and Prune: Fast and Training-free Visual Token Pruning for MLLMs, AAAI 2025"
+    needs: ClassVar[tuple[str, ...]] = ("attention", "text tokens")
+
+    def __post_init__(self) -> None:
+        if self.recipe is None:
+            raise ValueError("fitprune needs a recipe: recipe=Recipe(...) or a JSON path from `tokensieve calibrate`")
+        if not isinstance(self.recipe, Recipe):
+            self.recipe = Recipe.load(self.recipe)
+        if self.score not in ("product", "fit"):
+            raise ValueError(f"score must be 'product' or 'fit', got {self.score!r}")
+
+    def bind(self, num_layers: int) -> None:
+        self.recipe.check_model(num_layers)
+
+    def check_input(self, visual_tokens: list[int]) -> None:
+        for n in visual_tokens:
+            if n == 0:
+                raise ValueError("fitprune prunes visual tokens, but a sample of this batch has none")
+            if n != self.recipe.visual_tokens and not self.fractions:
+                raise ValueError(f"recipe fitted for {self.recipe.visual_tokens} visual tokens per input; this input has {n}. "
+                                 "Use fractions=True to scale it (variable-resolution models) or fit a recipe for this model")
+
+    def points(self) -> list[Point]:
+        return [Point(before=l, attention_layer=l, inside=True) for l, n in self.recipe.removed.items() if n > 0]
+
+    def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
+        counts = self.recipe.counts_for(n_visual)
+        n_in, n_out, n = [], [], n_visual
+        for layer in range(num_layers):
+            n_in.append(n)
+            n = max(1, n - counts.get(layer, 0))
+            n_out.append(n)
+        return n_in, n_out
+
+    def select(self, view: View) -> Selection:
+        cross, self_, _ = attention_scores(view)
+        keep = view.valid.clone()
+        layer = view.point.before
+        for b in range(keep.shape[0]):
+            cand = view.visual[b].nonzero().squeeze(1)
+            k = min(self.recipe.counts_for(view.visual_input[b]).get(layer, 0), cand.numel() - 1)
+            if k <= 0:
+                continue
+            product = cross[b, cand] * self_[b, cand]
+            if self.score == "product":
+                order = product.argsort()
+            else:
+                rank = torch.maximum(_ascending_rank(cross[b, cand]), _ascending_rank(self_[b, cand])).double()
+                order = (rank + product.double() / (product.double().max() + 1) * 0.5).argsort()
+            keep[b, cand[order[:k]]] = False
+        return Selection(keep=keep)
+
+
+@dataclass
+class FitPruneSearch(Method):
+    """One fitting pass for tolerance ``alpha`` (``None``: measure the unpruned masses and prune nothing).
+
+    Fills ``masses`` (per layer, ``(B, 2)`` cross and self mass) when ``alpha`` is None, else
+    ``removed`` (per layer, per-sample counts) using ``masses`` from the measuring pass.
+    """
+
+    num_layers: int = 0
+    alpha: float | None = None
+    budget: float = 0.5
+    shape: Shape | None = None
+    visual_only: bool = False
+    masses: dict[int, torch.Tensor] = field(default_factory=dict)
+    removed: dict[int, list[int]] = field(default_factory=dict)
+    spent: list[float] = field(default_factory=list)
+    full: list[float] = field(default_factory=list)
+
+    name: ClassVar[str] = "fitprune-search"
+    stages: ClassVar[tuple[str, ...]] = ("prefill",)
+    paper: ClassVar[str] = FitPrune.paper
+
+    def points(self) -> list[Point]:
+        return [Point(before=l, attention_layer=l, inside=True) for l in range(self.num_layers)]
+
+    def _cost(self, tokens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample MACs of one layer receiving ``tokens`` (``(B,)`` float) with ``out`` leaving its attention."""
+        s = self.shape
+        out = tokens if out is None else out
+        return (tokens * s.hidden * (s.attn_width + 2 * s.kv_width) + 2 * tokens**2 * s.attn_width
+                + out * s.attn_width * s.hidden + 3 * out * s.hidden * s.intermediate)
+
+    def select(self, view: View) -> Selection:
+        layer = view.point.before
+        cross, self_, n_text = attention_scores(view)
+        keep = view.valid.clone()
+        if self.alpha is None:
+            self.masses[layer] = torch.stack([cross.sum(1) / n_text.clamp(min=1), self_.sum(1)], 1)
+            return Selection(keep=keep)
+        real = view.query_valid("all").sum(1).to(torch.float64)
+        n_vis = view.visual.sum(1).to(torch.float64)
+        counted = n_vis if self.visual_only else real
+        if layer == 0:
+            self.spent = [0.0] * keep.shape[0]
+            self.full = [float(layer_macs(self.shape, int(c))) * self.num_layers for c in counted.tolist()]
+        spent = torch.tensor(self.spent, dtype=torch.float64)
+        rest = self._cost(counted) * (self.num_layers - layer)
+        reached = (spent + rest).sum() <= self.budget * sum(self.full)
+        removed = [0] * keep.shape[0]
+        if not reached:
+            base = self.masses[layer]
+            for b in range(keep.shape[0]):
+                cand = view.visual[b].nonzero().squeeze(1)
+                if cand.numel() <= 1:
+                    continue
+                gone_c = _tolerated_prefix(cross[b, cand] / max(1.0, float(n_text[b])), float(base[b, 0]), self.alpha)
+                gone_s = _tolerated_prefix(self_[b, cand], float(base[b, 1]), self.alpha)
+                gone = gone_c & gone_s
+                if int(gone.sum()) >= cand.numel():
+                    gone[self_[b, cand].argmax()] = False
+                keep[b, cand[gone]] = False
+                removed[b] = int(gone.sum())
+        self.removed[layer] = removed
+        out = counted - torch.tensor(removed, dtype=torch.float64)
+        self.spent = (spent + self._cost(counted, out)).tolist()
+        return Selection(keep=keep)
+
+
+def _tolerated_prefix(scores: torch.Tensor, mass: float, alpha: float) -> torch.Tensor:
+    """Bool mask of the longest ascending prefix of ``scores`` whose removal leaves >= (1 - alpha) * mass."""
+    order = scores.argsort()
+    removed_mass = scores[order].cumsum(0)
+    remaining = scores.sum() - removed_mass
+    count = int((remaining >= (1 - alpha) * mass - 1e-12).sum())
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask[order[:count]] = True
+    return mask
