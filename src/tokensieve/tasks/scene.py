@@ -1,8 +1,10 @@
 """Scene vocabulary and rendering: a 3x3 grid of cells on a plain background.
 
 An image is ``IMAGE_SIZE`` x ``IMAGE_SIZE`` RGB. Each object occupies one cell
-(so objects never touch) and is an ``OBJECT_SIZE``-pixel square box placed at a
-random offset inside its cell.
+(so objects never touch). Inside its cell it is centred in a ``SLOT``-pixel block
+whose corner sits at a random multiple of ``STEP`` pixels, so an object always
+covers the same 2x2 vision patches of 8 px (a few tokens carry the answer, the
+rest are plain background).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ IMAGE_SIZE = 96
 GRID = 3
 CELL = IMAGE_SIZE // GRID
 OBJECT_SIZE = 14
-MARGIN = 3
+SLOT = 16
+STEP = 8
 GLYPH_SCALE = 2
 
 BACKGROUND: tuple[int, int, int] = (240, 240, 236)
@@ -91,8 +94,9 @@ def render(items: list[Item], rng: np.random.Generator) -> tuple[Image.Image, li
         mask = item_mask(item)
         h, w = mask.shape
         row, col = divmod(item.cell, GRID)
-        y0 = row * CELL + int(rng.integers(MARGIN, CELL - h - MARGIN + 1))
-        x0 = col * CELL + int(rng.integers(MARGIN, CELL - w - MARGIN + 1))
+        slots = (CELL - SLOT) // STEP + 1
+        y0 = row * CELL + STEP * int(rng.integers(slots)) + (SLOT - h) // 2
+        x0 = col * CELL + STEP * int(rng.integers(slots)) + (SLOT - w) // 2
         colour = INK if item.glyph is not None else COLOURS[item.colour]  # type: ignore[index]
         canvas[y0 : y0 + h, x0 : x0 + w][mask] = colour
         boxes.append((x0, y0, x0 + w, y0 + h))

@@ -22,12 +22,12 @@ EVAL_START = 100_000
 """Training-time evaluation uses test items from here on, leaving items 0.. for the final evaluation."""
 
 
-def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warmup to ``peak`` over ``warmup`` steps, then cosine decay to 5% of peak."""
+def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
+    """Linear warmup to ``peak`` over ``warmup`` steps, then cosine decay to 5% of peak as
+    ``progress`` (fraction of training done, 0..1) goes to 1."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 @torch.no_grad()
@@ -44,6 +44,15 @@ def next_token_accuracy(model, pool: Pool, pad_id: int, batch_size: int) -> dict
     return {task: correct[pool.task == t].float().mean().item() for t, task in enumerate(TASKS)}
 
 
+def evaluate_and_log(model, pool: Pool, pad_id: int, step: int, loss: float, start_time: float) -> dict:
+    """Held-out next-token accuracy per task, printed as one log line and returned as a history record."""
+    acc = next_token_accuracy(model, pool, pad_id, 64)
+    elapsed = time.time() - start_time
+    accs = " ".join(f"{k}={v:.3f}" for k, v in acc.items())
+    tqdm.write(f"step {step} loss {loss:.4f} elapsed {elapsed:.0f}s acc {accs}")
+    return {"step": step, "loss": loss, "elapsed_s": elapsed, "accuracy": acc}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tokensieve.tiny.train", description=__doc__)
     add_arguments(parser)
@@ -56,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
+    parser.add_argument("--time-budget-min", type=float, default=0.0,
+                        help="if > 0, training progress is also measured in wall-clock minutes of optimisation: "
+                             "the schedule follows whichever of steps or time is further along, and training stops "
+                             "when either is used up")
     parser.add_argument("--warmup", type=int, default=200, help="linear warmup steps")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
@@ -103,11 +116,19 @@ def run(args: argparse.Namespace) -> dict:
     )
     generator = torch.Generator().manual_seed(args.seed)
     history = []
-    bar = tqdm(range(args.steps), desc="train-tiny", mininterval=10)
+    bar = tqdm(total=args.steps, desc="train-tiny", mininterval=10)
     running = None
-    for step in bar:
+    train_start = time.time()
+    budget_s = args.time_budget_min * 60
+    step = 0
+    while True:
+        progress = step / args.steps
+        if budget_s > 0:
+            progress = max(progress, (time.time() - train_start) / budget_s)
+        if progress >= 1.0:
+            break
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            group["lr"] = lr_at(step, progress, args.lr, args.warmup)
         index = torch.randint(0, len(train_pool.ids), (args.batch_size,), generator=generator)
         loss = model(**collate(train_pool, index, pad_id, with_answer=True)).loss
         loss.backward()
@@ -115,18 +136,20 @@ def run(args: argparse.Namespace) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        step += 1
+        bar.update(1)
         bar.set_postfix(loss=f"{running:.3f}", refresh=False)
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            acc = next_token_accuracy(model, eval_pool, pad_id, 64)
-            elapsed = time.time() - start_time
-            history.append({"step": step + 1, "loss": running, "elapsed_s": elapsed, "accuracy": acc})
-            accs = " ".join(f"{k}={v:.3f}" for k, v in acc.items())
-            tqdm.write(f"step {step + 1} loss {running:.4f} elapsed {elapsed:.0f}s acc {accs}", file=None)
+        if step % args.eval_every == 0:
+            history.append(evaluate_and_log(model, eval_pool, pad_id, step, running, start_time))
+    bar.close()
+    if not history or history[-1]["step"] != step:
+        history.append(evaluate_and_log(model, eval_pool, pad_id, step, running, start_time))
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
     summary = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
+        "steps_done": step,
         "wall_time_s": time.time() - start_time,
         "final_heldout_accuracy": history[-1]["accuracy"],
         "heldout_items_per_task": args.eval_items,
