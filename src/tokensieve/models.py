@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from .adapters import adapter_for
 
@@ -26,6 +27,8 @@ def load(name: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
             return load_tiny(dtype)
         except FileNotFoundError as err:
             raise ValueError(str(err)) from None
+        except (OSError, SafetensorError) as err:
+            raise ValueError(f"cannot load the shipped model ({type(err).__name__}): {str(err).splitlines()[0]}") from None
     path = Path(name)
     if not path.exists() and ("/" not in name or name.startswith((".", "/"))):
         raise ValueError(f"unknown model {name!r}: use one of {', '.join(BUILTIN)}, a checkpoint directory or a hub id")
@@ -37,7 +40,7 @@ def load(name: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
         config = AutoConfig.from_pretrained(name)
         model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype)
         processor = AutoProcessor.from_pretrained(name)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         raise ValueError(f"cannot load {name!r} ({type(err).__name__}): {str(err).splitlines()[0]}") from None
     del config
     adapter_for(model)  # raises TypeError naming the supported families
