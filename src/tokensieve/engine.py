@@ -316,6 +316,7 @@ class Engine:
             visual=ledger.is_visual(rows),
             grids=self._grids(rows),
             visual_input=[len(v) for v in ledger.visual_kept["input"]],
+            shape=self.shape,
             attention=lambda queries: self._attention(point, queries),
             query_valid=lambda queries: self._queries(rows, queries)[1],
         )

@@ -129,3 +129,28 @@ def schedule_from_removed(shape: Shape, start: int, removed: dict[int, int], ins
         n_out.append(n - gone if inside else n)
         n -= gone
     return n_in, n_out
+
+
+def solve_kept(shape: Shape, n_visual: int, n_text: int, layer: int, target: float) -> int:
+    """Most visual tokens that may stay from decoder layer ``layer`` on (all of them before it) for the
+    prefill to cost at most ``target`` of the unpruned FLOPs (all tokens counted).
+
+    Raises:
+        ValueError: even one visual token left exceeds the target.
+    """
+    full = prefill_flops(shape, [n_visual + n_text] * shape.layers)
+
+    def ratio(kept: int) -> float:
+        return prefill_flops(shape, [n_visual + n_text] * layer + [kept + n_text] * (shape.layers - layer)) / full
+
+    if ratio(1) > target:
+        raise ValueError(f"flops={target} is out of reach when pruning at layer {layer}: keeping one visual token "
+                         f"of {n_visual} (with {n_text} text tokens) still costs {ratio(1):.3f}")
+    lo, hi = 1, n_visual
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ratio(mid) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

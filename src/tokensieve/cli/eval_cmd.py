@@ -18,7 +18,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_method_flags(p)
     p.add_argument("--limit", type=int, default=evaluation.TEST_ITEMS, help="test items per task (default: the whole split, 500)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--flops", type=float, help="fitprune without --recipe: calibrate to this FLOPs ratio first")
     p.add_argument("--json", type=Path, help="also write the result here")
     p.set_defaults(handler=run)
 
@@ -28,20 +27,19 @@ def run(args: argparse.Namespace) -> int:
     evaluation.resolve_tasks(args.task)
     if args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
-    if args.method == "fitprune" and "recipe" not in options and args.flops is None:
+    fit_first = args.method == "fitprune" and "recipe" not in options
+    if fit_first and "flops" not in options:
         raise ValueError("fitprune needs --recipe FILE or --flops RATIO (which calibrates on the task suite first)")
-    if args.flops is not None and (args.method != "fitprune" or "recipe" in options):
-        raise ValueError("--flops applies to fitprune without --recipe")
-    if args.flops is not None and not 0 < args.flops < 1:
-        raise ValueError(f"--flops must be in (0, 1), got {args.flops}")
+    if fit_first and not 0 < options["flops"] < 1:
+        raise ValueError(f"--flops must be in (0, 1), got {options['flops']}")
     if "recipe" in options:
         options["recipe"] = Recipe.load(options["recipe"])
-    if args.flops is None:
+    if not fit_first:
         methods.get(args.method, **options)
     model, processor = models.load(args.model)
     prompting = evaluation.Prompting(processor, tiny=args.model == "tiny")
-    if args.flops is not None:
-        options["recipe"] = evaluation.calibrate_on_tasks(model, prompting, "all", args.flops, model_name=args.model)
+    if fit_first:
+        options["recipe"] = evaluation.calibrate_on_tasks(model, prompting, "all", options["flops"], model_name=args.model)
     result = evaluation.evaluate(model, prompting, args.task, args.method, options, args.limit, args.batch_size)
     result["settings"]["model"] = args.model
     print(format_result(result))

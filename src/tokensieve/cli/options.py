@@ -7,7 +7,7 @@ from typing import Any
 
 FLAGS: dict[str, type] = {
     "layer": int, "keep": float, "variant": str, "seed": int, "stride": int, "positions": str,
-    "sinks": int, "window": int, "recipe": str, "score": str,
+    "sinks": int, "window": int, "recipe": str, "score": str, "flops": float,
 }
 
 

@@ -13,6 +13,8 @@ from typing import Callable, ClassVar, Literal
 
 import torch
 
+from ..flops import Shape, solve_kept
+
 Queries = Literal["last", "all", "text"]
 
 
@@ -60,6 +62,7 @@ class View:
         visual: ``(B, n)`` bool, valid visual rows (the candidates of visual-token methods).
         grids: per sample, the grids of its images (empty where the layout is not a regular grid).
         visual_input: per sample, the number of visual tokens in the input (before any pruning).
+        shape: the decoder's widths, for methods that meet a FLOPs budget.
         attention: ``attention(queries)`` -> ``(B, H, q, n)`` float32 softmax rows at ``point.attention_layer``
             for the ``"last"`` token, ``"all"`` valid tokens or the ``"text"`` tokens after the last image.
         query_valid: for ``attention``, callable giving ``(B, q)`` bool of which query rows are real.
@@ -72,6 +75,7 @@ class View:
     visual: torch.Tensor
     grids: list[list[Grid]]
     visual_input: list[int]
+    shape: Shape
     attention: Callable[[Queries], torch.Tensor]
     query_valid: Callable[[Queries], torch.Tensor]
 
@@ -160,13 +164,32 @@ def check_layer(name: str, value: int, num_layers: int, low: int = 0) -> None:
         raise ValueError(f"{name}={value!r} is outside this model: it has {num_layers} decoder layers, use {low}..{num_layers - 1}")
 
 
-def top_visual(scores: torch.Tensor, visual: torch.Tensor, keep: float) -> torch.Tensor:
-    """Keep non-visual rows and, per sample, the ``round(keep * n_visual)`` highest-scoring visual rows.
+def check_budget(keep: float | None, flops: float | None) -> None:
+    """At most one of ``keep`` and ``flops``; each in range."""
+    if keep is not None and flops is not None:
+        raise ValueError("give keep or flops, not both")
+    if keep is not None:
+        check_fraction("keep", keep)
+    if flops is not None and not (isinstance(flops, (int, float)) and 0 < flops < 1):
+        raise ValueError(f"flops must be in (0, 1), got {flops!r}")
+
+
+def kept_counts(view: "View", layer: int, keep: float | None, flops: float | None) -> list[int]:
+    """Visual tokens each sample keeps from ``layer`` on: ``round(keep * n)`` or the most that meet ``flops``."""
+    visual = view.visual.sum(1).tolist()
+    if flops is None:
+        return [max(1, round((0.5 if keep is None else keep) * n)) for n in visual]
+    text = (view.query_valid("all").sum(1) - view.visual.sum(1)).tolist()
+    return [solve_kept(view.shape, n, t, layer, flops) if n else 0 for n, t in zip(visual, text)]
+
+
+def top_visual(scores: torch.Tensor, visual: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Keep non-visual rows and, per sample, the ``counts[b]`` highest-scoring visual rows.
 
     Args:
         scores: ``(B, n)`` float, higher is kept first.
         visual: ``(B, n)`` bool candidates.
-        keep: fraction of visual rows kept per sample (at least one is kept).
+        counts: visual rows kept per sample.
 
     Returns:
         ``(B, n)`` bool keep mask.
@@ -176,7 +199,7 @@ def top_visual(scores: torch.Tensor, visual: torch.Tensor, keep: float) -> torch
         cand = visual[b].nonzero().squeeze(1)
         if cand.numel() == 0:
             continue
-        k = max(1, round(keep * cand.numel()))
+        k = min(max(1, counts[b]), cand.numel())
         best = scores[b, cand].topk(k).indices
         mask[b, cand[best]] = True
     return mask

@@ -21,16 +21,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from .base import Method, Point, Selection, View, check_fraction, check_layer, top_visual
+from .base import Method, Point, Selection, View, check_budget, check_layer, kept_counts, top_visual
 
 
 @dataclass
 class FastV(Method):
-    """Options: ``layer`` K (>= 1), ``keep`` fraction of visual tokens kept (1 - R), ``variant``."""
+    """Options: ``layer`` K (>= 1), ``keep`` fraction of visual tokens kept (1 - R; default 0.5) or
+    ``flops`` target ratio (R chosen per sample to meet it), ``variant``."""
 
     layer: int = 2
-    keep: float = 0.5
+    keep: float | None = None
     variant: Literal["code", "paper"] = "code"
+    flops: float | None = None
 
     name: ClassVar[str] = "fastv"
     stages: ClassVar[tuple[str, ...]] = ("prefill",)
@@ -39,7 +41,7 @@ class FastV(Method):
 
     def bind(self, num_layers: int) -> None:
         check_layer("layer", self.layer, num_layers, low=1)
-        check_fraction("keep", self.keep)
+        check_budget(self.keep, self.flops)
         if self.variant not in ("code", "paper"):
             raise ValueError(f"variant must be 'code' or 'paper', got {self.variant!r}")
 
@@ -47,7 +49,7 @@ class FastV(Method):
         return [Point(before=self.layer, attention_layer=self.layer - 1)]
 
     def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
-        kept = max(1, round(self.keep * n_visual))
+        kept = max(1, round((0.5 if self.keep is None else self.keep) * n_visual))
         n_in = [n_visual] * self.layer + [kept] * (num_layers - self.layer)
         return n_in, list(n_in)
 
@@ -56,4 +58,5 @@ class FastV(Method):
         probs = view.attention(queries)  # (B, H, q, n)
         qvalid = view.query_valid(queries).to(probs.dtype)  # (B, q)
         received = (probs.mean(1) * qvalid[..., None]).sum(1) / qvalid.sum(1, keepdim=True)
-        return Selection(keep=top_visual(received, view.visual, self.keep))
+        counts = kept_counts(view, self.layer, self.keep, self.flops)
+        return Selection(keep=top_visual(received, view.visual, counts))

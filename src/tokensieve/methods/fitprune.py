@@ -64,11 +64,13 @@ def _ascending_rank(values: torch.Tensor) -> torch.Tensor:
 @dataclass
 class FitPrune(Method):
     """Options: ``recipe`` (a :class:`Recipe` or JSON path), ``score`` ("product" or "fit"),
-    ``fractions`` (scale the recipe to inputs with other visual-token counts)."""
+    ``fractions`` (scale the recipe to inputs with other visual-token counts), ``flops`` (the budget the
+    recipe must have been fitted for; fitting itself is ``tokensieve calibrate``)."""
 
     recipe: Recipe | str | None = None
     score: Literal["product", "fit"] = "product"
     fractions: bool = False
+    flops: float | None = None
 
     name: ClassVar[str] = "fitprune"
     stages: ClassVar[tuple[str, ...]] = ("prefill",)
@@ -80,6 +82,8 @@ class FitPrune(Method):
             raise ValueError("fitprune needs a recipe: recipe=Recipe(...) or a JSON path from `tokensieve calibrate`")
         if not isinstance(self.recipe, Recipe):
             self.recipe = Recipe.load(self.recipe)
+        if self.flops is not None and self.recipe.budget is not None and abs(self.flops - self.recipe.budget) > 1e-9:
+            raise ValueError(f"the recipe was fitted for flops={self.recipe.budget}, not {self.flops}; calibrate one for {self.flops}")
         if self.score not in ("product", "fit"):
             raise ValueError(f"score must be 'product' or 'fit', got {self.score!r}")
 

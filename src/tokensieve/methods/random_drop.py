@@ -13,30 +13,32 @@ from typing import ClassVar
 
 import torch
 
-from .base import Method, Point, Selection, View, check_fraction, check_layer, top_visual
+from .base import Method, Point, Selection, View, check_budget, check_layer, kept_counts, top_visual
 
 
 @dataclass
 class RandomDrop(Method):
-    """Options: ``keep`` fraction of visual tokens kept, ``layer`` (0 = before the LLM), ``seed``."""
+    """Options: ``keep`` fraction of visual tokens kept (default 0.5) or ``flops`` target ratio,
+    ``layer`` (0 = before the LLM), ``seed``."""
 
-    keep: float = 0.5
+    keep: float | None = None
     layer: int = 0
     seed: int = 0
+    flops: float | None = None
 
     name: ClassVar[str] = "random"
     stages: ClassVar[tuple[str, ...]] = ("encoder", "prefill")
     paper: ClassVar[str] = "baseline: uniform random token dropping"
 
     def bind(self, num_layers: int) -> None:
-        check_fraction("keep", self.keep)
+        check_budget(self.keep, self.flops)
         check_layer("layer", self.layer, num_layers)
 
     def points(self) -> list[Point]:
         return [Point(before=self.layer, stage="encoder" if self.layer == 0 else "prefill")]
 
     def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
-        kept = max(1, round(self.keep * n_visual))
+        kept = max(1, round((0.5 if self.keep is None else self.keep) * n_visual))
         n_in = [n_visual] * self.layer + [kept] * (num_layers - self.layer)
         return n_in, list(n_in)
 
@@ -47,4 +49,4 @@ class RandomDrop(Method):
             gen = torch.Generator().manual_seed(self.seed)
             scores[b, cand] = torch.rand(int(cand.sum()), generator=gen)
         scores = scores.to(view.hidden.device)
-        return Selection(keep=top_visual(scores, view.visual, self.keep))
+        return Selection(keep=top_visual(scores, view.visual, kept_counts(view, self.layer, self.keep, self.flops)))
