@@ -9,6 +9,7 @@ import torch
 from tiny_models import IMAGE, batch, build, collate, samples
 
 import tokensieve
+from tokensieve.flops import Shape, prefill_flops
 
 VISION = ["llava", "llava-next", "qwen2-vl", "qwen2.5-vl"]
 TEXT = ["llama", "qwen2"]
@@ -318,21 +319,21 @@ def test_method_classes_are_accepted():
     assert run.report.samples[0].hidden_lengths[1] == inputs["input_ids"].shape[1] - 12
 
 
-@pytest.mark.parametrize("method,opts", [("fastv", {"layer": 1}), ("random", {"layer": 0}), ("random", {"layer": 2})])
-def test_flops_budget_is_met_per_sample(method, opts):
+@pytest.mark.parametrize("method,opts,target", [("fastv", {"layer": 1}, 0.7), ("random", {"layer": 0}, 0.7), ("random", {"layer": 2}, 0.85)])
+def test_flops_budget_is_met_per_sample(method, opts, target):
     model = model_of("llava")
     inputs = batch("llava", model, [2, 1, 1])
-    with torch.no_grad(), tokensieve.prune(model, method, flops=0.7, **opts) as run:
+    with torch.no_grad(), tokensieve.prune(model, method, flops=target, **opts) as run:
         model(**inputs)
     for s in run.report.samples:
-        assert s.flops / s.flops_unpruned <= 0.7
+        assert s.flops / s.flops_unpruned <= target
         kept = s.visual_lengths[-1]
         more = list(s.hidden_lengths)
         for layer in range(opts["layer"], len(more)):
             more[layer] += 1
-        from tokensieve.flops import Shape, prefill_flops
         shape = Shape.from_config(model.config.text_config)
-        assert prefill_flops(shape, more) / s.flops_unpruned > 0.7, "one more visual token would still fit"
+        assert prefill_flops(shape, more) / s.flops_unpruned > target, "one more visual token would still fit"
         assert 0 < kept < s.visual_tokens
     with pytest.raises(ValueError, match="keep or flops, not both"):
-        tokensieve.prune(model, method, keep=0.5, flops=0.5, **opts).__enter__()
+        with tokensieve.prune(model, method, keep=0.5, flops=0.5, **opts):
+            pass
