@@ -78,14 +78,18 @@ def evaluate(
     limit: int = TEST_ITEMS,
     batch_size: int = 16,
     max_new_tokens: int = 3,
-    progress: bool = True,
+    progress: bool | Any = True,
+    baseline: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``method`` on the first ``limit`` test items of ``task`` ("all" for every task).
 
     Returns the JSON-ready result: accuracy, baseline_accuracy, agreement, visual_tokens_kept (mean
     and per layer), tflops, tflops_unpruned (per-sample means), ttft_ms and decode_ms_per_token
     (medians over batches / steps), kv_bytes and kv_bytes_unpruned (per-sample means after prefill),
-    per-task accuracies, and the settings.
+    per-task accuracies, per-item answers (``items``), and the settings.
+
+    ``baseline``: an earlier result of method "none" on the same items, reused instead of generating
+    the unpruned answers again. ``progress``: a bool, or a tqdm bar to advance.
     """
     options = dict(options or {})
     if not isinstance(limit, int) or limit < 1:
@@ -95,7 +99,10 @@ def evaluate(
     methods.get(method, **options)  # validate the name and options before any work
     tasks = resolve_tasks(task)
     examples = [e for t in tasks for e in generate(t, "test", limit)]
-    bar = tqdm(total=len(examples), desc=f"eval {method}", unit="item", disable=not progress)
+    if baseline is not None and len(baseline["items"]) != len(examples):
+        raise ValueError("the baseline result covers other items")
+    own_bar = isinstance(progress, bool)
+    bar = tqdm(total=len(examples), desc=f"eval {method}", unit="item", disable=not progress) if own_bar else progress
     rows: list[dict[str, Any]] = []
     timing: dict[str, list[float]] = {"prefill": [], "decode": [], "base_prefill": [], "base_decode": []}
     report = None
@@ -112,6 +119,8 @@ def evaluate(
         timing["decode"] += timer.decode_ms
         if method == "none":
             base_answers = answers
+        elif baseline is not None:
+            base_answers = [item["predicted"] for item in baseline["items"][len(rows) : len(rows) + len(chunk)]]
         else:
             with ForwardTimer(model) as timer:
                 timer.start()
@@ -124,9 +133,12 @@ def evaluate(
                          "visual": sample.visual_lengths, "flops": sample.flops, "flops_unpruned": sample.flops_unpruned,
                          "kv": sample.kv_bytes_prefill})
         bar.update(len(chunk))
-    bar.close()
+    if own_bar:
+        bar.close()
     if method == "none":
         timing["base_prefill"], timing["base_decode"] = timing["prefill"], timing["decode"]
+    elif baseline is not None:
+        timing["base_prefill"], timing["base_decode"] = baseline["timing"]["prefill"], baseline["timing"]["decode"]
     settings = {"model": getattr(model.config, "_name_or_path", ""), "tasks": tasks, "method": method,
                 "options": report.options, "positions": report.positions, "limit": limit, "batch_size": batch_size,
                 "max_new_tokens": max_new_tokens, "items": "test split items 0..limit-1 of each task",
@@ -169,6 +181,8 @@ def summarise(rows: list[dict[str, Any]], tasks: list[str], timing: dict[str, li
         "kv_bytes": _mean(r["kv"] for r in rows),
         "samples": len(rows),
         "settings": settings,
+        "timing": {"prefill": timing["prefill"], "decode": timing["decode"]},
+        "items": [{"task": r["task"], "answer": r["answer"], "predicted": r["predicted"]} for r in rows],
     }
 
 

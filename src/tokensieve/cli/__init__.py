@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import calibrate_cmd, compare_cmd, eval_cmd, flops_cmd, methods_cmd
+from . import bench_cmd, calibrate_cmd, compare_cmd, eval_cmd, flops_cmd, methods_cmd
 
 
 class UserError(Exception):
@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     hf_logging.set_verbosity_error()
     parser = argparse.ArgumentParser(prog="tokensieve", description="Training-free token pruning for transformers models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (flops_cmd, methods_cmd, eval_cmd, compare_cmd, calibrate_cmd):
+    for module in (flops_cmd, methods_cmd, eval_cmd, compare_cmd, calibrate_cmd, bench_cmd):
         module.add_parser(sub)
     from ..tiny import train
 
