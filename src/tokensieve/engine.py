@@ -25,12 +25,13 @@ from torch import nn
 
 from . import methods as method_registry
 from .adapters import Adapter, adapter_for
-from .attention import attention_rows
+from .attention import attention_rows, rotate
 from .cache import LedgerCache
 from .flops import Shape, prefill_flops
 from .ledger import Ledger, Rows
-from .methods.base import CacheView, Grid, Method, Point, Queries, View
+from .methods.base import AlignedVision, CacheView, Grid, Method, Point, Queries, View
 from .report import Report, SampleReport
+from .vision import VisionTap
 
 
 @dataclass
@@ -63,13 +64,18 @@ class Engine:
         for point in method.points():
             self.points.setdefault(point.before, []).append(point)
         self.attention_layers = {p.attention_layer for p in method.points() if p.attention_layer is not None}
-        self.renumber = method.positions_mode() == "renumber"
+        mode = method.positions_mode()
+        self.renumber = mode == "renumber" or (mode == "auto" and not self.adapter.mrope)
         if self.renumber and self.adapter.mrope:
             raise ValueError("positions='renumber' is not defined for M-RoPE models (Qwen2-VL); use positions='keep'")
+        self.positions = "renumber" if self.renumber else "keep"
         self.shape = Shape.from_config(self.adapter.text_config)
+        self.vision_tap = None
+        if {"cls attention", "vision keys"} & set(method.needs):
+            self.vision_tap = VisionTap(self.adapter.vision_feature_layer())
         self.ledger: Ledger | None = None
         self.state: Pass | None = None
-        self.report = Report(method.name, dataclasses.asdict(method), method.positions_mode())
+        self.report = Report(method.name, dataclasses.asdict(method), self.positions)
         self.history: list[Report] = []
         self._undo: list[Callable[[], None]] = []
 
@@ -79,6 +85,8 @@ class Engine:
         pre = self.model.register_forward_pre_hook(self._begin, with_kwargs=True)
         post = self.model.register_forward_hook(self._end, with_kwargs=True)
         self._undo += [pre.remove, post.remove]
+        if self.vision_tap is not None:
+            self._undo.append(self.vision_tap.install())
         for idx, layer in enumerate(self.adapter.layers):
             had = "forward" in layer.__dict__
             previous = layer.__dict__.get("forward")
@@ -129,7 +137,7 @@ class Engine:
         prefill = offset == 0 or self.ledger is None
         if prefill:
             self.ledger = self._new_ledger(input_ids, kwargs, real, batch, new, offset, tokens.device)
-            self.report = Report(self.method.name, dataclasses.asdict(self.method), self.method.positions_mode())
+            self.report = Report(self.method.name, dataclasses.asdict(self.method), self.positions)
             self.history.append(self.report)
         else:
             if batch != self.ledger.real.shape[0]:
@@ -317,6 +325,10 @@ class Engine:
             grids=self._grids(rows),
             visual_input=[len(v) for v in ledger.visual_kept["input"]],
             shape=self.shape,
+            keys=lambda: self._keys(point),
+            final_norm=self.adapter.language_model.norm,
+            vision=self._vision(rows) if self.vision_tap is not None else None,
+            project=self._projector(),
             attention=lambda queries: self._attention(point, queries),
             query_valid=lambda queries: self._queries(rows, queries)[1],
         )
@@ -344,6 +356,47 @@ class Engine:
         ledger.identity = False
         ledger.record_visual(f"{point.stage}:{point.before}", new_rows)
         return hidden
+
+    def _projector(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        try:
+            return self.adapter.projector
+        except TypeError:
+            return None
+
+    def _vision(self, rows: Rows) -> AlignedVision:
+        """The tap's per-image signals placed on the rows of each image's visual tokens."""
+        signals = self.vision_tap.signals
+        if signals is None:
+            raise ValueError(f"{self.method.name} needs the vision tower to run in this forward (pass pixel_values)")
+        batch, n = rows.pos.shape
+        out = AlignedVision(
+            cls_attention=signals.cls_attention.new_zeros(batch, n),
+            keys=signals.keys.new_zeros(batch, n, signals.keys.shape[-1]),
+            features=signals.features.new_zeros(batch, n, signals.features.shape[-1]),
+        )
+        image = 0
+        index = self.ledger.image_index
+        for b in range(batch):
+            for j in range(int(index[b].max().item()) + 1):
+                positions = (index[b] == j).nonzero().squeeze(1)
+                if image >= signals.features.shape[0] or positions.numel() != signals.features.shape[1]:
+                    raise ValueError("the vision tower's patches do not line up with the image tokens of this input")
+                cols = torch.searchsorted(rows.pos[b], positions, right=True) - 1
+                out.cls_attention[b, cols] = signals.cls_attention[image]
+                out.keys[b, cols] = signals.keys[image]
+                out.features[b, cols] = signals.features[image]
+                image += 1
+        return out
+
+    def _keys(self, point: Point) -> torch.Tensor:
+        hidden, cos, sin, rows = self.state.saved[point.attention_layer]
+        layer = self.adapter.layers[point.attention_layer]
+        attn = layer.self_attn
+        batch, n, _ = hidden.shape
+        with torch.no_grad():
+            k = attn.k_proj(layer.input_layernorm(hidden)).view(batch, n, -1, attn.head_dim).transpose(1, 2)
+            _, k = rotate(k, k, cos.expand(batch, -1, -1), sin.expand(batch, -1, -1), attn)
+        return k.transpose(1, 2).reshape(batch, n, -1)
 
     def _grids(self, rows: Rows) -> list[list[Grid]]:
         out: list[list[Grid]] = []

@@ -57,6 +57,16 @@ class Adapter:
         """Token ids that mark visual positions in ``input_ids``; empty for text-only models."""
         return (self.model.config.image_token_id,)
 
+    def vision_feature_layer(self) -> nn.Module:
+        """The vision encoder layer whose output (minus [CLS]) the projector receives, for methods that
+        read [CLS] attention or patch keys. Raises TypeError where the family has no such tower."""
+        raise TypeError(f"{type(self.model).__name__} has no CLIP-style vision tower with a [CLS] token "
+                        "feeding its LLM patch by patch (supported: LlavaForConditionalGeneration)")
+
+    @property
+    def projector(self) -> nn.Module:
+        raise TypeError(f"{type(self.model).__name__} has no separate multimodal projector")
+
     def layout(self, input_ids: torch.Tensor, inputs: dict[str, Any]) -> Layout:
         """Visual positions of a batch, from the image token id(s), never from a prompt offset."""
         visual = torch.zeros_like(input_ids, dtype=torch.bool)

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import torch
+from torch import nn
 
 from .base import Adapter, Layout, runs
 
@@ -22,6 +23,22 @@ class LlavaAdapter(Adapter):
         side = vc.image_size // vc.patch_size
         extra = 0 if self.model.config.vision_feature_select_strategy == "default" else 1
         return side * side + extra
+
+    def vision_feature_layer(self) -> nn.Module:
+        cfg = self.model.config
+        tower = self.model.model.vision_tower
+        tower = getattr(tower, "vision_model", tower)
+        layer = cfg.vision_feature_layer
+        if not isinstance(layer, int) or cfg.vision_feature_select_strategy != "default" \
+                or not hasattr(getattr(tower, "embeddings", None), "class_embedding"):
+            raise TypeError("this LLaVA's vision features are not one CLIP layer's patches after its [CLS] token "
+                            f"(vision_feature_layer={layer!r}, strategy={cfg.vision_feature_select_strategy!r})")
+        layers = tower.encoder.layers
+        return layers[len(layers) + layer if layer < 0 else layer - 1]
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
 
     def layout(self, input_ids: torch.Tensor, inputs: dict[str, Any]) -> Layout:
         visual = input_ids == self.model.config.image_token_id

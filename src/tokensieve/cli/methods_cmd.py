@@ -15,7 +15,7 @@ def describe() -> list[dict[str, Any]]:
     for name, cls in sorted(methods.REGISTRY.items()):
         options = {
             f.name: {"type": str(f.type), "default": f.default if f.default is not dataclasses.MISSING else None}
-            for f in dataclasses.fields(cls)
+            for f in cls.options().values()
         }
         out.append({"name": name, "stages": list(cls.stages), "options": options, "needs": list(cls.needs),
                     "paper": cls.paper, "summary": (cls.__doc__ or "").strip().splitlines()[0]})

@@ -8,6 +8,7 @@ from typing import Any
 FLAGS: dict[str, type] = {
     "layer": int, "keep": float, "variant": str, "seed": int, "stride": int, "positions": str,
     "sinks": int, "window": int, "recipe": str, "score": str, "flops": float,
+    "ratio": float, "dominant": int, "contextual": int, "image_pivots": int, "text_pivots": int,
 }
 
 

@@ -6,14 +6,20 @@ import difflib
 from typing import Any
 
 from .base import CacheView, Grid, Method, Point, Selection, View
+from .dart import DART
+from .divprune import DivPrune
+from .fastervlm import FasterVLM
 from .fastv import FastV
 from .fitprune import FitPrune, FitPruneSearch
 from .none import Unpruned
+from .pdrop import PDrop
 from .pool import Pool
 from .random_drop import RandomDrop
 from .streamingllm import StreamingLLM
+from .tome import ToMe
+from .visionzip import VisionZip
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Unpruned, FastV, FitPrune, RandomDrop, Pool, StreamingLLM)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Unpruned, FastV, FitPrune, RandomDrop, Pool, StreamingLLM, DivPrune, FasterVLM, DART, PDrop, VisionZip, ToMe)}
 
 
 def get(name: str | Method, **options: Any) -> Method:
@@ -40,4 +46,4 @@ def get(name: str | Method, **options: Any) -> Method:
 
 
 __all__ = ["REGISTRY", "get", "Method", "Point", "View", "Selection", "CacheView", "Grid",
-           "Unpruned", "FastV", "FitPrune", "FitPruneSearch", "RandomDrop", "Pool", "StreamingLLM"]
+           "Unpruned", "FastV", "FitPrune", "FitPruneSearch", "DivPrune", "FasterVLM", "DART", "PDrop", "VisionZip", "ToMe", "RandomDrop", "Pool", "StreamingLLM"]

@@ -63,6 +63,10 @@ class View:
         grids: per sample, the grids of its images (empty where the layout is not a regular grid).
         visual_input: per sample, the number of visual tokens in the input (before any pruning).
         shape: the decoder's widths, for methods that meet a FLOPs budget.
+        keys: ``keys()`` -> ``(B, n, kv_heads * head_dim)`` post-rotary keys at ``point.attention_layer``.
+        final_norm: the decoder's final norm module (DART compares normed hidden states).
+        vision: vision-tower signals aligned to the rows (methods that need them), else None.
+        project: the multimodal projector (vision features -> LLM input), for merges in vision space.
         attention: ``attention(queries)`` -> ``(B, H, q, n)`` float32 softmax rows at ``point.attention_layer``
             for the ``"last"`` token, ``"all"`` valid tokens or the ``"text"`` tokens after the last image.
         query_valid: for ``attention``, callable giving ``(B, q)`` bool of which query rows are real.
@@ -76,8 +80,27 @@ class View:
     grids: list[list[Grid]]
     visual_input: list[int]
     shape: Shape
+    keys: Callable[[], torch.Tensor]
+    final_norm: Callable[[torch.Tensor], torch.Tensor]
+    vision: "AlignedVision | None"
+    project: Callable[[torch.Tensor], torch.Tensor] | None
     attention: Callable[[Queries], torch.Tensor]
     query_valid: Callable[[Queries], torch.Tensor]
+
+
+@dataclass
+class AlignedVision:
+    """Vision-tower signals of the visual rows of a view (zeros on other rows).
+
+    Attributes:
+        cls_attention: ``(B, n)`` [CLS] -> patch attention at the feature layer, mean over heads.
+        keys: ``(B, n, head_dim)`` patch keys at the feature layer, mean over heads.
+        features: ``(B, n, d_vision)`` patch features before the projector.
+    """
+
+    cls_attention: torch.Tensor
+    keys: torch.Tensor
+    features: torch.Tensor
 
 
 @dataclass
@@ -143,13 +166,17 @@ class Method:
         model (for ``tokensieve flops``). Default: nothing removed."""
         return [n_visual] * num_layers, [n_visual] * num_layers
 
-    def positions_mode(self) -> Literal["keep", "renumber"]:
-        """How rotary positions of tokens kept at the encoder stage are assigned."""
+    def positions_mode(self) -> Literal["keep", "renumber", "auto"]:
+        """How rotary positions of tokens kept at the encoder stage are assigned: ``"keep"`` the original
+        ones, ``"renumber"`` contiguously (the prompt simply becomes shorter), ``"auto"`` renumber except
+        on M-RoPE models, whose positions encode the image grid."""
         return "keep"
 
     @classmethod
     def options(cls) -> dict[str, dataclasses.Field]:
-        return {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if not dataclasses.is_dataclass(cls):
+            return {}
+        return {f.name: f for f in dataclasses.fields(cls) if not f.name.startswith("_")}
 
 
 def check_fraction(name: str, value: float) -> None:

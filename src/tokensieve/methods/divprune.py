@@ -1,0 +1,80 @@
+"""DivPrune: keep the most diverse visual tokens (greedy max-min diversity), before the LLM.
+
+Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models", CVPR 2025
+(arXiv 2503.02175); authors' code vbdi/divprune.
+
+Algorithm, per sample, on the projected visual tokens x_1..x_N (the LLM's input embeddings):
+    d(i, j) = 1 - cos(x_i, x_j)
+    first pick: the token whose nearest neighbour is farthest, argmax_i min_{j != i} d(i, j)
+    then, k - 1 times: add argmax over unselected i of min_{s in S} d(i, s)
+kept in their original order. The running minimum makes it O(kN) after the N x N distances.
+Positions: ``"auto"`` (default) renumbers the shorter prompt contiguously as the authors' LLaVA code
+does, except on M-RoPE models where original positions are kept. Choice made here: all of a sample's
+visual tokens form one pool (the release handles one image per prompt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from .base import Method, Point, Selection, View, check_budget, kept_counts
+
+
+def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (ascending) of ``k`` rows of ``features`` (``(N, d)``) chosen greedily for max-min cosine distance."""
+    x = torch.nn.functional.normalize(features.float(), dim=-1)
+    dist = 1 - x @ x.T
+    n = dist.shape[0]
+    if k >= n:
+        return torch.arange(n, device=features.device)
+    nearest = dist.masked_fill(torch.eye(n, dtype=torch.bool, device=dist.device), float("inf")).min(1).values
+    chosen = [int(nearest.argmax())]
+    running = dist[chosen[0]].clone()
+    running[chosen[0]] = -float("inf")
+    for _ in range(k - 1):
+        nxt = int(running.argmax())
+        chosen.append(nxt)
+        running = torch.minimum(running, dist[nxt])
+        running[chosen] = -float("inf")
+    return torch.tensor(sorted(chosen), device=features.device)
+
+
+@dataclass
+class DivPrune(Method):
+    """Options: ``keep`` fraction of visual tokens (default 0.5) or ``flops`` target, ``positions``."""
+
+    keep: float | None = None
+    flops: float | None = None
+    positions: Literal["auto", "keep", "renumber"] = "auto"
+
+    name: ClassVar[str] = "divprune"
+    stages: ClassVar[tuple[str, ...]] = ("encoder",)
+    paper: ClassVar[str] = "Alvar et al., DivPrune: Diversity-based Visual Token Pruning for LMMs, CVPR 2025"
+    needs: ClassVar[tuple[str, ...]] = ("projected visual tokens",)
+
+    def bind(self, num_layers: int) -> None:
+        check_budget(self.keep, self.flops)
+        if self.positions not in ("auto", "keep", "renumber"):
+            raise ValueError(f"positions must be 'auto', 'keep' or 'renumber', got {self.positions!r}")
+
+    def points(self) -> list[Point]:
+        return [Point(before=0, stage="encoder")]
+
+    def positions_mode(self) -> Literal["keep", "renumber", "auto"]:
+        return self.positions
+
+    def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
+        kept = max(1, round((0.5 if self.keep is None else self.keep) * n_visual))
+        return [kept] * num_layers, [kept] * num_layers
+
+    def select(self, view: View) -> Selection:
+        keep = ~view.visual
+        counts = kept_counts(view, 0, self.keep, self.flops)
+        for b in range(keep.shape[0]):
+            cand = view.visual[b].nonzero().squeeze(1)
+            if cand.numel():
+                keep[b, cand[max_min_diverse(view.hidden[b, cand], counts[b])]] = True
+        return Selection(keep=keep)
