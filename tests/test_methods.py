@@ -1,0 +1,207 @@
+"""The published visual-token methods against slow references written from their papers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import IMAGE, batch, build
+
+import tokensieve
+from tokensieve.methods.tome import bipartite_merge
+
+_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
+
+
+def model_of(family: str, attn: str = "sdpa"):
+    if (family, attn) not in _MODELS:
+        _MODELS[family, attn] = build(family, attn)
+    return _MODELS[family, attn]
+
+
+def layer0_input(model, inputs):
+    lm = model.model.language_model
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.setdefault("x", args[0] if args else kwargs["hidden_states"])
+
+    hook = lm.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    return seen["x"]
+
+
+def divprune_reference(x: torch.Tensor, k: int) -> list[int]:
+    """Max-min diversity, greedy, straight from the definition (no running minimum)."""
+    n = x.shape[0]
+    d = 1 - torch.nn.functional.cosine_similarity(x[:, None], x[None], dim=-1)
+    nearest = [min(d[i, j].item() for j in range(n) if j != i) for i in range(n)]
+    chosen = [max(range(n), key=lambda i: nearest[i])]
+    while len(chosen) < k:
+        rest = [i for i in range(n) if i not in chosen]
+        chosen.append(max(rest, key=lambda i: min(d[i, s].item() for s in chosen)))
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
+def test_divprune_matches_the_definition(family):
+    model = model_of(family)
+    inputs = batch(family, model, [1, 2])
+    x = layer0_input(model, inputs)
+    with torch.no_grad(), tokensieve.prune(model, "divprune", keep=0.25) as run:
+        model(**inputs)
+    for b in range(2):
+        vis = (inputs["input_ids"][b] == IMAGE).nonzero().squeeze(1)
+        k = round(0.25 * vis.numel())
+        expected = vis[divprune_reference(x[b, vis], k)].tolist()
+        assert run.report.samples[b].visual_kept["encoder:0"] == expected
+    assert run.report.positions == ("keep" if family == "qwen2-vl" else "renumber")
+
+
+def test_fastervlm_matches_eager_cls_attention():
+    model = model_of("llava")
+    inputs = batch("llava", model, [1, 2])
+    tower = model.model.vision_tower
+    eager = build("llava", "eager")
+    with torch.no_grad():
+        out = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+    layer = len(out.attentions) - 2  # vision_feature_layer = -2: the layer whose output the LLM receives
+    cls = out.attentions[layer][:, :, 0, 1:].mean(1)  # (images, patches)
+    with torch.no_grad(), tokensieve.prune(model, "fastervlm", keep=0.25) as run:
+        model(**inputs)
+    image = 0
+    for b in range(2):
+        vis = (inputs["input_ids"][b] == IMAGE).nonzero().squeeze(1)
+        scores = torch.cat([cls[image + j] for j in range(vis.numel() // 16)])
+        image += vis.numel() // 16
+        expected = sorted(vis[scores.topk(round(0.25 * vis.numel())).indices].tolist())
+        assert run.report.samples[b].visual_kept["encoder:0"] == expected
+    del tower
+
+
+def test_dart_matches_a_loop_from_the_paper():
+    model = model_of("llava", "eager")
+    inputs = batch("llava", model, [2])
+    lm = model.model.language_model
+    seen = {}
+
+    def grab(idx):
+        def hook(module, args, kwargs):
+            seen[idx] = (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])
+        return hook
+
+    hooks = [lm.layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in (1, 2)]
+    with torch.no_grad():
+        model(**inputs)
+        for h in hooks:
+            h.remove()
+        x1, (cos, sin) = seen[1]
+        layer = lm.layers[1]
+        k = layer.self_attn.k_proj(layer.input_layernorm(x1)).view(1, x1.shape[1], -1, 8).transpose(1, 2)
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        norms = k[0].abs().sum((0, 2))
+        h = torch.nn.functional.normalize(lm.norm(seen[2][0])[0], dim=-1)
+        with tokensieve.prune(model, "dart", layer=2, keep=0.5, image_pivots=2, text_pivots=2) as run:
+            model(**inputs)
+    ids = inputs["input_ids"][0]
+    vis = (ids == IMAGE).nonzero().squeeze(1).tolist()
+    text = list(range(max(vis) + 1, ids.numel()))
+    kept_total = 16
+    img_piv = sorted(vis, key=lambda i: -norms[i].item())[:2]
+    txt_piv = sorted(text, key=lambda i: -norms[i].item())[:2]
+    pool = [i for i in vis if i not in img_piv]
+    chosen = list(img_piv)
+    slots = kept_total - 2
+    for n, p in enumerate(img_piv + txt_piv):
+        take = slots // 4 + (1 if n < slots % 4 else 0)
+        ranked = sorted(pool, key=lambda i: (h[i] @ h[p]).item())[:take]
+        chosen += ranked
+        pool = [i for i in pool if i not in ranked]
+    assert run.report.samples[0].visual_kept["prefill:2"] == sorted(chosen)
+
+
+def test_pdrop_stages_follow_last_token_attention():
+    model = model_of("llava", "eager")
+    inputs = batch("llava", model, [2])
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True)
+        with tokensieve.prune(model, "pdrop", layers=(1,), ratio=0.25) as run:
+            model(**inputs)
+    vis = (inputs["input_ids"][0] == IMAGE).nonzero().squeeze(1)
+    scores = out.attentions[0][0].mean(0)[-1, vis]
+    expected = sorted(vis[scores.topk(8).indices].tolist())
+    assert run.report.samples[0].visual_kept["prefill:1"] == expected
+    assert run.report.samples[0].visual_lengths == [32, 8, 8, 8]
+
+
+def test_tome_merge_preserves_size_weighted_mass():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 6, generator=gen)
+    metric = torch.randn(20, 4, generator=gen)
+    from tokensieve.methods.tome import ToMe
+
+    index, merged, size = ToMe(keep=0.3).merge(x, metric, 6)
+    assert merged.shape == (6, 6) and size.sum() == 20
+    assert torch.allclose((merged * size[:, None]).sum(0), x.sum(0), atol=1e-5)
+    idx, _, _, total = bipartite_merge(x, metric, torch.ones(20), 5)
+    assert idx.numel() == 15 and total.sum() == 20
+
+
+def test_visionzip_contextual_tokens_are_target_plus_mean_of_members():
+    from tokensieve.adapters import adapter_for
+    from tokensieve.vision import VisionTap
+
+    model = model_of("llava")
+    inputs = batch("llava", model, [1])
+    adapter = adapter_for(model)
+    tap = VisionTap(adapter.vision_feature_layer())
+    remove = tap.install()
+    with torch.no_grad():
+        model(**inputs)
+    remove()
+    sig = tap.signals
+    cls, keys, feats = sig.cls_attention[0], sig.keys[0], sig.features[0]
+    dominant = cls.topk(3).indices
+    rest = torch.tensor([i for i in range(16) if i not in dominant.tolist()])
+    targets = rest[torch.arange(0, 13, 13 // 2)[:2]]
+    others = torch.tensor([i for i in rest.tolist() if i not in targets.tolist()])
+    m = torch.nn.functional.normalize(keys, dim=-1)
+    owner = (m[others] @ m[targets].T).argmax(1)
+    expected = torch.stack([feats[t] + feats[others[owner == j]].mean(0) for j, t in enumerate(targets.tolist())])
+    seen = []
+    hook = model.model.language_model.layers[0].input_layernorm.register_forward_pre_hook(lambda mod, a: seen.append(a[0]))
+    with torch.no_grad(), tokensieve.prune(model, "visionzip", dominant=3, contextual=2) as run:
+        model(**inputs)
+        projected = adapter.projector(expected[None])[0]
+    hook.remove()
+    vis = (inputs["input_ids"][0] == IMAGE).nonzero().squeeze(1)
+    kept = run.report.samples[0].visual_kept["encoder:0"]
+    assert kept == sorted(vis[torch.cat([dominant, targets])].tolist())
+    dropped = set(vis.tolist()) - set(kept)
+    rows = {p: i for i, p in enumerate(p for p in range(inputs["input_ids"].shape[1]) if p not in dropped)}
+    for j, t in enumerate(targets.tolist()):
+        assert torch.allclose(seen[0][0, rows[int(vis[t])]], projected[j], atol=1e-5)
+    assert run.report.samples[0].visual_lengths == [5] * 4
+    assert run.report.positions == "renumber"
+
+
+@pytest.mark.parametrize("name", ["fastervlm", "visionzip", "tome"])
+@pytest.mark.parametrize("family", ["qwen2-vl", "llava-next"])
+def test_cls_methods_refuse_towers_without_a_patch_layout(name, family):
+    with pytest.raises(TypeError, match="CLIP|\\[CLS\\]"):
+        with tokensieve.prune(model_of(family), name, keep=0.5):
+            pass
+
+
+@pytest.mark.parametrize("name,opts", [("divprune", {}), ("dart", {"layer": 1}), ("pdrop", {}), ("fastervlm", {}),
+                                       ("visionzip", {}), ("tome", {})])
+def test_each_method_meets_a_flops_budget_in_batches(name, opts):
+    model = model_of("llava")
+    inputs = batch("llava", model, [1, 2, 1])
+    with torch.no_grad(), tokensieve.prune(model, name, flops=0.75, **opts) as run:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    for s in run.report.samples:
+        assert s.flops / s.flops_unpruned <= 0.75
+        assert s.visual_lengths[-1] < s.visual_tokens
