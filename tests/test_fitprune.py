@@ -90,7 +90,7 @@ def test_fitting_pass_removes_the_intersection_on_a_hand_built_case():
     shape = Shape(layers=2, hidden=8, intermediate=16, heads=2, kv_heads=2, head_dim=4)
     view = View(point=Point(before=0, attention_layer=0, inside=True), hidden=torch.zeros(1, 6, 8),
                 positions=torch.arange(6)[None], valid=torch.ones(1, 6, dtype=torch.bool), visual=visual,
-                grids=[[]], visual_input=[4], shape=shape, keys=None, final_norm=None, vision=None, project=None,
+                grids=[[]], visual_input=[4], shape=shape, keys=None, final_norm=None, vision=None, project=None, transitions=None,
                 attention=lambda q: attn,
                 query_valid=lambda q: text if q == "text" else torch.ones(1, 6, dtype=torch.bool))
     measure = FitPruneSearch(num_layers=2, alpha=None, shape=shape)

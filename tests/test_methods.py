@@ -205,3 +205,83 @@ def test_each_method_meets_a_flops_budget_in_batches(name, opts):
     for s in run.report.samples:
         assert s.flops / s.flops_unpruned <= 0.75
         assert s.visual_lengths[-1] < s.visual_tokens
+
+
+def test_transprune_ttv_matches_its_formula():
+    model = model_of("llava", "eager")
+    inputs = batch("llava", model, [2])
+    lm = model.model.language_model
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.update(x=args[0] if args else kwargs["hidden_states"], k=kwargs)
+
+    hook = lm.layers[1].register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+        hook.remove()
+        layer, x = lm.layers[1], seen["x"][0]
+        before = layer.input_layernorm(x)
+        after = layer.self_attn(before[None], position_embeddings=seen["k"]["position_embeddings"],
+                                attention_mask=seen["k"]["attention_mask"])[0][0]
+        h = x + after
+        before2 = layer.post_attention_layernorm(h)
+        after2 = layer.mlp(before2)
+
+        def ttv(b, a):
+            direction = torch.softmax(1 - torch.nn.functional.cosine_similarity(a, b, dim=-1), dim=0)
+            return a.norm(dim=-1) / b.norm(dim=-1) * direction
+
+        score = ttv(before, after) + ttv(before2, after2)
+        with tokensieve.prune(model, "transprune", layers=(1,), keep=(0.25,), ttv_only=True) as run:
+            model(**inputs)
+    vis = (inputs["input_ids"][0] == IMAGE).nonzero().squeeze(1)
+    expected = sorted(vis[score[vis].topk(8).indices].tolist())
+    assert run.report.samples[0].visual_kept["prefill:2"] == expected
+
+
+def test_aim_merge_and_pagerank_follow_their_definitions():
+    from tokensieve.methods.aim import average_merge, pagerank
+
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0], [0.2, 1.0], [-1.0, 0.0]])
+    index, rows = average_merge(x, 3)
+    # sources 0, 2, 4 merge into their most similar destinations 1, 3, 3; destination 5 stays alone
+    assert index.tolist() == [1, 3, 5]
+    assert torch.allclose(rows[0], (x[0] + x[1]) / 2)
+    assert torch.allclose(rows[1], (x[2] + x[3] + x[4]) / 3)
+    assert torch.equal(rows[2], x[5])
+    probs = torch.softmax(torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0)), -1)
+    dist = torch.full((2, 1, 4), 0.25)
+    for _ in range(5):
+        dist = dist @ probs[0]
+    expected = dist[:, 0].pow(2).mean(0).sqrt()
+    assert torch.allclose(pagerank(probs, torch.ones(1, 4, dtype=torch.bool))[0], expected)
+
+
+def test_aim_schedule_reaches_zero_visual_tokens():
+    model = model_of("llava")
+    inputs = batch("llava", model, [1])
+    with torch.no_grad(), tokensieve.prune(model, "aim", start=1, stop=2) as run:
+        ids = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert run.report.samples[0].visual_lengths == [4, 4, 2, 0]
+    assert ids.shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+ALL_FAMILIES = ["llava", "llava-next", "qwen2-vl", "qwen2.5-vl"]
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("name,opts", [
+    ("fastv", {"layer": 1, "keep": 0.5}), ("random", {"keep": 0.5}), ("divprune", {"keep": 0.5}),
+    ("dart", {"layer": 1, "keep": 0.5}), ("pdrop", {}), ("transprune", {"layers": (0, 1), "keep": (0.5, 0.25)}),
+    ("aim", {"start": 1, "stop": 2}),
+])
+def test_methods_run_on_every_adapter_in_padded_batches(family, name, opts):
+    model = model_of(family)
+    inputs = batch(family, model, [1, 2, 1])
+    with torch.no_grad(), tokensieve.prune(model, name, **opts) as run:
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, min_new_tokens=3)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    for s in run.report.samples:
+        assert s.visual_lengths[-1] < s.visual_tokens
+        assert s.flops < s.flops_unpruned

@@ -35,6 +35,7 @@ def attention_rows(
     sin: torch.Tensor,
     queries: torch.Tensor,
     allowed: torch.Tensor,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Softmax attention probabilities of chosen query rows against all rows, at one decoder layer.
 
@@ -44,6 +45,7 @@ def attention_rows(
         cos, sin: ``(B, n, head_dim)`` rotary tables of the rows (batch dim may be 1).
         queries: ``(B, q)`` long, row indices of the queries.
         allowed: ``(B, q, n)`` bool, which keys each query may attend to (causal, padding).
+        temperature: the scaled logits are divided by it before the softmax (1: the layer's own attention).
 
     Returns:
         ``(B, H, q, n)`` float32 probabilities; rows sum to 1 over allowed keys.
@@ -63,6 +65,6 @@ def attention_rows(
     _, k = rotate(k, k, cos, sin, attn)
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scaling
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (attn.scaling / temperature)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)

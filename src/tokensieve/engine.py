@@ -44,6 +44,7 @@ class Pass:
     cache: LedgerCache | None
     saved: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, Rows]] = field(default_factory=dict)
     memo: dict[tuple, Any] = field(default_factory=dict)
+    layer: int = -1
 
 
 class Engine:
@@ -73,6 +74,7 @@ class Engine:
         self.vision_tap = None
         if {"cls attention", "vision keys"} & set(method.needs):
             self.vision_tap = VisionTap(self.adapter.vision_feature_layer())
+        self.transition_layers = set(method.transition_layers()) if "transitions" in method.needs else set()
         self.ledger: Ledger | None = None
         self.state: Pass | None = None
         self.report = Report(method.name, dataclasses.asdict(method), self.positions)
@@ -87,6 +89,11 @@ class Engine:
         self._undo += [pre.remove, post.remove]
         if self.vision_tap is not None:
             self._undo.append(self.vision_tap.install())
+        for idx in sorted(self.transition_layers):
+            layer = self.adapter.layers[idx]
+            for block in (layer.self_attn, layer.mlp):
+                handle = block.register_forward_hook(self._transition, with_kwargs=True)
+                self._undo.append(handle.remove)
         for idx, layer in enumerate(self.adapter.layers):
             had = "forward" in layer.__dict__
             previous = layer.__dict__.get("forward")
@@ -166,6 +173,7 @@ class Engine:
             image_index=layout.image_index if layout is not None else torch.full((batch, new), -1, device=device),
             prompt_length=offset + new,
             cache_identity=[True] * self.num_layers,
+            transitions=torch.zeros(batch, offset + new, device=device),
         )
         if offset:
             ledger.caches = [Rows.full(batch, 0, offset, device) for _ in range(self.num_layers)]
@@ -191,6 +199,9 @@ class Engine:
             return original(hidden, *args, **kwargs)
         inside = None
         if state.prefill:
+            if any(p.attention_layer == idx and not p.inside for p in self.points.get(idx, [])):
+                cos, sin = self._layer_kwargs(idx, hidden, kwargs)["position_embeddings"]
+                state.saved[idx] = (hidden, cos, sin, ledger.hidden)
             for point in self.points.get(idx, []):
                 if point.inside:
                     inside = point
@@ -199,6 +210,7 @@ class Engine:
             ledger.hidden_counts.append(self._real_counts(ledger.hidden))
             ledger.visual_counts.append(ledger.is_visual(ledger.hidden).sum(1).tolist())
         kwargs = self._layer_kwargs(idx, hidden, kwargs)
+        state.layer = idx
         rows_in = ledger.hidden
         if state.prefill and idx in self.attention_layers:
             cos, sin = kwargs["position_embeddings"]
@@ -247,6 +259,26 @@ class Engine:
         ledger.inside_counts[idx] = self._real_counts(new_rows)
         ledger.record_visual(f"inside:{idx}", new_rows)
         return out
+
+    def _transition(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Accumulate a sublayer's token transition (TransPrune's TTV) on the rows it processed:
+        ||out|| / ||in|| times the softmax over the sample's tokens of 1 - cos(in, out), where ``in`` is
+        the normed sublayer input and ``out`` its output before the residual add."""
+        state, ledger = self.state, self.ledger
+        if state is None or not state.prefill or ledger is None:
+            return
+        before = args[0] if args else kwargs["hidden_states"]
+        after = output[0] if isinstance(output, tuple) else output
+        rows = ledger.hidden
+        if before.shape[1] != rows.width or after.shape[1] != rows.width:
+            return
+        with torch.no_grad():
+            b, a = before.float(), after.float()
+            magnitude = a.norm(dim=-1) / b.norm(dim=-1).clamp(min=1e-6)
+            change = 1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)
+            real = ledger.real.gather(1, rows.pos) & rows.valid
+            direction = torch.softmax(change.masked_fill(~real, float("-inf")), dim=-1).nan_to_num(0.0)
+            ledger.transitions.scatter_add_(1, rows.pos, (magnitude * direction * real).to(ledger.transitions.dtype))
 
     def _real_counts(self, rows: Rows) -> list[int]:
         real = self.ledger.real.gather(1, rows.pos) & rows.valid
@@ -329,7 +361,8 @@ class Engine:
             final_norm=self.adapter.language_model.norm,
             vision=self._vision(rows) if self.vision_tap is not None else None,
             project=self._projector(),
-            attention=lambda queries: self._attention(point, queries),
+            transitions=self.ledger.transitions.gather(1, rows.pos) if self.transition_layers else None,
+            attention=lambda queries, temperature=1.0: self._attention(point, queries, temperature),
             query_valid=lambda queries: self._queries(rows, queries)[1],
         )
         return self.method.select(view)
@@ -425,7 +458,7 @@ class Engine:
             return cols, real & (cols > last_vis)
         raise ValueError(f"unknown query set {queries!r}")
 
-    def _attention(self, point: Point, queries: Queries) -> torch.Tensor:
+    def _attention(self, point: Point, queries: Queries, temperature: float = 1.0) -> torch.Tensor:
         state = self.state
         hidden, cos, sin, rows = state.saved[point.attention_layer]
         if rows is not self.ledger.hidden:
@@ -434,7 +467,7 @@ class Engine:
         allowed = self._allowed(rows, rows).gather(1, qidx[..., None].expand(-1, -1, rows.width))
         layer = self.adapter.layers[point.attention_layer]
         with torch.no_grad():
-            return attention_rows(layer, hidden, cos, sin, qidx, allowed)
+            return attention_rows(layer, hidden, cos, sin, qidx, allowed, temperature)
 
     # ------------------------------------------------------------------ cache
     def _track_cache(self, idx: int, cache: LedgerCache, rows: Rows) -> None:

@@ -82,6 +82,7 @@ class Ledger:
         identity: True while no hidden row has been removed in this prefill.
         shift: ``(B, T + 1)`` with renumbered positions: tokens removed before each prompt position
             (last column: removed in total), or None.
+        transitions: ``(B, T)`` accumulated token-transition scores per original position (TransPrune).
     """
 
     hidden: Rows
@@ -93,6 +94,7 @@ class Ledger:
     length: int = 0
     identity: bool = True
     shift: torch.Tensor | None = None
+    transitions: torch.Tensor | None = None
     cache_identity: list[bool] = field(default_factory=list)
     hidden_counts: list[list[int]] = field(default_factory=list)
     visual_counts: list[list[int]] = field(default_factory=list)

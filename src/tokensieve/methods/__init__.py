@@ -6,6 +6,7 @@ import difflib
 from typing import Any
 
 from .base import CacheView, Grid, Method, Point, Selection, View
+from .aim import AIM
 from .dart import DART
 from .divprune import DivPrune
 from .fastervlm import FasterVLM
@@ -17,9 +18,10 @@ from .pool import Pool
 from .random_drop import RandomDrop
 from .streamingllm import StreamingLLM
 from .tome import ToMe
+from .transprune import TransPrune
 from .visionzip import VisionZip
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Unpruned, FastV, FitPrune, RandomDrop, Pool, StreamingLLM, DivPrune, FasterVLM, DART, PDrop, VisionZip, ToMe)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Unpruned, FastV, FitPrune, RandomDrop, Pool, StreamingLLM, DivPrune, FasterVLM, DART, PDrop, VisionZip, ToMe, TransPrune, AIM)}
 
 
 def get(name: str | Method, **options: Any) -> Method:
@@ -46,4 +48,4 @@ def get(name: str | Method, **options: Any) -> Method:
 
 
 __all__ = ["REGISTRY", "get", "Method", "Point", "View", "Selection", "CacheView", "Grid",
-           "Unpruned", "FastV", "FitPrune", "FitPruneSearch", "DivPrune", "FasterVLM", "DART", "PDrop", "VisionZip", "ToMe", "RandomDrop", "Pool", "StreamingLLM"]
+           "Unpruned", "FastV", "FitPrune", "FitPruneSearch", "DivPrune", "FasterVLM", "DART", "PDrop", "VisionZip", "ToMe", "TransPrune", "AIM", "RandomDrop", "Pool", "StreamingLLM"]

@@ -67,8 +67,10 @@ class View:
         final_norm: the decoder's final norm module (DART compares normed hidden states).
         vision: vision-tower signals aligned to the rows (methods that need them), else None.
         project: the multimodal projector (vision features -> LLM input), for merges in vision space.
-        attention: ``attention(queries)`` -> ``(B, H, q, n)`` float32 softmax rows at ``point.attention_layer``
-            for the ``"last"`` token, ``"all"`` valid tokens or the ``"text"`` tokens after the last image.
+        transitions: ``(B, n)`` token transitions accumulated over ``Method.transition_layers``, or None.
+        attention: ``attention(queries, temperature=1.0)`` -> ``(B, H, q, n)`` float32 softmax rows at
+            ``point.attention_layer`` for the ``"last"`` token, ``"all"`` valid tokens or the ``"text"``
+            tokens after the last image; ``temperature`` divides the logits (1: the layer's attention).
         query_valid: for ``attention``, callable giving ``(B, q)`` bool of which query rows are real.
     """
 
@@ -84,7 +86,8 @@ class View:
     final_norm: Callable[[torch.Tensor], torch.Tensor]
     vision: "AlignedVision | None"
     project: Callable[[torch.Tensor], torch.Tensor] | None
-    attention: Callable[[Queries], torch.Tensor]
+    transitions: torch.Tensor | None
+    attention: Callable[..., torch.Tensor]
     query_valid: Callable[[Queries], torch.Tensor]
 
 
@@ -149,6 +152,10 @@ class Method:
 
     def check_input(self, visual_tokens: list[int]) -> None:
         """Check a batch (visual tokens per sample) before any layer runs; raise ValueError."""
+
+    def transition_layers(self) -> list[int]:
+        """Layers whose sublayer transitions the engine accumulates (methods that need "transitions")."""
+        return []
 
     def points(self) -> list[Point]:
         """The prefill points where :meth:`select` is called (none for cache-only methods)."""
@@ -226,7 +233,9 @@ def top_visual(scores: torch.Tensor, visual: torch.Tensor, counts: list[int]) ->
         cand = visual[b].nonzero().squeeze(1)
         if cand.numel() == 0:
             continue
-        k = min(max(1, counts[b]), cand.numel())
+        k = min(max(0, counts[b]), cand.numel())
+        if k == 0:
+            continue
         best = scores[b, cand].topk(k).indices
         mask[b, cand[best]] = True
     return mask
