@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import IMAGE, batch, build, collate, samples
+from tiny_models import IMAGE, batch, build, collate, layer_input, samples
 
 import tokensieve
 from tokensieve.flops import Shape, prefill_flops
@@ -75,16 +75,7 @@ def fastv_reference(model, inputs, layer, keep, variant, steps):
     """FastV straight from the paper, batch 1: eager attention, an explicit loop over layers, original
     positions; the kept set is fixed at prefill and decoded tokens are always kept."""
     lm = model.model.language_model
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen.setdefault("x", kwargs.get("hidden_states", args[0] if args else None))
-
-    hook = lm.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    with torch.no_grad():
-        model(**inputs)
-    hook.remove()
-    embeds = seen["x"][0]
+    embeds = layer_input(model, 0, inputs)[0][0]
     vis = (inputs["input_ids"][0] == IMAGE).nonzero().squeeze(1)
     prompt = embeds.shape[0]
     generated, kept, first_logits = [], None, None
@@ -136,16 +127,11 @@ def test_partial_attention_matches_eager(family):
     model = model_of(family, "eager")
     inputs = batch(family, model, [0, 0] if family in TEXT else [1, 2])
     lm = model.model.language_model if family != "llama" else model.model
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen.update(x=args[0] if args else kwargs["hidden_states"], k=kwargs)
-
-    hook = lm.layers[2].register_forward_pre_hook(grab, with_kwargs=True)
+    x, kwargs = layer_input(model, 2, inputs)
+    seen = {"x": x}
     with torch.no_grad():
         out = model(**inputs, output_attentions=True)
-    hook.remove()
-    cos, sin = seen["k"]["position_embeddings"]
+    cos, sin = kwargs["position_embeddings"]
     eager = out.attentions[2]
     n = eager.shape[-1]
     mask = inputs["attention_mask"].bool()

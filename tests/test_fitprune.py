@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import batch, build, collate, samples
+from tiny_models import batch, build, collate, layer_input, samples
 
 import tokensieve
 from tokensieve.calibration import calibrate, recipe_ratio
@@ -139,16 +139,7 @@ def test_inside_pruning_matches_a_reference_layer_loop():
     inputs = batch("llava", model, [1])
     recipe = Recipe(removed={1: 4}, visual_tokens=16, num_layers=4)
     lm = model.model.language_model
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen.setdefault("x", args[0] if args else kwargs["hidden_states"])
-
-    hook = lm.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    with torch.no_grad():
-        model(**inputs)
-    hook.remove()
-    x = seen["x"][0]
+    x = layer_input(model, 0, inputs)[0][0]
     n = x.shape[0]
     pos = torch.arange(n)
     ids = inputs["input_ids"][0]

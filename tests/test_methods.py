@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import IMAGE, batch, build
+from tiny_models import IMAGE, batch, build, layer_input
 
 import tokensieve
 from tokensieve.methods.tome import bipartite_merge
@@ -16,20 +16,6 @@ def model_of(family: str, attn: str = "sdpa"):
     if (family, attn) not in _MODELS:
         _MODELS[family, attn] = build(family, attn)
     return _MODELS[family, attn]
-
-
-def layer0_input(model, inputs):
-    lm = model.model.language_model
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen.setdefault("x", args[0] if args else kwargs["hidden_states"])
-
-    hook = lm.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    with torch.no_grad():
-        model(**inputs)
-    hook.remove()
-    return seen["x"]
 
 
 def divprune_reference(x: torch.Tensor, k: int) -> list[int]:
@@ -48,7 +34,7 @@ def divprune_reference(x: torch.Tensor, k: int) -> list[int]:
 def test_divprune_matches_the_definition(family):
     model = model_of(family)
     inputs = batch(family, model, [1, 2])
-    x = layer0_input(model, inputs)
+    x, _ = layer_input(model, 0, inputs)
     with torch.no_grad(), tokensieve.prune(model, "divprune", keep=0.25) as run:
         model(**inputs)
     for b in range(2):
@@ -211,16 +197,10 @@ def test_transprune_ttv_matches_its_formula():
     model = model_of("llava", "eager")
     inputs = batch("llava", model, [2])
     lm = model.model.language_model
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen.update(x=args[0] if args else kwargs["hidden_states"], k=kwargs)
-
-    hook = lm.layers[1].register_forward_pre_hook(grab, with_kwargs=True)
+    x, kwargs = layer_input(model, 1, inputs)
+    seen = {"k": kwargs}
     with torch.no_grad():
-        model(**inputs)
-        hook.remove()
-        layer, x = lm.layers[1], seen["x"][0]
+        layer, x = lm.layers[1], x[0]
         before = layer.input_layernorm(x)
         after = layer.self_attn(before[None], position_embeddings=seen["k"]["position_embeddings"],
                                 attention_mask=seen["k"]["attention_mask"])[0][0]

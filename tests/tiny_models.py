@@ -154,3 +154,21 @@ def _next_pixels(model, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
     cfg = model.config
     n = image_size_to_num_patches((h, w), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
     return torch.randn(n, 3, 32, 32, generator=gen)
+
+
+def layer_input(model: torch.nn.Module, layer: int, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """The hidden states and keyword arguments decoder layer ``layer`` receives in a plain forward."""
+    lm = model.model.language_model if hasattr(model.model, "language_model") else model.model
+    seen: dict = {}
+
+    def grab(module, args, kwargs):
+        seen.setdefault("x", args[0] if args else kwargs["hidden_states"])
+        seen.setdefault("kwargs", kwargs)
+
+    hook = lm.layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        hook.remove()
+    return seen["x"], seen["kwargs"]

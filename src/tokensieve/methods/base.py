@@ -217,6 +217,40 @@ def kept_counts(view: "View", layer: int, keep: float | None, flops: float | Non
     return [solve_kept(view.shape, n, t, layer, flops) if n else 0 for n, t in zip(visual, text)]
 
 
+def layer_schedule(num_layers: int, n_visual: int, layer: int, keep: float | None) -> tuple[list[int], list[int]]:
+    """All visual tokens before ``layer``, ``round(keep * n)`` (keep defaults to 0.5) from it on."""
+    kept = max(1, round((0.5 if keep is None else keep) * n_visual))
+    n_in = [n_visual] * layer + [kept] * (num_layers - layer)
+    return n_in, list(n_in)
+
+
+@dataclass
+class EncoderPruner(Method):
+    """Common options of single-shot encoder-stage methods: ``keep`` fraction of visual tokens (default
+    0.5) or ``flops`` target, and ``positions`` ("auto": renumber the shorter prompt, as the published
+    LLaVA code does, except on M-RoPE models)."""
+
+    keep: float | None = None
+    flops: float | None = None
+    positions: Literal["auto", "keep", "renumber"] = "auto"
+
+    stages: ClassVar[tuple[str, ...]] = ("encoder",)
+
+    def bind(self, num_layers: int) -> None:
+        check_budget(self.keep, self.flops)
+        if self.positions not in ("auto", "keep", "renumber"):
+            raise ValueError(f"positions must be 'auto', 'keep' or 'renumber', got {self.positions!r}")
+
+    def points(self) -> list[Point]:
+        return [Point(before=0, stage="encoder")]
+
+    def positions_mode(self) -> Literal["keep", "renumber", "auto"]:
+        return self.positions
+
+    def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
+        return layer_schedule(num_layers, n_visual, 0, self.keep)
+
+
 def top_visual(scores: torch.Tensor, visual: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Keep non-visual rows and, per sample, the ``counts[b]`` highest-scoring visual rows.
 

@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Method, Point, Selection, View, check_budget, check_layer, kept_counts
+from .base import Method, Point, Selection, View, check_budget, check_layer, kept_counts, layer_schedule
 
 
 @dataclass
@@ -50,9 +50,7 @@ class DART(Method):
         return [Point(before=self.layer, attention_layer=self.layer - 1)]
 
     def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
-        kept = max(1, round((0.5 if self.keep is None else self.keep) * n_visual))
-        n_in = [n_visual] * self.layer + [kept] * (num_layers - self.layer)
-        return n_in, list(n_in)
+        return layer_schedule(num_layers, n_visual, self.layer, self.keep)
 
     def select(self, view: View) -> Selection:
         norms = view.keys().float().abs().sum(-1)  # (B, n)

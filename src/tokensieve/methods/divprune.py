@@ -16,11 +16,11 @@ visual tokens form one pool (the release handles one image per prompt).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 
-from .base import Method, Point, Selection, View, check_budget, kept_counts
+from .base import EncoderPruner, Selection, View, kept_counts
 
 
 def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -43,32 +43,13 @@ def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @dataclass
-class DivPrune(Method):
+class DivPrune(EncoderPruner):
     """Options: ``keep`` fraction of visual tokens (default 0.5) or ``flops`` target, ``positions``."""
 
-    keep: float | None = None
-    flops: float | None = None
-    positions: Literal["auto", "keep", "renumber"] = "auto"
 
     name: ClassVar[str] = "divprune"
-    stages: ClassVar[tuple[str, ...]] = ("encoder",)
     paper: ClassVar[str] = "Alvar et al., DivPrune: Diversity-based Visual Token Pruning for LMMs, CVPR 2025"
     needs: ClassVar[tuple[str, ...]] = ("projected visual tokens",)
-
-    def bind(self, num_layers: int) -> None:
-        check_budget(self.keep, self.flops)
-        if self.positions not in ("auto", "keep", "renumber"):
-            raise ValueError(f"positions must be 'auto', 'keep' or 'renumber', got {self.positions!r}")
-
-    def points(self) -> list[Point]:
-        return [Point(before=0, stage="encoder")]
-
-    def positions_mode(self) -> Literal["keep", "renumber", "auto"]:
-        return self.positions
-
-    def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
-        kept = max(1, round((0.5 if self.keep is None else self.keep) * n_visual))
-        return [kept] * num_layers, [kept] * num_layers
 
     def select(self, view: View) -> Selection:
         keep = ~view.visual

@@ -14,36 +14,19 @@ covered here: its anyres layout raises the same error.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
-from .base import Method, Point, Selection, View, check_budget, kept_counts, top_visual
+from .base import EncoderPruner, Selection, View, kept_counts, top_visual
 
 
 @dataclass
-class FasterVLM(Method):
+class FasterVLM(EncoderPruner):
     """Options: ``keep`` fraction of visual tokens (default 0.5) or ``flops`` target, ``positions``."""
 
-    keep: float | None = None
-    flops: float | None = None
-    positions: Literal["auto", "keep", "renumber"] = "auto"
 
     name: ClassVar[str] = "fastervlm"
-    stages: ClassVar[tuple[str, ...]] = ("encoder",)
     paper: ClassVar[str] = "Zhang et al., [CLS] Attention is All You Need for Training-Free Visual Token Pruning, 2024"
     needs: ClassVar[tuple[str, ...]] = ("cls attention",)
-
-    def bind(self, num_layers: int) -> None:
-        check_budget(self.keep, self.flops)
-
-    def points(self) -> list[Point]:
-        return [Point(before=0, stage="encoder")]
-
-    def positions_mode(self) -> Literal["keep", "renumber", "auto"]:
-        return self.positions
-
-    def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
-        kept = max(1, round((0.5 if self.keep is None else self.keep) * n_visual))
-        return [kept] * num_layers, [kept] * num_layers
 
     def select(self, view: View) -> Selection:
         counts = kept_counts(view, 0, self.keep, self.flops)

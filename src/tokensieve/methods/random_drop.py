@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Method, Point, Selection, View, check_budget, check_layer, kept_counts, top_visual
+from .base import Method, Point, Selection, View, check_budget, check_layer, kept_counts, layer_schedule, top_visual
 
 
 @dataclass
@@ -38,9 +38,7 @@ class RandomDrop(Method):
         return [Point(before=self.layer, stage="encoder" if self.layer == 0 else "prefill")]
 
     def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
-        kept = max(1, round((0.5 if self.keep is None else self.keep) * n_visual))
-        n_in = [n_visual] * self.layer + [kept] * (num_layers - self.layer)
-        return n_in, list(n_in)
+        return layer_schedule(num_layers, n_visual, self.layer, self.keep)
 
     def select(self, view: View) -> Selection:
         scores = torch.zeros(view.visual.shape)

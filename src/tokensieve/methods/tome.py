@@ -17,11 +17,11 @@ pool, and no proportional-attention bias is added (the LLM's attention is left u
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 
-from .base import Method, Point, Selection, View, check_budget, kept_counts
+from .base import EncoderPruner, Selection, View, kept_counts
 
 
 def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int):
@@ -48,30 +48,13 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
 
 
 @dataclass
-class ToMe(Method):
+class ToMe(EncoderPruner):
     """Options: ``keep`` fraction of visual tokens (default 0.5) or ``flops`` target, ``positions``."""
 
-    keep: float | None = None
-    flops: float | None = None
-    positions: Literal["auto", "keep", "renumber"] = "auto"
 
     name: ClassVar[str] = "tome"
-    stages: ClassVar[tuple[str, ...]] = ("encoder",)
     paper: ClassVar[str] = "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023"
     needs: ClassVar[tuple[str, ...]] = ("vision keys",)
-
-    def bind(self, num_layers: int) -> None:
-        check_budget(self.keep, self.flops)
-
-    def points(self) -> list[Point]:
-        return [Point(before=0, stage="encoder")]
-
-    def positions_mode(self) -> Literal["keep", "renumber", "auto"]:
-        return self.positions
-
-    def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
-        kept = max(1, round((0.5 if self.keep is None else self.keep) * n_visual))
-        return [kept] * num_layers, [kept] * num_layers
 
     def merge(self, x: torch.Tensor, metric: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Merge the rows of ``x`` down to ``k``; returns surviving row indices, merged rows and sizes."""

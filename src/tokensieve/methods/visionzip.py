@@ -18,27 +18,23 @@ tokens, has no position in a LLaVA-1.5 prompt, so all dominant tokens are patche
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 
-from .base import Method, Point, Selection, View, check_budget, kept_counts
+from .base import EncoderPruner, Selection, View, kept_counts
 
 CONTEXTUAL_SHARE = 10 / 64
 
 
 @dataclass
-class VisionZip(Method):
+class VisionZip(EncoderPruner):
     """Options: ``dominant`` and ``contextual`` counts per sample, or ``keep`` / ``flops``; ``positions``."""
 
     dominant: int | None = None
     contextual: int | None = None
-    keep: float | None = None
-    flops: float | None = None
-    positions: Literal["auto", "keep", "renumber"] = "auto"
 
     name: ClassVar[str] = "visionzip"
-    stages: ClassVar[tuple[str, ...]] = ("encoder",)
     paper: ClassVar[str] = "Yang et al., VisionZip: Longer is Better but Not Necessary in VLMs, CVPR 2025"
     needs: ClassVar[tuple[str, ...]] = ("cls attention", "vision keys")
 
@@ -48,13 +44,7 @@ class VisionZip(Method):
             if any(c is None or c < 0 for c in counts) or self.keep is not None or self.flops is not None or sum(counts) < 1:
                 raise ValueError("give dominant and contextual (>= 0, not both 0) together, or keep / flops instead")
         else:
-            check_budget(self.keep, self.flops)
-
-    def points(self) -> list[Point]:
-        return [Point(before=0, stage="encoder")]
-
-    def positions_mode(self) -> Literal["keep", "renumber", "auto"]:
-        return self.positions
+            super().bind(num_layers)
 
     def _split(self, total: int) -> tuple[int, int]:
         if self.dominant is not None:
