@@ -323,3 +323,15 @@ def test_flops_budget_is_met_per_sample(method, opts, target):
     with pytest.raises(ValueError, match="keep or flops, not both"):
         with tokensieve.prune(model, method, keep=0.5, flops=0.5, **opts):
             pass
+
+
+def test_pool_meets_flops_and_keep():
+    model = model_of("llava")
+    inputs = batch("llava", model, [1])
+    with torch.no_grad(), tokensieve.prune(model, "pool", flops=0.6) as run:
+        model(**inputs)
+    s = run.report.samples[0]
+    assert s.flops / s.flops_unpruned <= 0.6 and s.visual_lengths[0] == 4  # stride 2 (4 of 16) meets 0.6
+    with torch.no_grad(), tokensieve.prune(model, "pool", keep=0.1) as run:
+        model(**inputs)
+    assert run.report.samples[0].visual_lengths[0] == 4  # keep 0.1 -> stride 3 -> ceil(4/3)^2 = 4 cells

@@ -16,15 +16,19 @@ from typing import ClassVar, Literal
 
 import torch
 
-from .base import Method, Point, Selection, View
+from ..flops import prefill_flops
+from .base import Method, Point, Selection, View, check_budget
 
 
 @dataclass
 class Pool(Method):
-    """Options: ``stride`` (>= 2), ``positions`` ("keep" or "renumber")."""
+    """Options: ``stride`` (>= 2; default 2), or ``keep`` (stride = round(1 / sqrt(keep))) or ``flops``
+    (the smallest stride meeting it, per sample), ``positions`` ("keep" or "renumber")."""
 
-    stride: int = 2
+    stride: int | None = None
     positions: Literal["keep", "renumber"] = "keep"
+    keep: float | None = None
+    flops: float | None = None
 
     name: ClassVar[str] = "pool"
     stages: ClassVar[tuple[str, ...]] = ("encoder",)
@@ -32,7 +36,14 @@ class Pool(Method):
     needs: ClassVar[tuple[str, ...]] = ("grid",)
 
     def bind(self, num_layers: int) -> None:
-        if not isinstance(self.stride, int) or self.stride < 2:
+        if sum(x is not None for x in (self.stride, self.keep, self.flops)) > 1:
+            raise ValueError("give one of stride, keep or flops")
+        check_budget(self.keep, self.flops)
+        if self.keep is not None:
+            self.stride = max(2, round(1 / math.sqrt(self.keep)))
+        if self.stride is None and self.flops is None:
+            self.stride = 2
+        if self.stride is not None and (not isinstance(self.stride, int) or self.stride < 2):
             raise ValueError(f"stride must be an integer >= 2, got {self.stride!r}")
         if self.positions not in ("keep", "renumber"):
             raise ValueError(f"positions must be 'keep' or 'renumber', got {self.positions!r}")
@@ -44,7 +55,7 @@ class Pool(Method):
         side = math.isqrt(n_visual)
         if side * side != n_visual:
             raise ValueError(f"pool needs a square grid; {n_visual} visual tokens is not a square")
-        kept = math.ceil(side / self.stride) ** 2
+        kept = math.ceil(side / (self.stride or 2)) ** 2
         return [kept] * num_layers, [kept] * num_layers
 
     def positions_mode(self) -> Literal["keep", "renumber"]:
@@ -53,8 +64,8 @@ class Pool(Method):
     def select(self, view: View) -> Selection:
         keep = ~view.visual
         hidden = view.hidden.clone()
-        s = self.stride
         for b, grids in enumerate(view.grids):
+            s = self.stride or self._stride_for(view, b, grids)
             covered = 0
             for grid in grids:
                 covered += grid.index.numel()
@@ -68,3 +79,15 @@ class Pool(Method):
             if covered != int(view.visual[b].sum()):
                 raise ValueError("pool needs every image laid out on a regular grid; this model's visual layout is not")
         return Selection(keep=keep, hidden=hidden)
+
+    def _stride_for(self, view: View, b: int, grids: list) -> int:
+        """Smallest stride whose pooled token count meets ``flops`` for sample ``b``."""
+        n_visual = int(view.visual[b].sum())
+        text = int(view.query_valid("all")[b].sum()) - n_visual
+        full = prefill_flops(view.shape, [n_visual + text] * view.shape.layers)
+        largest = max((max(g.rows, g.cols) for g in grids), default=1)
+        for s in range(2, largest + 1):
+            kept = sum(math.ceil(g.rows / s) * math.ceil(g.cols / s) for g in grids)
+            if prefill_flops(view.shape, [kept + text] * view.shape.layers) / full <= self.flops:
+                return s
+        raise ValueError(f"flops={self.flops} is out of reach for pool: one token per image still costs more")
