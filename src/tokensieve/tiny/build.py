@@ -89,7 +89,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
         num_hidden_layers=8,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=512,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,

@@ -62,22 +62,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The training options (defaults = the shipped checkpoint's settings)."""
     parser.add_argument("--out", type=Path, default=Path("runs/tiny"), help="output checkpoint directory")
-    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=6000, help="optimizer steps (at most)")
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
-    parser.add_argument("--time-budget-min", type=float, default=0.0,
-                        help="if > 0, training progress is also measured in wall-clock minutes of optimisation: "
+    parser.add_argument("--time-budget-min", type=float, default=50.0,
+                        help="if > 0 (0 = off), training progress is also measured in wall-clock minutes of optimisation: "
                              "the schedule follows whichever of steps or time is further along, and training stops "
                              "when either is used up")
-    parser.add_argument("--warmup", type=int, default=200, help="linear warmup steps")
+    parser.add_argument("--warmup", type=int, default=150, help="linear warmup steps")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--pool-per-task", type=int, default=20_000, help="pre-generated training examples per task")
-    parser.add_argument("--extra-turns", type=int, default=4,
+    parser.add_argument("--pool-per-task", type=int, default=10_000, help="pre-generated training examples per task")
+    parser.add_argument("--extra-turns", type=int, default=6,
                         help="extra questions about the same image per training sequence")
     parser.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations")
-    parser.add_argument("--eval-items", type=int, default=200, help="held-out items per task for those evaluations")
+    parser.add_argument("--eval-items", type=int, default=100, help="held-out items per task for those evaluations")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
