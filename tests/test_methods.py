@@ -265,3 +265,41 @@ def test_methods_run_on_every_adapter_in_padded_batches(family, name, opts):
     for s in run.report.samples:
         assert s.visual_lengths[-1] < s.visual_tokens
         assert s.flops < s.flops_unpruned
+
+
+def test_vflowopt_map_and_entropy_follow_their_definitions():
+    from tokensieve.methods.vflowopt import importance_map, patch_entropy
+
+    # [CLS] + 3 patches; column means: [.4, .1, .3, .2] -> global tokens (> mean .25): 0 and 2
+    attention = torch.tensor([[0.4, 0.1, 0.3, 0.2], [0.4, 0.1, 0.3, 0.2], [0.4, 0.1, 0.3, 0.2], [0.4, 0.1, 0.3, 0.2]])
+    assert torch.allclose(importance_map(attention, torch.zeros(3), t=1.0, alpha=0.0), torch.tensor([0.1, 0.3, 0.2]))
+    assert torch.allclose(importance_map(attention, torch.tensor([0.0, 0.0, 0.0]), 1.0, 0.3),
+                          torch.tensor([0.2, 0.4, 0.3]))
+    pixels = torch.zeros(3, 4, 8)
+    pixels[:, :, 4:6] = 1.0  # right patch: half its pixels bright -> 1 bit; left patch flat -> 0
+    assert torch.allclose(patch_entropy(pixels, 4), torch.tensor([0.0, 1.0]))
+
+
+def test_vflowopt_recycles_into_the_best_token_of_each_cell():
+    model = model_of("llava")
+    inputs = batch("llava", model, [1])
+    with torch.no_grad(), tokensieve.prune(model, "vflowopt", vit_keep=0.5, stage_keep=(0.25,), layers=(2,), m=2) as run:
+        model(**inputs)
+    s = run.report.samples[0]
+    # 16 patches on a 4x4 grid: 8 to remove + 16/4 marked = 12 marked; the 4 cells each keep one
+    marked_groups = 16 - len(s.visual_kept["encoder:0"])
+    assert 4 <= len(s.visual_kept["encoder:0"]) <= 8 and marked_groups >= 8
+    assert s.visual_lengths == [len(s.visual_kept["encoder:0"])] * 2 + [4, 4]
+
+
+def test_vflowopt_search_meets_its_budget():
+    from tokensieve import vflowopt_search
+
+    model = model_of("llava")
+    inputs = batch("llava", model, [1, 1, 1])
+    result = vflowopt_search.search(model, [inputs], 0.6, trials=6, progress=False)
+    assert -1.0 <= result["objective"] <= 1.0
+    options = {**result["options"], "stage_keep": tuple(result["options"]["stage_keep"])}
+    with torch.no_grad(), tokensieve.prune(model, "vflowopt", **options) as run:
+        model(**inputs)
+    assert all(s.flops / s.flops_unpruned <= 0.6 for s in run.report.samples)

@@ -44,7 +44,7 @@ class Pass:
     cache: LedgerCache | None
     saved: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, Rows]] = field(default_factory=dict)
     memo: dict[tuple, Any] = field(default_factory=dict)
-    layer: int = -1
+    version: int = 0
 
 
 class Engine:
@@ -72,8 +72,10 @@ class Engine:
         self.positions = "renumber" if self.renumber else "keep"
         self.shape = Shape.from_config(self.adapter.text_config)
         self.vision_tap = None
-        if {"cls attention", "vision keys"} & set(method.needs):
-            self.vision_tap = VisionTap(self.adapter.vision_feature_layer())
+        if {"cls attention", "vision keys", "vision attention"} & set(method.needs):
+            full = "vision attention" in method.needs
+            self.vision_tap = VisionTap(self.adapter.vision_feature_layer(),
+                                        self.adapter.vision_embeddings() if full else None, full=full)
         self.transition_layers = set(method.transition_layers()) if "transitions" in method.needs else set()
         self.ledger: Ledger | None = None
         self.state: Pass | None = None
@@ -210,7 +212,6 @@ class Engine:
             ledger.hidden_counts.append(self._real_counts(ledger.hidden))
             ledger.visual_counts.append(ledger.is_visual(ledger.hidden).sum(1).tolist())
         kwargs = self._layer_kwargs(idx, hidden, kwargs)
-        state.layer = idx
         rows_in = ledger.hidden
         if state.prefill and idx in self.attention_layers:
             cos, sin = kwargs["position_embeddings"]
@@ -255,6 +256,7 @@ class Engine:
         out = hidden.gather(1, gather) + attn_out
         out = out + layer.mlp(layer.post_attention_layernorm(out))
         ledger.hidden = new_rows
+        self.state.version += 1
         ledger.identity = False
         ledger.inside_counts[idx] = self._real_counts(new_rows)
         ledger.record_visual(f"inside:{idx}", new_rows)
@@ -292,12 +294,12 @@ class Engine:
         if hidden_identity and ledger.cache_identity[idx] and not self.renumber:
             return kwargs
         kw = dict(kwargs)
-        key = ("rows", id(rows))
+        key = ("rows", state.version)
         if key not in state.memo:
             state.memo[key] = self._gather_positions(rows, hidden, kwargs)
         kw["position_embeddings"], kw["position_ids"] = state.memo[key]
         keys = rows if cache_rows is None or not state.cache else cache_rows.cat(rows)
-        mkey = ("mask", id(rows), id(cache_rows))
+        mkey = ("mask", state.version, idx if keys is not rows else None)
         if mkey not in state.memo:
             state.memo[mkey] = self._mask(rows, keys, kwargs.get("attention_mask"), hidden.dtype)
         kw["attention_mask"] = state.memo[mkey]
@@ -386,6 +388,7 @@ class Engine:
             ledger.shift = removed.long().cumsum(1) - removed.long()
             ledger.shift = torch.cat([ledger.shift, removed.long().sum(1, keepdim=True)], 1)
         ledger.hidden = new_rows
+        self.state.version += 1
         ledger.identity = False
         ledger.record_visual(f"{point.stage}:{point.before}", new_rows)
         return hidden
@@ -406,6 +409,8 @@ class Engine:
             cls_attention=signals.cls_attention.new_zeros(batch, n),
             keys=signals.keys.new_zeros(batch, n, signals.keys.shape[-1]),
             features=signals.features.new_zeros(batch, n, signals.features.shape[-1]),
+            images=[[] for _ in range(batch)],
+            raw=signals,
         )
         image = 0
         index = self.ledger.image_index
@@ -418,6 +423,7 @@ class Engine:
                 out.cls_attention[b, cols] = signals.cls_attention[image]
                 out.keys[b, cols] = signals.keys[image]
                 out.features[b, cols] = signals.features[image]
+                out.images[b].append((cols, image))
                 image += 1
         return out
 

@@ -25,11 +25,18 @@ class VisionSignals:
         cls_attention: ``(I, N)`` [CLS] -> patch attention, mean over heads.
         keys: ``(I, N, head_dim)`` patch keys, mean over heads.
         features: ``(I, N, d_vision)`` the patch features the projector receives.
+        attention: ``(I, 1 + N, 1 + N)`` the whole attention map, mean over heads ([CLS] first), when
+            the tap was asked for it, else None.
+        pixels: ``(I, C, H, W)`` the pixel values the tower received, when asked for, else None.
+        patch: the tower's patch size in pixels.
     """
 
     cls_attention: torch.Tensor
     keys: torch.Tensor
     features: torch.Tensor
+    attention: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
+    patch: int = 0
 
 
 @dataclass
@@ -37,8 +44,11 @@ class VisionTap:
     """Hooks on one CLIP encoder layer; ``signals`` holds the last forward's capture."""
 
     layer: nn.Module
+    embeddings: nn.Module | None = None
+    full: bool = False
     signals: VisionSignals | None = None
     _inputs: torch.Tensor | None = None
+    _pixels: torch.Tensor | None = None
     _handles: list[Any] = field(default_factory=list)
 
     def install(self) -> Callable[[], None]:
@@ -46,12 +56,17 @@ class VisionTap:
             self.layer.register_forward_pre_hook(self._pre, with_kwargs=True),
             self.layer.register_forward_hook(self._post),
         ]
+        if self.full and self.embeddings is not None:
+            self._handles.append(self.embeddings.register_forward_pre_hook(self._grab_pixels, with_kwargs=True))
 
         def remove() -> None:
             for h in self._handles:
                 h.remove()
 
         return remove
+
+    def _grab_pixels(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._pixels = args[0] if args else kwargs["pixel_values"]
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._inputs = args[0] if args else kwargs["hidden_states"]
@@ -63,12 +78,17 @@ class VisionTap:
         x = module.layer_norm1(self._inputs)
         images, tokens, _ = x.shape
         heads, head_dim = attn.num_heads, attn.head_dim
-        q = attn.q_proj(x[:, :1]).view(images, 1, heads, head_dim).transpose(1, 2)
+        rows = tokens if self.full else 1
+        q = attn.q_proj(x[:, :rows]).view(images, rows, heads, head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(images, tokens, heads, head_dim).transpose(1, 2)
-        probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)  # (I, H, 1, 1+N)
+        probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)  # (I, H, rows, 1+N)
+        patch = getattr(getattr(self.embeddings, "patch_embedding", None), "kernel_size", (0,))[0]
         self.signals = VisionSignals(
             cls_attention=probs[:, :, 0, 1:].mean(1),
             keys=k[:, :, 1:].mean(1),
             features=out[:, 1:],
+            attention=probs.mean(1) if self.full else None,
+            pixels=self._pixels if self.full else None,
+            patch=int(patch),
         )
-        self._inputs = None
+        self._inputs = self._pixels = None

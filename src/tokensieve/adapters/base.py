@@ -63,6 +63,10 @@ class Adapter:
         raise TypeError(f"{type(self.model).__name__} has no CLIP-style vision tower with a [CLS] token "
                         "feeding its LLM patch by patch (supported: LlavaForConditionalGeneration)")
 
+    def vision_embeddings(self) -> nn.Module:
+        """The vision tower's patch-embedding module (its input is the pixel values)."""
+        raise TypeError(f"{type(self.model).__name__} has no CLIP-style vision embeddings")
+
     @property
     def projector(self) -> nn.Module:
         raise TypeError(f"{type(self.model).__name__} has no separate multimodal projector")

@@ -36,6 +36,11 @@ class LlavaAdapter(Adapter):
         layers = tower.encoder.layers
         return layers[len(layers) + layer if layer < 0 else layer - 1]
 
+    def vision_embeddings(self) -> nn.Module:
+        self.vision_feature_layer()  # same checks
+        tower = self.model.model.vision_tower
+        return getattr(tower, "vision_model", tower).embeddings
+
     @property
     def projector(self) -> nn.Module:
         return self.model.model.multi_modal_projector

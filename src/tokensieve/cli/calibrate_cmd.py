@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from .. import evaluation, models
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("calibrate", help="fit a FitPrune recipe to a FLOPs budget")
+    p = sub.add_parser("calibrate", help="fit a FitPrune recipe, or search VFlowOpt's settings, for a FLOPs budget")
     p.add_argument("--model", default="tiny")
+    p.add_argument("--method", default="fitprune", choices=["fitprune", "vflowopt"])
+    p.add_argument("--trials", type=int, default=40, help="vflowopt: optimiser trials")
     p.add_argument("--task", default="all", help="calibration task(s): a task name or 'all'")
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--flops", type=float, required=True, help="target FLOPs ratio in (0, 1)")
     p.add_argument("--seed", type=int, default=0, help="which draw of training items to use")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--visual-only", action="store_true", help="count visual tokens only in FLOPs (the release's convention)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="recipe JSON to write")
+    p.add_argument("-o", "--output", type=Path, required=True, help="recipe (fitprune) or options (vflowopt) JSON to write")
     p.set_defaults(handler=run)
 
 
@@ -25,12 +28,30 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.flops < 1:
         raise ValueError(f"--flops must be in (0, 1), got {args.flops}")
     evaluation.resolve_tasks(args.task)
+    if args.samples < 1:
+        raise ValueError(f"--samples must be at least 1, got {args.samples}")
     model, processor = models.load(args.model)
     prompting = evaluation.Prompting(processor, tiny=args.model == "tiny")
+    if args.method == "vflowopt":
+        return _vflowopt(args, model, prompting)
     recipe = evaluation.calibrate_on_tasks(model, prompting, args.task, args.flops, args.samples, args.seed,
                                            args.batch_size, args.visual_only, model_name=args.model)
     recipe.save(args.output)
     removed = ", ".join(f"{l}:{n}" for l, n in recipe.removed.items())
     print(f"recipe for flops={args.flops}: achieved {recipe.achieved:.4f} on {recipe.samples} samples, "
           f"alpha {recipe.alpha:.4f}, fitted in {recipe.seconds:.1f} s\n  removed per layer {{{removed}}}\n  written to {args.output}")
+    return 0
+
+
+def _vflowopt(args: argparse.Namespace, model, prompting) -> int:
+    from .. import vflowopt_search
+
+    examples = evaluation.calibration_examples(args.task, args.samples, args.seed)
+    batches = [prompting.inputs(examples[i : i + args.batch_size]) for i in range(0, len(examples), args.batch_size)]
+    result = vflowopt_search.search(model, batches, args.flops, args.trials, args.seed)
+    result.update(model=args.model, calibration=f"tasks={args.task} split=train ({args.samples} samples)")
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"vflowopt for flops={args.flops}: objective {result['objective']:.4f} after {args.trials} trials "
+          f"in {result['seconds']:.1f} s\n  options {result['options']}\n  written to {args.output} "
+          f"(use: tokensieve eval --method vflowopt --options {args.output})")
     return 0

@@ -18,12 +18,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_method_flags(p)
     p.add_argument("--limit", type=int, default=evaluation.TEST_ITEMS, help="test items per task (default: the whole split, 500)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--options", type=Path, help='method options from a JSON file ({"options": {...}} as `calibrate --method vflowopt` writes)')
     p.add_argument("--json", type=Path, help="also write the result here")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    options = method_options(args)
+    options = {**load_options(args.options), **method_options(args)}
     evaluation.resolve_tasks(args.task)
     if args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
@@ -60,3 +61,17 @@ def format_result(result: dict) -> str:
     lines.append(f"  TTFT {result['ttft_ms']:.1f} ms (unpruned {result['ttft_ms_unpruned']:.1f}); "
                  f"decode {result['decode_ms_per_token'] or 0:.1f} ms/token; KV {result['kv_bytes'] / 1024:.1f} KiB/sample")
     return "\n".join(lines)
+
+
+def load_options(path: Path | None) -> dict:
+    """Options from a JSON file: either ``{"options": {...}}`` or a plain object of options."""
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read options from {path}: {err}") from None
+    data = data.get("options", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object of options")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}

@@ -19,9 +19,10 @@ from .random_drop import RandomDrop
 from .streamingllm import StreamingLLM
 from .tome import ToMe
 from .transprune import TransPrune
+from .vflowopt import VFlowOpt
 from .visionzip import VisionZip
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Unpruned, FastV, FitPrune, RandomDrop, Pool, StreamingLLM, DivPrune, FasterVLM, DART, PDrop, VisionZip, ToMe, TransPrune, AIM)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Unpruned, FastV, FitPrune, RandomDrop, Pool, StreamingLLM, DivPrune, FasterVLM, DART, PDrop, VisionZip, ToMe, TransPrune, AIM, VFlowOpt)}
 
 
 def get(name: str | Method, **options: Any) -> Method:
@@ -48,4 +49,4 @@ def get(name: str | Method, **options: Any) -> Method:
 
 
 __all__ = ["REGISTRY", "get", "Method", "Point", "View", "Selection", "CacheView", "Grid",
-           "Unpruned", "FastV", "FitPrune", "FitPruneSearch", "DivPrune", "FasterVLM", "DART", "PDrop", "VisionZip", "ToMe", "TransPrune", "AIM", "RandomDrop", "Pool", "StreamingLLM"]
+           "Unpruned", "FastV", "FitPrune", "FitPruneSearch", "DivPrune", "FasterVLM", "DART", "PDrop", "VisionZip", "ToMe", "TransPrune", "AIM", "VFlowOpt", "RandomDrop", "Pool", "StreamingLLM"]

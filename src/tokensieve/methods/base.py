@@ -14,6 +14,7 @@ from typing import Callable, ClassVar, Literal
 import torch
 
 from ..flops import Shape, solve_kept
+from ..vision import VisionSignals
 
 Queries = Literal["last", "all", "text"]
 
@@ -99,11 +100,16 @@ class AlignedVision:
         cls_attention: ``(B, n)`` [CLS] -> patch attention at the feature layer, mean over heads.
         keys: ``(B, n, head_dim)`` patch keys at the feature layer, mean over heads.
         features: ``(B, n, d_vision)`` patch features before the projector.
+        images: per sample, ``(cols, image)`` for each of its images: the row index of each patch
+            (row-major) and the image's index in ``raw``.
+        raw: the per-image signals as the tap captured them.
     """
 
     cls_attention: torch.Tensor
     keys: torch.Tensor
     features: torch.Tensor
+    images: list[list[tuple[torch.Tensor, int]]]
+    raw: "VisionSignals"
 
 
 @dataclass
