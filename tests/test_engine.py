@@ -335,3 +335,12 @@ def test_pool_meets_flops_and_keep():
     with torch.no_grad(), tokensieve.prune(model, "pool", keep=0.1) as run:
         model(**inputs)
     assert run.report.samples[0].visual_lengths[0] == 4  # keep 0.1 -> stride 3 -> ceil(4/3)^2 = 4 cells
+
+
+def test_nested_contexts_are_refused():
+    model = model_of("llava")
+    with tokensieve.prune(model, "fastv"):
+        with pytest.raises(ValueError, match="already inside"):
+            with tokensieve.prune(model, "random"):
+                pass
+    assert _is_clean(model) and not hasattr(model, "_tokensieve_engine")

@@ -86,6 +86,10 @@ class Engine:
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
         """Hook the top-level model and shim every decoder layer of this instance."""
+        if getattr(self.model, "_tokensieve_engine", None) is not None:
+            raise ValueError("this model is already inside a tokensieve.prune() context; leave it before entering another")
+        self.model._tokensieve_engine = self
+        self._undo.append(lambda: delattr(self.model, "_tokensieve_engine"))
         pre = self.model.register_forward_pre_hook(self._begin, with_kwargs=True)
         post = self.model.register_forward_hook(self._end, with_kwargs=True)
         self._undo += [pre.remove, post.remove]

@@ -34,9 +34,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     model, processor = models.load(args.model)
     prompting = evaluation.Prompting(processor, tiny=args.model == "tiny")
-    results = []
+    results: list[dict] = []
     for method, options in SETTINGS:
-        results.append(evaluation.evaluate(model, prompting, args.task, method, options, args.limit, args.batch_size))
+        baseline = results[0] if results else None
+        results.append(evaluation.evaluate(model, prompting, args.task, method, options, args.limit, args.batch_size,
+                                           baseline=baseline))
     print(table(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
