@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import (
     CLIPVisionConfig,
@@ -19,6 +21,7 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
 )
 
+TAKES_MM_TYPES = "mm_token_type_ids" in inspect.signature(Qwen2VLForConditionalGeneration.forward).parameters
 VOCAB = 64
 IMAGE = 60
 VIDEO = 61
@@ -129,7 +132,7 @@ def collate(family: str, parts: list[dict]) -> dict[str, torch.Tensor]:
     elif pixels:
         out["pixel_values"] = torch.cat(pixels)
         out["image_grid_thw"] = torch.tensor(meta)
-    if family in ("qwen2-vl", "qwen2.5-vl"):
+    if family in ("qwen2-vl", "qwen2.5-vl") and TAKES_MM_TYPES:
         out["mm_token_type_ids"] = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
     return out
 

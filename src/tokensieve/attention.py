@@ -14,9 +14,24 @@ import torch
 from torch import nn
 
 
+def take_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of a rotary table ``(..., B or 1, n, dim)`` at ``index`` (``(B, m)``): ``(..., B, m, dim)``.
+
+    The leading dims hold M-RoPE's three sections where a model passes them unmerged (transformers 5.2).
+    """
+    lead = table.shape[:-3]
+    batch, m = index.shape
+    table = table.expand(*lead, batch, *table.shape[-2:])
+    return table.gather(-2, index[..., None].expand(*lead, batch, m, table.shape[-1]))
+
+
 def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: nn.Module):
     """Apply the rotary embedding the way the layer's own modelling file does."""
-    apply = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+    module = sys.modules[type(attn).__module__]
+    if cos.dim() == 4:  # M-RoPE sections not yet merged (transformers 5.2): the model's own merge
+        section = attn.config.rope_parameters["mrope_section"]
+        return module.apply_multimodal_rotary_pos_emb(q, k, cos, sin, section)
+    apply = getattr(module, "apply_rotary_pos_emb", None)
     if apply is not None:
         return apply(q, k, cos, sin)
     half = q.shape[-1] // 2
@@ -42,7 +57,8 @@ def attention_rows(
     Args:
         layer: a Llama-family decoder layer (``input_layernorm`` and ``self_attn`` with q/k projections).
         hidden: ``(B, n, d)`` the layer's input hidden states (before its input norm).
-        cos, sin: ``(B, n, head_dim)`` rotary tables of the rows (batch dim may be 1).
+        cos, sin: ``(B, n, head_dim)`` rotary tables of the rows (batch dim may be 1; M-RoPE models on
+            transformers 5.2 pass ``(3, B, n, head_dim)``).
         queries: ``(B, q)`` long, row indices of the queries.
         allowed: ``(B, q, n)`` bool, which keys each query may attend to (causal, padding).
         temperature: the scaled logits are divided by it before the softmax (1: the layer's own attention).
@@ -57,11 +73,9 @@ def attention_rows(
     xq = x.gather(1, queries[..., None].expand(-1, -1, x.shape[-1]))
     q = attn.q_proj(xq).view(batch, queries.shape[1], -1, head_dim).transpose(1, 2)
     k = attn.k_proj(x).view(batch, n, -1, head_dim).transpose(1, 2)
-    cos = cos.expand(batch, -1, -1)
-    sin = sin.expand(batch, -1, -1)
-    qcos = cos.gather(1, queries[..., None].expand(-1, -1, cos.shape[-1]))
-    qsin = sin.gather(1, queries[..., None].expand(-1, -1, sin.shape[-1]))
-    q, _ = rotate(q, q, qcos, qsin, attn)
+    rows = torch.arange(n, device=x.device).expand(batch, n)
+    cos, sin = take_rows(cos, rows), take_rows(sin, rows)
+    q, _ = rotate(q, q, take_rows(cos, queries), take_rows(sin, queries), attn)
     _, k = rotate(k, k, cos, sin, attn)
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)

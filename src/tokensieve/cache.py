@@ -38,7 +38,10 @@ class LedgerCache(DynamicCache):
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self.logical_length
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0, *args, **kwargs) -> tuple[int, int]:
+    def get_mask_sizes(self, query: int | torch.Tensor, layer_idx: int = 0, *args, **kwargs) -> tuple[int, int]:
+        """``(kv_length, kv_offset)``; ``query`` is the query length (transformers >= 5.3) or the
+        ``cache_position`` tensor (5.2)."""
+        query_length = query.shape[0] if isinstance(query, torch.Tensor) else int(query)
         return self.logical_length + query_length, 0
 
     def stored_length(self, layer_idx: int) -> int:

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import methods as method_registry
 from .adapters import Adapter, adapter_for
-from .attention import attention_rows, rotate
+from .attention import attention_rows, rotate, take_rows
 from .cache import LedgerCache
 from .flops import Shape, prefill_flops
 from .ledger import Ledger, Rows
@@ -316,8 +316,7 @@ class Engine:
         batch = rows.pos.shape[0]
         if state.prefill and not ledger.identity:
             idx = rows.pos - state.offset
-            cos = cos.expand(batch, -1, -1).gather(1, idx[..., None].expand(-1, -1, cos.shape[-1]))
-            sin = sin.expand(batch, -1, -1).gather(1, idx[..., None].expand(-1, -1, sin.shape[-1]))
+            cos, sin = take_rows(cos, idx), take_rows(sin, idx)
             if pids is not None:
                 lead = pids.shape[:-2]
                 full = pids.expand(*lead, batch, pids.shape[-1])
@@ -438,7 +437,8 @@ class Engine:
         batch, n, _ = hidden.shape
         with torch.no_grad():
             k = attn.k_proj(layer.input_layernorm(hidden)).view(batch, n, -1, attn.head_dim).transpose(1, 2)
-            _, k = rotate(k, k, cos.expand(batch, -1, -1), sin.expand(batch, -1, -1), attn)
+            rows_all = torch.arange(n, device=hidden.device).expand(batch, n)
+            _, k = rotate(k, k, take_rows(cos, rows_all), take_rows(sin, rows_all), attn)
         return k.transpose(1, 2).reshape(batch, n, -1)
 
     def _grids(self, rows: Rows) -> list[list[Grid]]:
