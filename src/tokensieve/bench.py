@@ -92,7 +92,7 @@ def rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             row.update(flops_ratio=r["tflops"] / r["tflops_unpruned"], accuracy=r["accuracy"], agreement=r["agreement"],
                        visual_tokens=r["visual_tokens_kept"]["mean"], ttft_ms=r["ttft_ms"],
-                       options=json.dumps({k: v for k, v in r["settings"]["options"].items() if k != "recipe"}),
+                       options=json.dumps({k: v for k, v in r["settings"]["options"].items() if k != "recipe" and v is not None}),
                        **{f"acc_{t}": v["accuracy"] for t, v in r["per_task"].items()})
         table.append(row)
     return table

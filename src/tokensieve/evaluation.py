@@ -30,6 +30,12 @@ class Prompting:
     processor: Any
     tiny: bool
 
+    @classmethod
+    def for_processor(cls, processor: Any) -> "Prompting":
+        """The shipped model's prompt format for processors without a chat template (the tiny model and
+        checkpoints retrained with ``tokensieve train-tiny``), the chat template otherwise."""
+        return cls(processor, tiny=getattr(processor, "chat_template", None) is None)
+
     def inputs(self, examples: list[Example]) -> Any:
         if self.tiny:
             from .tiny import build_inputs

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         if n not in methods.REGISTRY:
             methods.get(n)
     model, processor = models.load(args.model)
-    prompting = evaluation.Prompting(processor, tiny=args.model == "tiny")
+    prompting = evaluation.Prompting.for_processor(processor)
     bench.run_bench(model, prompting, args.task, names, budgets, args.limit, args.batch_size, args.output, args.model)
     print((args.output / "results.md").read_text())
     print(f"written: {', '.join(str(args.output / f) for f in ('results.json', 'results.csv', 'results.md', 'accuracy_vs_flops.png', 'accuracy_vs_ttft.png'))}")

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     if args.samples < 1:
         raise ValueError(f"--samples must be at least 1, got {args.samples}")
     model, processor = models.load(args.model)
-    prompting = evaluation.Prompting(processor, tiny=args.model == "tiny")
+    prompting = evaluation.Prompting.for_processor(processor)
     if args.method == "vflowopt":
         return _vflowopt(args, model, prompting)
     recipe = evaluation.calibrate_on_tasks(model, prompting, args.task, args.flops, args.samples, args.seed,

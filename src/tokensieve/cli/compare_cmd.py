@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     model, processor = models.load(args.model)
-    prompting = evaluation.Prompting(processor, tiny=args.model == "tiny")
+    prompting = evaluation.Prompting.for_processor(processor)
     results: list[dict] = []
     for method, options in SETTINGS:
         baseline = results[0] if results else None
@@ -52,7 +52,7 @@ def table(results: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         s = r["settings"]
-        opts = ", ".join(f"{k}={v}" for k, v in s["options"].items())
+        opts = ", ".join(f"{k}={v}" for k, v in s["options"].items() if v is not None)
         cells = [s["method"], opts or "-", f"{r['tflops'] / r['tflops_unpruned']:.3f}", f"{r['visual_tokens_kept']['mean']:.1f}",
                  f"{r['accuracy']:.3f}", f"{r['agreement']:.3f}", *(f"{r['per_task'][t]['accuracy']:.3f}" for t in tasks),
                  f"{r['ttft_ms']:.1f}"]

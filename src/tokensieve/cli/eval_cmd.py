@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if not fit_first:
         methods.get(args.method, **options)
     model, processor = models.load(args.model)
-    prompting = evaluation.Prompting(processor, tiny=args.model == "tiny")
+    prompting = evaluation.Prompting.for_processor(processor)
     if fit_first:
         options["recipe"] = evaluation.calibrate_on_tasks(model, prompting, "all", options["flops"], model_name=args.model)
     result = evaluation.evaluate(model, prompting, args.task, args.method, options, args.limit, args.batch_size)
