@@ -1,0 +1,35 @@
+"""The benchmark grid: files written, baseline reused, budgets met, and resumption."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tokensieve import bench, evaluation
+from tokensieve.tiny.build import build_model, build_processor, build_tokenizer
+
+
+def untrained():
+    torch.manual_seed(0)
+    model = build_model(build_tokenizer()).eval()
+    processor = build_processor()
+    processor.tokenizer.padding_side = "left"
+    return model, evaluation.Prompting(processor, tiny=True)
+
+
+def test_bench_writes_every_output_and_resumes(tmp_path):
+    model, prompting = untrained()
+    results = bench.run_bench(model, prompting, "counting", ["fastv", "random"], [0.5, 0.1], 3, 3, tmp_path, "untrained")
+    for name in ("results.json", "results.csv", "results.md", "accuracy_vs_flops.png", "accuracy_vs_ttft.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    cells = {(r["bench"]["method"], r["bench"]["budget"]): r for r in results}
+    assert set(cells) == {("none", 1.0), ("fastv", 0.5), ("fastv", 0.1), ("random", 0.5), ("random", 0.1)}
+    assert cells["none", 1.0]["agreement"] == 1.0
+    for key in [("fastv", 0.5), ("random", 0.5), ("random", 0.1)]:
+        assert cells[key]["tflops"] / cells[key]["tflops_unpruned"] <= key[1]
+    assert "error" in cells["fastv", 0.05] and "out of reach" in cells["fastv", 0.05]["error"]
+    # the grid is resumed: nothing is run again, the stored cells are kept as they were
+    stored = (tmp_path / "results.json").read_text()
+    again = bench.run_bench(model, prompting, "counting", ["fastv", "random"], [0.5, 0.1], 3, 3, tmp_path, "untrained")
+    assert len(again) == 5 and json.loads(stored) == json.loads((tmp_path / "results.json").read_text())
