@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        result = args.handler(args)
+        handler = getattr(args, "handler", None) or args.func
+        result = handler(args)
     except (ValueError, TypeError, FileNotFoundError, UserError) as err:
         print(f"tokensieve {args.command}: error: {err}", file=sys.stderr)
         return 2
