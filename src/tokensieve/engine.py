@@ -79,9 +79,13 @@ class Engine:
         self.transition_layers = set(method.transition_layers()) if "transitions" in method.needs else set()
         self.ledger: Ledger | None = None
         self.state: Pass | None = None
-        self.report = Report(method.name, dataclasses.asdict(method), self.positions)
+        self.report = self._new_report()
         self.history: list[Report] = []
         self._undo: list[Callable[[], None]] = []
+
+    def _new_report(self) -> Report:
+        options = {k: v for k, v in dataclasses.asdict(self.method).items() if not k.startswith("_")}
+        return Report(self.method.name, options, self.positions)
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -150,7 +154,7 @@ class Engine:
         prefill = offset == 0 or self.ledger is None
         if prefill:
             self.ledger = self._new_ledger(input_ids, kwargs, real, batch, new, offset, tokens.device)
-            self.report = Report(self.method.name, dataclasses.asdict(self.method), self.positions)
+            self.report = self._new_report()
             self.history.append(self.report)
         else:
             if batch != self.ledger.real.shape[0]:
