@@ -24,7 +24,8 @@ SLOT = 16
 STEP = 8
 GLYPH_SCALE = 2
 
-BACKGROUND: tuple[int, int, int] = (240, 240, 236)
+BACKGROUND: tuple[int, int, int] = (123, 117, 104)
+"""The CLIP mean colour: background pixels normalise to ~0, so the few object patches stand out."""
 INK: tuple[int, int, int] = (20, 20, 20)
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),

@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=6000, help="optimizer steps (at most)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
-    parser.add_argument("--time-budget-min", type=float, default=50.0,
+    parser.add_argument("--time-budget-min", type=float, default=22.0,
                         help="if > 0 (0 = off), training progress is also measured in wall-clock minutes of optimisation: "
                              "the schedule follows whichever of steps or time is further along, and training stops "
                              "when either is used up")
