@@ -54,22 +54,25 @@ def inputs(batch: int, text: int, device: str, dtype: torch.dtype) -> dict[str, 
             "pixel_values": pixels.to(device, dtype)}
 
 
-def timed(fn, repeats: int, device: str, llm: ForwardTimer) -> tuple[float, float]:
-    """Median seconds of ``fn`` and of the language model's forward inside it, over ``repeats`` runs
-    after two warm-ups."""
-    times, llm_times = [], []
+def timed(settings: dict, repeats: int, device: str, llm: ForwardTimer) -> dict[str, tuple[float, float]]:
+    """Median seconds of each setting's call and of the language model's forward inside it.
+
+    The settings run in turn inside every repeat (after two warm-up turns), so that drift in the
+    machine's load affects them alike.
+    """
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in settings}
     for i in range(repeats + 2):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        llm.start()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-            llm_times.append(llm.prefill_ms[-1] / 1000)
-    return statistics.median(times), statistics.median(llm_times)
+        for name, fn in settings.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            llm.start()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:
+                times[name].append((time.perf_counter() - start, llm.prefill_ms[-1] / 1000))
+    return {name: (statistics.median(t for t, _ in v), statistics.median(l for _, l in v)) for name, v in times.items()}
 
 
 def main() -> None:
@@ -81,7 +84,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--text-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three settings")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args()
@@ -100,14 +102,10 @@ def main() -> None:
                 prefill()
         return run
 
-    # interleave the three so that drift affects them alike; keep each one's best round
-    plain, shim, fastv = [], [], []
+    settings = {"plain": prefill, "shim": under("random", keep=1.0), "fastv": under("fastv", layer=2, keep=0.25)}
     with ForwardTimer(model.model.language_model) as llm:
-        for _ in range(args.rounds):
-            plain.append(timed(prefill, args.repeats, args.device, llm))
-            shim.append(timed(under("random", keep=1.0), args.repeats, args.device, llm))
-            fastv.append(timed(under("fastv", layer=2, keep=0.25), args.repeats, args.device, llm))
-    (t_plain, l_plain), (t_shim, l_shim), (t_fastv, l_fastv) = min(plain), min(shim), min(fastv)
+        medians = timed(settings, args.repeats, args.device, llm)
+    (t_plain, l_plain), (t_shim, l_shim), (t_fastv, l_fastv) = medians["plain"], medians["shim"], medians["fastv"]
     shape = Shape.from_config(model.config.text_config)
     n = 576 + args.text_tokens
     kept = n - 576 + 144
@@ -115,6 +113,7 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({args.threads} threads)",
         "dtype": args.dtype, "layers": args.layers, "batch": args.batch, "tokens": n,
+        "repeats": args.repeats,
         "plain_ms": 1000 * t_plain, "shimmed_keep_all_ms": 1000 * t_shim, "fastv_keep25_ms": 1000 * t_fastv,
         "llm_plain_ms": 1000 * l_plain, "llm_shimmed_keep_all_ms": 1000 * l_shim, "llm_fastv_keep25_ms": 1000 * l_fastv,
         "overhead": t_shim / t_plain - 1,
