@@ -218,7 +218,7 @@ class Engine:
                 else:
                     hidden = self._apply_point(point, hidden)
             ledger.hidden_counts.append(self._real_counts(ledger.hidden))
-            ledger.visual_counts.append(ledger.is_visual(ledger.hidden).sum(1).tolist())
+            ledger.visual_counts.append(ledger.is_visual(ledger.hidden).sum(1))
         kwargs = self._layer_kwargs(idx, hidden, kwargs)
         rows_in = ledger.hidden
         if state.prefill and idx in self.attention_layers:
@@ -290,9 +290,10 @@ class Engine:
             direction = torch.softmax(change.masked_fill(~real, float("-inf")), dim=-1).nan_to_num(0.0)
             ledger.transitions.scatter_add_(1, rows.pos, (magnitude * direction * real).to(ledger.transitions.dtype))
 
-    def _real_counts(self, rows: Rows) -> list[int]:
+    def _real_counts(self, rows: Rows) -> torch.Tensor:
+        """``(B,)`` real (not padding, valid) entries per sample; a tensor, so no device sync per layer."""
         real = self.ledger.real.gather(1, rows.pos) & rows.valid
-        return real.sum(1).tolist()
+        return real.sum(1)
 
     def _layer_kwargs(self, idx: int, hidden: torch.Tensor, kwargs: dict) -> dict:
         state, ledger = self.state, self.ledger
@@ -508,15 +509,18 @@ class Engine:
     def _write_report(self, prefill: bool) -> None:
         ledger, report = self.ledger, self.report
         batch = ledger.real.shape[0]
-        cache_counts = [self._real_counts(c) if c is not None else [0] * batch for c in ledger.caches]
+        cache_counts = [self._real_counts(c).tolist() if c is not None else [0] * batch for c in ledger.caches]
         element = 2 * self.shape.kv_width * self._kv_element_size()
         if prefill:
             prompt_real = ledger.real[:, : ledger.prompt_length].sum(1).tolist()
+            hidden = torch.stack(ledger.hidden_counts).tolist() if ledger.hidden_counts else []
+            visual_counts = torch.stack(ledger.visual_counts).tolist() if ledger.visual_counts else []
+            inside = {l: c.tolist() for l, c in ledger.inside_counts.items()}
             samples = []
             for b in range(batch):
-                lengths = [counts[b] for counts in ledger.hidden_counts]
-                out_lengths = [ledger.inside_counts[l][b] if l in ledger.inside_counts else n for l, n in enumerate(lengths)]
-                visual = [counts[b] for counts in ledger.visual_counts]
+                lengths = [counts[b] for counts in hidden]
+                out_lengths = [inside[l][b] if l in inside else n for l, n in enumerate(lengths)]
+                visual = [counts[b] for counts in visual_counts]
                 caches = [c[b] for c in cache_counts]
                 vis_in = len(ledger.visual_kept["input"][b])
                 samples.append(

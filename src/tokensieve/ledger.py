@@ -83,6 +83,10 @@ class Ledger:
         shift: ``(B, T + 1)`` with renumbered positions: tokens removed before each prompt position
             (last column: removed in total), or None.
         transitions: ``(B, T)`` accumulated token-transition scores per original position (TransPrune).
+        hidden_counts, visual_counts: per decoder layer, ``(B,)`` real and visual tokens entering it at
+            prefill (tensors: read once, at the end of the pass, so no device sync per layer).
+        inside_counts: per layer that prunes inside itself, ``(B,)`` real tokens leaving its attention.
+        visual_kept: stage name -> per sample, original positions of the visual tokens alive after it.
     """
 
     hidden: Rows
@@ -96,9 +100,9 @@ class Ledger:
     shift: torch.Tensor | None = None
     transitions: torch.Tensor | None = None
     cache_identity: list[bool] = field(default_factory=list)
-    hidden_counts: list[list[int]] = field(default_factory=list)
-    visual_counts: list[list[int]] = field(default_factory=list)
-    inside_counts: dict[int, list[int]] = field(default_factory=dict)
+    hidden_counts: list[torch.Tensor] = field(default_factory=list)
+    visual_counts: list[torch.Tensor] = field(default_factory=list)
+    inside_counts: dict[int, torch.Tensor] = field(default_factory=dict)
     visual_kept: dict[str, list[list[int]]] = field(default_factory=dict)
 
     def is_visual(self, rows: Rows) -> torch.Tensor:
