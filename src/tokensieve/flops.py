@@ -91,8 +91,10 @@ def load_shape(name_or_path: str) -> Shape:
     return Shape.from_config(cfg)
 
 
-def layer_macs(shape: Shape, n_in: int, n_out: int | None = None) -> int:
-    """Multiply-accumulates of one decoder layer; ``n_out`` tokens leave after attention (default n_in)."""
+def layer_macs(shape: Shape, n_in, n_out=None):
+    """Multiply-accumulates of one decoder layer; ``n_out`` tokens leave after attention (default n_in).
+
+    ``n_in`` / ``n_out`` are ints, or tensors of per-sample counts (the result is then per sample)."""
     n_out = n_in if n_out is None else n_out
     d = shape.hidden
     qkv = n_in * d * (shape.attn_width + 2 * shape.kv_width)
@@ -111,17 +113,17 @@ def prefill_flops(shape: Shape, n_in: list[int], n_out: list[int] | None = None)
     return 2 * sum(layer_macs(shape, a, b) for a, b in zip(n_in, n_out))
 
 
-def schedule_from_removed(shape: Shape, start: int, removed: dict[int, int], inside: bool) -> tuple[list[int], list[int]]:
+def schedule_from_removed(num_layers: int, start: int, removed: dict[int, int], inside: bool) -> tuple[list[int], list[int]]:
     """Per-layer (n_in, n_out) from ``{layer: tokens removed at that layer}``.
 
     With ``inside`` the tokens leave layer ``l`` after its attention (FitPrune); otherwise they leave at
     the boundary after layer ``l`` (they are counted through layer ``l``).
     """
-    bad = [layer for layer in removed if not 0 <= layer < shape.layers]
+    bad = [layer for layer in removed if not 0 <= layer < num_layers]
     if bad:
-        raise ValueError(f"schedule names layers {bad} outside a {shape.layers}-layer model")
+        raise ValueError(f"schedule names layers {bad} outside a {num_layers}-layer model")
     n_in, n_out, n = [], [], start
-    for layer in range(shape.layers):
+    for layer in range(num_layers):
         gone = removed.get(layer, 0)
         if gone > n:
             raise ValueError(f"schedule removes {gone} tokens at layer {layer} where only {n} remain")

@@ -37,9 +37,7 @@ def _schedule_file(path: Path, layers: int, n_visual: int) -> tuple[list[int], l
         raise
     except (json.JSONDecodeError, KeyError, AttributeError, TypeError, ValueError) as err:
         raise ValueError(f'{path} is not a schedule {{"removed": {{layer: count}}, "inside_layer": bool}}: {err}') from None
-    from ..flops import Shape
-    shape = Shape(layers, 1, 1, 1, 1, 1)
-    return schedule_from_removed(shape, n_visual, removed, inside)
+    return schedule_from_removed(layers, n_visual, removed, inside)
 
 
 def compute(args: argparse.Namespace) -> dict[str, Any]:

@@ -154,13 +154,6 @@ class FitPruneSearch(Method):
     def points(self) -> list[Point]:
         return [Point(before=l, attention_layer=l, inside=True) for l in range(self.num_layers)]
 
-    def _cost(self, tokens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-sample MACs of one layer receiving ``tokens`` (``(B,)`` float) with ``out`` leaving its attention."""
-        s = self.shape
-        out = tokens if out is None else out
-        return (tokens * s.hidden * (s.attn_width + 2 * s.kv_width) + 2 * tokens**2 * s.attn_width
-                + out * s.attn_width * s.hidden + 3 * out * s.hidden * s.intermediate)
-
     def select(self, view: View) -> Selection:
         layer = view.point.before
         cross, self_, n_text = attention_scores(view)
@@ -173,9 +166,9 @@ class FitPruneSearch(Method):
         counted = n_vis if self.visual_only else real
         if layer == 0:
             self.spent = [0.0] * keep.shape[0]
-            self.full = [float(layer_macs(self.shape, int(c))) * self.num_layers for c in counted.tolist()]
+            self.full = (layer_macs(self.shape, counted) * self.num_layers).tolist()
         spent = torch.tensor(self.spent, dtype=torch.float64)
-        rest = self._cost(counted) * (self.num_layers - layer)
+        rest = layer_macs(self.shape, counted) * (self.num_layers - layer)
         reached = (spent + rest).sum() <= self.budget * sum(self.full)
         removed = [0] * keep.shape[0]
         if not reached:
@@ -193,7 +186,7 @@ class FitPruneSearch(Method):
                 removed[b] = int(gone.sum())
         self.removed[layer] = removed
         out = counted - torch.tensor(removed, dtype=torch.float64)
-        self.spent = (spent + self._cost(counted, out)).tolist()
+        self.spent = (spent + layer_macs(self.shape, counted, out)).tolist()
         return Selection(keep=keep)
 
 
