@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ..tasks import TASKS
+from .auxiliary import EvidencePointer, PatchProbe
 from .build import build_model, build_processor
 from .data import Pool, build_pool, collate
 
@@ -76,6 +77,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pool-per-task", type=int, default=10_000, help="pre-generated training examples per task")
     parser.add_argument("--extra-turns", type=int, default=6,
                         help="extra questions about the same image per training sequence")
+    parser.add_argument("--probe-weight", type=float, default=1.0,
+                        help="weight of the training-only per-patch probe loss (0 = answers only); see tiny/auxiliary.py")
+    parser.add_argument("--pointer-weight", type=float, default=1.0,
+                        help="weight of the training-only evidence pointer loss (0 = off); see tiny/auxiliary.py")
+    parser.add_argument("--pointer-layer", type=int, default=4,
+                        help="decoder layer whose output hidden states the evidence pointer reads")
+    parser.add_argument("--pointer-until", type=float, default=1.0,
+                        help="fraction of training after which the evidence pointer loss is switched off")
     parser.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations")
     parser.add_argument("--eval-items", type=int, default=100, help="held-out items per task for those evaluations")
 
@@ -105,11 +114,18 @@ def run(args: argparse.Namespace) -> dict:
     pad_id = tokenizer.pad_token_id
     model = build_model(tokenizer)
     model.train()
+    width = model.config.text_config.hidden_size
+    probe = PatchProbe(width)
+    pointer = EvidencePointer(width)
+    hook = probe.attach(model.model.multi_modal_projector)
+    image_id = model.config.image_token_index
     train_pool = build_pool(tokenizer, "train", args.pool_per_task, start=args.seed * args.pool_per_task,
                             extra_turns=args.extra_turns)
     eval_pool = build_pool(tokenizer, "test", args.eval_items, start=EVAL_START)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    params = [*model.named_parameters(), *probe.named_parameters(prefix="probe"),
+              *pointer.named_parameters(prefix="pointer")]
+    decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.98),
@@ -130,18 +146,29 @@ def run(args: argparse.Namespace) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, progress, args.lr, args.warmup)
         index = torch.randint(0, len(train_pool.ids), (args.batch_size,), generator=generator)
-        loss = model(**collate(train_pool, index, pad_id, with_answer=True)).loss
+        batch = collate(train_pool, index, pad_id, with_answer=True)
+        targets, evidence = batch.pop("patch_targets"), batch.pop("evidence")
+        use_pointer = args.pointer_weight > 0 and progress < args.pointer_until
+        out = model(**batch, output_hidden_states=use_pointer)
+        answer_loss = out.loss
+        loss = answer_loss
+        if args.probe_weight > 0:
+            loss = loss + args.probe_weight * probe.loss(targets)
+        if use_pointer:
+            hidden = out.hidden_states[args.pointer_layer]
+            loss = loss + args.pointer_weight * pointer.loss(hidden, batch["input_ids"] == image_id, targets, evidence)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        running = answer_loss.item() if running is None else 0.98 * running + 0.02 * answer_loss.item()
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{running:.3f}", refresh=False)
         if step % args.eval_every == 0:
             history.append(evaluate_and_log(model, eval_pool, pad_id, step, running, start_time))
     bar.close()
+    hook.remove()
     if not history or history[-1]["step"] != step:
         history.append(evaluate_and_log(model, eval_pool, pad_id, step, running, start_time))
     args.out.mkdir(parents=True, exist_ok=True)
