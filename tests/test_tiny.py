@@ -86,3 +86,75 @@ def test_shipped_model_answers_fixed_items() -> None:
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     answers = parse_answers(processor.tokenizer, out, inputs["input_ids"].shape[1])
     assert answers == [e.answer for e in examples]
+
+
+def test_patch_targets_label_each_object_from_its_pixels() -> None:
+    from tokensieve.tasks.generators import COLOUR_NAMES
+    from tokensieve.tasks.glyphs import GLYPHS
+    from tokensieve.tasks.scene import SHAPES
+    from tokensieve.tiny.auxiliary import patch_targets
+
+    for task in TASKS:
+        for e in generate(task, "train", 10):
+            targets = patch_targets(np.asarray(e.image), e.items)
+            assert targets.shape == (NUM_IMAGE_TOKENS, 4)
+            occupied = targets[:, 1] > 0
+            assert occupied.sum() == 4 * len(e.items), "every object covers exactly 2x2 patches"
+            for item in e.items:
+                here = occupied & (targets[:, 3] == item.cell)
+                assert here.sum() == 4
+                if item.glyph is not None:
+                    assert (targets[here, 2] == 1 + GLYPHS.index(item.glyph)).all()
+                else:
+                    assert (targets[here, 0] == 1 + COLOUR_NAMES.index(item.colour)).all()
+                    assert (targets[here, 1] == 1 + SHAPES.index(item.shape)).all()
+                    assert (targets[here, 2] == 0).all()
+            patch = np.arange(NUM_IMAGE_TOKENS)
+            assert (targets[:, 3] == (patch // 12 // 4) * 3 + patch % 12 // 4).all()
+
+
+def test_scene_question_evidence() -> None:
+    from tokensieve.tasks.questions import scene_questions
+    from tokensieve.tasks.scene import CELL_NAMES
+
+    for e in generate("counting", "train", 10) + generate("attribute", "train", 10):
+        for question, answer, cells in scene_questions(e.items, np.random.default_rng(0), 50):
+            if question.startswith("how many"):
+                assert len(cells) == int(answer)
+                assert all(e.items[[it.cell for it in e.items].index(c)].shape + "s" in question for c in cells)
+            if question.startswith("what"):
+                assert len(cells) == 1 and question.endswith(f"at {CELL_NAMES[cells[0]]} ?")
+
+
+def test_training_batch_queries_point_at_the_answer_predicting_token(processor) -> None:
+    from tokensieve.tiny.data import build_pool, collate
+
+    tok = processor.tokenizer
+    pool = build_pool(tok, "train", 3, extra_turns=2, progress=False)
+    batch = collate(pool, torch.arange(len(pool.ids)), tok.pad_token_id, with_answer=True)
+    rows, positions, bits = batch["evidence"].unbind(-1)
+    colon = tok.convert_tokens_to_ids(":")
+    assert (batch["input_ids"][rows, positions] == colon).all()
+    assert (batch["labels"][rows, positions + 1] != -100).all(), "the next token is a supervised answer"
+    assert (bits > 0).all() and (bits < 512).all()
+
+
+def test_evidence_pointer_loss_matches_its_formula() -> None:
+    from tokensieve.tiny.auxiliary import EvidencePointer
+
+    torch.manual_seed(0)
+    pointer = EvidencePointer(8, dim=4)
+    hidden = torch.randn(2, 150, 8)
+    visual = torch.zeros(2, 150, dtype=torch.bool)
+    visual[:, 3:147] = True
+    targets = torch.zeros(2, NUM_IMAGE_TOKENS, 4, dtype=torch.long)
+    targets[:, :, 3] = torch.arange(NUM_IMAGE_TOKENS) % 9
+    targets[0, [5, 14], 0] = 1  # occupied patches in cells 5 and 5
+    targets[1, [0, 9], 0] = 2  # cells 0 and 0
+    evidence = torch.tensor([[0, 149, 1 << 5], [1, 148, 1 << 0], [1, 149, 1 << 3]])  # the last has no evidence
+    loss = pointer.loss(hidden, visual, targets, evidence)
+    expected = []
+    for row, pos, patches in ((0, 149, [5, 14]), (1, 148, [0, 9])):
+        scores = pointer.key(hidden[row, 3:147]) @ pointer.query(hidden[row, pos]) / 2.0
+        expected.append(-scores.softmax(-1)[patches].sum().log())
+    assert torch.allclose(loss, torch.stack(expected).mean(), atol=1e-6)

@@ -65,12 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/tiny"), help="output checkpoint directory")
     parser.add_argument("--steps", type=int, default=6000, help="optimizer steps (at most)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
-    parser.add_argument("--time-budget-min", type=float, default=22.0,
+    parser.add_argument("--lr", type=float, default=8e-4, help="peak learning rate (AdamW)")
+    parser.add_argument("--time-budget-min", type=float, default=55.0,
                         help="if > 0 (0 = off), training progress is also measured in wall-clock minutes of optimisation: "
                              "the schedule follows whichever of steps or time is further along, and training stops "
                              "when either is used up")
-    parser.add_argument("--warmup", type=int, default=150, help="linear warmup steps")
+    parser.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decoder layer whose output hidden states the evidence pointer reads")
     parser.add_argument("--pointer-until", type=float, default=1.0,
                         help="fraction of training after which the evidence pointer loss is switched off")
-    parser.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations")
+    parser.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations")
     parser.add_argument("--eval-items", type=int, default=100, help="held-out items per task for those evaluations")
 
 
