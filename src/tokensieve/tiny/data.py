@@ -56,7 +56,7 @@ def encode_texts(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[lis
 
 
 def build_pool(tokenizer, split: str, per_task: int, start: int = 0, extra_turns: int = 0,
-               progress: bool = True) -> Pool:
+               progress: bool = True, question_first: bool = False) -> Pool:
     """Generate ``per_task`` examples of every task from ``split`` (items ``start`` ..).
 
     Each example's own question comes first; ``extra_turns`` further questions about the
@@ -72,7 +72,7 @@ def build_pool(tokenizer, split: str, per_task: int, start: int = 0, extra_turns
             rng = np.random.default_rng([t, start + i, 7])
             extra = [qa for qa in scene_questions(e.items, rng, extra_turns + 1) if qa[0] != e.question]
             extra = extra[:extra_turns]
-            texts.append(f"{prompt_text(e.question)} {e.answer} </s>"
+            texts.append(f"{prompt_text(e.question, question_first)} {e.answer} </s>"
                          + "".join(f" USER: {q} ASSISTANT: {a} </s>" for q, a, _ in extra))
             evidence.append([cell_bits(box_cells(e.boxes))] + [cell_bits(cells) for _, _, cells in extra])
         task_idx += [t] * per_task

@@ -45,13 +45,16 @@ def next_token_accuracy(model, pool: Pool, pad_id: int, batch_size: int) -> dict
     return {task: correct[pool.task == t].float().mean().item() for t, task in enumerate(TASKS)}
 
 
-def evaluate_and_log(model, pool: Pool, pad_id: int, step: int, loss: float, start_time: float) -> dict:
-    """Held-out next-token accuracy per task, printed as one log line and returned as a history record."""
+def evaluate_and_log(model, pool: Pool, pad_id: int, step: int, loss: float, start_time: float,
+                     aux: dict[str, float]) -> dict:
+    """Held-out next-token accuracy per task, printed as one log line with the running answer and
+    auxiliary losses, and returned as a history record."""
     acc = next_token_accuracy(model, pool, pad_id, 64)
     elapsed = time.time() - start_time
     accs = " ".join(f"{k}={v:.3f}" for k, v in acc.items())
-    tqdm.write(f"step {step} loss {loss:.4f} elapsed {elapsed:.0f}s acc {accs}")
-    return {"step": step, "loss": loss, "elapsed_s": elapsed, "accuracy": acc}
+    losses = " ".join(f"{k} {v:.4f}" for k, v in aux.items())
+    tqdm.write(f"step {step} loss {loss:.4f} {losses} elapsed {elapsed:.0f}s acc {accs}")
+    return {"step": step, "loss": loss, "aux_losses": dict(aux), "elapsed_s": elapsed, "accuracy": acc}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,6 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decoder layer whose output hidden states the evidence pointer reads")
     parser.add_argument("--pointer-until", type=float, default=1.0,
                         help="fraction of training after which the evidence pointer loss is switched off")
+    parser.add_argument("--question-first", action="store_true",
+                        help="experiment: also ask the question before the image (not the shipped prompt format)")
     parser.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations")
     parser.add_argument("--eval-items", type=int, default=100, help="held-out items per task for those evaluations")
 
@@ -120,8 +125,8 @@ def run(args: argparse.Namespace) -> dict:
     hook = probe.attach(model.model.multi_modal_projector)
     image_id = model.config.image_token_index
     train_pool = build_pool(tokenizer, "train", args.pool_per_task, start=args.seed * args.pool_per_task,
-                            extra_turns=args.extra_turns)
-    eval_pool = build_pool(tokenizer, "test", args.eval_items, start=EVAL_START)
+                            extra_turns=args.extra_turns, question_first=args.question_first)
+    eval_pool = build_pool(tokenizer, "test", args.eval_items, start=EVAL_START, question_first=args.question_first)
     params = [*model.named_parameters(), *probe.named_parameters(prefix="probe"),
               *pointer.named_parameters(prefix="pointer")]
     decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
@@ -134,6 +139,7 @@ def run(args: argparse.Namespace) -> dict:
     history = []
     bar = tqdm(total=args.steps, desc="train-tiny", mininterval=10)
     running = None
+    aux_running: dict[str, float] = {}
     train_start = time.time()
     budget_s = args.time_budget_min * 60
     step = 0
@@ -148,15 +154,20 @@ def run(args: argparse.Namespace) -> dict:
         index = torch.randint(0, len(train_pool.ids), (args.batch_size,), generator=generator)
         batch = collate(train_pool, index, pad_id, with_answer=True)
         targets, evidence = batch.pop("patch_targets"), batch.pop("evidence")
+        aux: dict[str, torch.Tensor] = {}
         use_pointer = args.pointer_weight > 0 and progress < args.pointer_until
         out = model(**batch, output_hidden_states=use_pointer)
         answer_loss = out.loss
         loss = answer_loss
         if args.probe_weight > 0:
-            loss = loss + args.probe_weight * probe.loss(targets)
+            aux["probe"] = probe.loss(targets)
+            loss = loss + args.probe_weight * aux["probe"]
         if use_pointer:
             hidden = out.hidden_states[args.pointer_layer]
-            loss = loss + args.pointer_weight * pointer.loss(hidden, batch["input_ids"] == image_id, targets, evidence)
+            aux["pointer"] = pointer.loss(hidden, batch["input_ids"] == image_id, targets, evidence)
+            loss = loss + args.pointer_weight * aux["pointer"]
+        for name, value in aux.items():
+            aux_running[name] = 0.98 * aux_running.get(name, value.item()) + 0.02 * value.item()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -166,11 +177,11 @@ def run(args: argparse.Namespace) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{running:.3f}", refresh=False)
         if step % args.eval_every == 0:
-            history.append(evaluate_and_log(model, eval_pool, pad_id, step, running, start_time))
+            history.append(evaluate_and_log(model, eval_pool, pad_id, step, running, start_time, aux_running))
     bar.close()
     hook.remove()
     if not history or history[-1]["step"] != step:
-        history.append(evaluate_and_log(model, eval_pool, pad_id, step, running, start_time))
+        history.append(evaluate_and_log(model, eval_pool, pad_id, step, running, start_time, aux_running))
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
