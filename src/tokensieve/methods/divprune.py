@@ -46,7 +46,6 @@ def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
 class DivPrune(EncoderPruner):
     """Options: ``keep`` fraction of visual tokens (default 0.5) or ``flops`` target, ``positions``."""
 
-
     name: ClassVar[str] = "divprune"
     paper: ClassVar[str] = "Alvar et al., DivPrune: Diversity-based Visual Token Pruning for LMMs, CVPR 2025"
     needs: ClassVar[tuple[str, ...]] = ("projected visual tokens",)

@@ -23,7 +23,6 @@ from .base import EncoderPruner, Selection, View, kept_counts, top_visual
 class FasterVLM(EncoderPruner):
     """Options: ``keep`` fraction of visual tokens (default 0.5) or ``flops`` target, ``positions``."""
 
-
     name: ClassVar[str] = "fastervlm"
     paper: ClassVar[str] = "Zhang et al., [CLS] Attention is All You Need for Training-Free Visual Token Pruning, 2024"
     needs: ClassVar[tuple[str, ...]] = ("cls attention",)

@@ -51,7 +51,6 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
 class ToMe(EncoderPruner):
     """Options: ``keep`` fraction of visual tokens (default 0.5) or ``flops`` target, ``positions``."""
 
-
     name: ClassVar[str] = "tome"
     paper: ClassVar[str] = "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023"
     needs: ClassVar[tuple[str, ...]] = ("vision keys",)

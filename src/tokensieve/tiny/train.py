@@ -45,16 +45,17 @@ def next_token_accuracy(model, pool: Pool, pad_id: int, batch_size: int) -> dict
     return {task: correct[pool.task == t].float().mean().item() for t, task in enumerate(TASKS)}
 
 
-def evaluate_and_log(model, pool: Pool, pad_id: int, step: int, loss: float, start_time: float,
-                     aux: dict[str, float]) -> dict:
-    """Held-out next-token accuracy per task, printed as one log line with the running answer and
-    auxiliary losses, and returned as a history record."""
+def evaluate_and_log(model, pool: Pool, pad_id: int, step: int, running: dict[str, float],
+                     start_time: float) -> dict:
+    """Held-out next-token accuracy per task, printed as one log line with the running answer loss
+    (``running["answer"]``) and auxiliary losses, and returned as a history record."""
     acc = next_token_accuracy(model, pool, pad_id, 64)
     elapsed = time.time() - start_time
     accs = " ".join(f"{k}={v:.3f}" for k, v in acc.items())
+    aux = {k: v for k, v in running.items() if k != "answer"}
     losses = " ".join(f"{k} {v:.4f}" for k, v in aux.items())
-    tqdm.write(f"step {step} loss {loss:.4f} {losses} elapsed {elapsed:.0f}s acc {accs}")
-    return {"step": step, "loss": loss, "aux_losses": dict(aux), "elapsed_s": elapsed, "accuracy": acc}
+    tqdm.write(f"step {step} loss {running['answer']:.4f} {losses} elapsed {elapsed:.0f}s acc {accs}")
+    return {"step": step, "loss": running["answer"], "aux_losses": aux, "elapsed_s": elapsed, "accuracy": acc}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -138,8 +139,7 @@ def run(args: argparse.Namespace) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     history = []
     bar = tqdm(total=args.steps, desc="train-tiny", mininterval=10)
-    running = None
-    aux_running: dict[str, float] = {}
+    running: dict[str, float] = {}  # moving averages of the answer loss and each auxiliary loss
     train_start = time.time()
     budget_s = args.time_budget_min * 60
     step = 0
@@ -166,22 +166,22 @@ def run(args: argparse.Namespace) -> dict:
             hidden = out.hidden_states[args.pointer_layer]
             aux["pointer"] = pointer.loss(hidden, batch["input_ids"] == image_id, targets, evidence)
             loss = loss + args.pointer_weight * aux["pointer"]
-        for name, value in aux.items():
-            aux_running[name] = 0.98 * aux_running.get(name, value.item()) + 0.02 * value.item()
+        for name, value in {"answer": answer_loss, **aux}.items():
+            value = value.item()
+            running[name] = 0.98 * running.get(name, value) + 0.02 * value
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        running = answer_loss.item() if running is None else 0.98 * running + 0.02 * answer_loss.item()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{running:.3f}", refresh=False)
+        bar.set_postfix(loss=f"{running['answer']:.3f}", refresh=False)
         if step % args.eval_every == 0:
-            history.append(evaluate_and_log(model, eval_pool, pad_id, step, running, start_time, aux_running))
+            history.append(evaluate_and_log(model, eval_pool, pad_id, step, running, start_time))
     bar.close()
     hook.remove()
     if not history or history[-1]["step"] != step:
-        history.append(evaluate_and_log(model, eval_pool, pad_id, step, running, start_time, aux_running))
+        history.append(evaluate_and_log(model, eval_pool, pad_id, step, running, start_time))
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
