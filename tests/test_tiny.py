@@ -158,3 +158,33 @@ def test_evidence_pointer_loss_matches_its_formula() -> None:
         scores = pointer.key(hidden[row, 3:147]) @ pointer.query(hidden[row, pos]) / 2.0
         expected.append(-scores.softmax(-1)[patches].sum().log())
     assert torch.allclose(loss, torch.stack(expected).mean(), atol=1e-6)
+
+
+def test_evidence_head_loss_equals_eager_attention_mass(processor) -> None:
+    """The grounding-head loss is -log of the evidence mass in the model's own eager attention."""
+    from tokensieve.tiny.auxiliary import evidence_head_loss, evidence_targets
+    from tokensieve.tiny.build import build_model
+    from tokensieve.tiny.data import build_pool, collate
+
+    torch.manual_seed(0)
+    tok = processor.tokenizer
+    model = build_model(tok)
+    model.model.language_model.config._attn_implementation = "eager"
+    pool = build_pool(tok, "train", 2, extra_turns=2, progress=False)
+    batch = collate(pool, torch.arange(len(pool.ids)), tok.pad_token_id, with_answer=True)
+    targets, evidence = batch.pop("patch_targets"), batch.pop("evidence")
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True, output_attentions=True)
+        decoder = model.model.language_model
+        layer, head = 4, 1
+        hidden = out.hidden_states[layer]
+        cos, sin = decoder.rotary_emb(hidden, batch["position_ids"])
+        visual = batch["input_ids"] == model.config.image_token_index
+        loss = evidence_head_loss(decoder.layers[layer], head, hidden, cos, sin, batch["attention_mask"],
+                                  visual, targets, evidence)
+    rows, positions, bits = evidence.unbind(-1)
+    probs = out.attentions[layer][rows, head, positions]  # (Q, L)
+    on_visual = probs[visual[rows]].view(len(rows), -1)
+    target = evidence_targets(targets, rows, bits)
+    expected = -(on_visual * target).sum(-1)[target.any(-1)].log().mean()
+    assert torch.allclose(loss, expected, atol=1e-5)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..attention import rotate
 from ..tasks.generators import COLOUR_NAMES
 from ..tasks.glyphs import GLYPHS
 from ..tasks.scene import BACKGROUND, CELL, GRID, SHAPES, Item
@@ -103,6 +104,27 @@ class PatchProbe(nn.Module):
         return torch.stack(losses).mean()
 
 
+def evidence_targets(patch_targets: torch.Tensor, rows: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """(Q, N) bool: the occupied patches inside each query's evidence cells.
+
+    ``patch_targets``: (B, N, 4) per-patch classes; ``rows``: (Q,) batch row of each query;
+    ``bits``: (Q,) evidence cell bit masks.
+    """
+    occupied = patch_targets[rows, :, 0] > 0
+    in_cells = (bits[:, None] >> patch_targets[rows, :, 3]) & 1 == 1
+    return occupied & in_cells
+
+
+def evidence_nll(log_p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``-log`` of the probability mass on the target tokens, averaged over queries with a target.
+
+    ``log_p``: (Q, N) log-probabilities of each query over the N visual tokens (they may sum to
+    less than one when the distribution also covers text tokens); ``target``: (Q, N) bool.
+    """
+    keep = target.any(-1)
+    return -log_p.masked_fill(~target, float("-inf"))[keep].logsumexp(-1).mean()
+
+
 class EvidencePointer(nn.Module):
     """Bilinear pointer from an answer-predicting token to the visual tokens of its evidence.
 
@@ -128,9 +150,37 @@ class EvidencePointer(nn.Module):
         rows, positions, bits = evidence.unbind(-1)
         queries = self.query(hidden[rows, positions])  # (Q, d)
         scores = torch.einsum("qd,qnd->qn", queries, keys[rows]) * self.scale
-        occupied = patch_targets[rows, :, 0] > 0  # (Q, N)
-        in_cells = (bits[:, None] >> patch_targets[rows, :, 3]) & 1 == 1
-        target = occupied & in_cells
-        keep = target.any(-1)
-        log_p = scores.log_softmax(-1).masked_fill(~target, float("-inf"))
-        return -log_p[keep].logsumexp(-1).mean()
+        return evidence_nll(scores.log_softmax(-1), evidence_targets(patch_targets, rows, bits))
+
+
+def evidence_head_loss(layer: nn.Module, head: int, hidden: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, attention_mask: torch.Tensor, visual: torch.Tensor,
+                       patch_targets: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:
+    """Evidence loss on one head of a decoder layer's own attention (a grounding head).
+
+    The attention of ``head`` at ``layer`` is recomputed for the answer-predicting tokens from
+    the layer's input, over every key the model lets them see (causal and padding mask, text
+    and visual); the loss is ``-log`` of its mass on the evidence patches. Unlike
+    :class:`EvidencePointer`, this shapes the shipped model's attention at this one head, the
+    way the grounding heads found in trained LLaVA models attend to the object a question names.
+
+    ``hidden``: (B, L, D) input of ``layer``; ``cos``/``sin``: (B, L, head_dim) rotary tables;
+    ``attention_mask``: (B, L); ``visual``: (B, L) bool, 144 True per row; ``patch_targets``:
+    (B, 144, 4); ``evidence``: (Q, 3) rows of (batch row, query position, cell bits).
+    """
+    attn = layer.self_attn
+    dim = attn.head_dim
+    groups = attn.config.num_attention_heads // attn.config.num_key_value_heads
+    x = layer.input_layernorm(hidden)
+    batch, length, _ = x.shape
+    rows, positions, bits = evidence.unbind(-1)
+    q = attn.q_proj(x[rows, positions])[:, head * dim : (head + 1) * dim]  # (Q, d)
+    kv = head // groups
+    k = attn.k_proj(x)[..., kv * dim : (kv + 1) * dim]  # (B, L, d)
+    q, _ = rotate(q[:, None, None], q[:, None, None], cos[rows, positions][:, None], sin[rows, positions][:, None], attn)
+    _, k = rotate(k[:, None], k[:, None], cos, sin, attn)
+    scores = (k[rows, 0] @ q[:, 0, 0, :, None]).squeeze(-1) * attn.scaling  # (Q, L)
+    allowed = (torch.arange(length)[None] <= positions[:, None]) & attention_mask[rows].bool()
+    log_p = scores.masked_fill(~allowed, float("-inf")).log_softmax(-1)
+    log_visual = log_p[visual[rows]].view(len(rows), -1)  # (Q, 144)
+    return evidence_nll(log_visual, evidence_targets(patch_targets, rows, bits))

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ..tasks import TASKS
-from .auxiliary import EvidencePointer, PatchProbe
+from .auxiliary import EvidencePointer, PatchProbe, evidence_head_loss
 from .build import build_model, build_processor
 from .data import Pool, build_pool, collate
 
@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=6000, help="optimizer steps (at most)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=8e-4, help="peak learning rate (AdamW)")
-    parser.add_argument("--time-budget-min", type=float, default=55.0,
+    parser.add_argument("--time-budget-min", type=float, default=80.0,
                         help="if > 0 (0 = off), training progress is also measured in wall-clock minutes of optimisation: "
                              "the schedule follows whichever of steps or time is further along, and training stops "
                              "when either is used up")
@@ -86,7 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pointer-weight", type=float, default=1.0,
                         help="weight of the training-only evidence pointer loss (0 = off); see tiny/auxiliary.py")
     parser.add_argument("--pointer-layer", type=int, default=4,
-                        help="decoder layer whose output hidden states the evidence pointer reads")
+                        help="decoder layer whose input hidden states the evidence loss reads")
+    parser.add_argument("--pointer-head", type=int, default=-1,
+                        help="attention head of that layer trained to look at the evidence (a grounding head); "
+                             "-1 = a separate bilinear scorer that leaves attention alone")
     parser.add_argument("--pointer-until", type=float, default=1.0,
                         help="fraction of training after which the evidence pointer loss is switched off")
     parser.add_argument("--question-first", action="store_true",
@@ -108,6 +111,19 @@ def main(argv: list[str] | None = None) -> dict:
     return run(parse_args(argv))
 
 
+def pointer_loss(model, pointer: EvidencePointer, args: argparse.Namespace, hidden: torch.Tensor,
+                 batch: dict[str, torch.Tensor], targets: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:
+    """The evidence loss at ``args.pointer_layer`` (input hidden states ``hidden``, (B, L, D)):
+    on head ``args.pointer_head`` of that layer's attention, or the bilinear ``pointer`` if it is -1."""
+    visual = batch["input_ids"] == model.config.image_token_index
+    if args.pointer_head < 0:
+        return pointer.loss(hidden, visual, targets, evidence)
+    decoder = model.model.language_model
+    cos, sin = decoder.rotary_emb(hidden, batch["position_ids"])
+    return evidence_head_loss(decoder.layers[args.pointer_layer], args.pointer_head, hidden, cos, sin,
+                              batch["attention_mask"], visual, targets, evidence)
+
+
 def run(args: argparse.Namespace) -> dict:
     """Train with the parsed options, save the checkpoint and ``training_summary.json`` in ``args.out``."""
     if args.steps < 1 or args.batch_size < 1:
@@ -124,7 +140,6 @@ def run(args: argparse.Namespace) -> dict:
     probe = PatchProbe(width)
     pointer = EvidencePointer(width)
     hook = probe.attach(model.model.multi_modal_projector)
-    image_id = model.config.image_token_index
     train_pool = build_pool(tokenizer, "train", args.pool_per_task, start=args.seed * args.pool_per_task,
                             extra_turns=args.extra_turns, question_first=args.question_first)
     eval_pool = build_pool(tokenizer, "test", args.eval_items, start=EVAL_START, question_first=args.question_first)
@@ -163,14 +178,14 @@ def run(args: argparse.Namespace) -> dict:
             aux["probe"] = probe.loss(targets)
             loss = loss + args.probe_weight * aux["probe"]
         if use_pointer:
-            hidden = out.hidden_states[args.pointer_layer]
-            aux["pointer"] = pointer.loss(hidden, batch["input_ids"] == image_id, targets, evidence)
+            aux["pointer"] = pointer_loss(model, pointer, args, out.hidden_states[args.pointer_layer], batch,
+                                          targets, evidence)
             loss = loss + args.pointer_weight * aux["pointer"]
         for name, value in {"answer": answer_loss, **aux}.items():
             value = value.item()
             running[name] = 0.98 * running.get(name, value) + 0.02 * value
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
