@@ -9,14 +9,16 @@ from .. import bench, evaluation, models
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="accuracy vs FLOPs grid of methods (resumable)")
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--task", default="all")
+    p = sub.add_parser("bench", help="accuracy vs FLOPs grid of methods (resumable)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny", help="'tiny', a local checkpoint directory or a hub id (offline cache)")
+    p.add_argument("--task", default="all", help="one task name or 'all'")
     p.add_argument("--methods", default="fastv,fitprune,random", help="comma-separated method names")
     p.add_argument("--flops", default="0.5,0.3,0.2,0.1", help="comma-separated FLOPs budgets in (0, 1)")
     p.add_argument("--limit", type=int, default=evaluation.TEST_ITEMS, help="test items per task")
-    p.add_argument("--batch-size", type=int, default=25)
-    p.add_argument("-o", "--output", type=Path, default=Path("results"))
+    p.add_argument("--batch-size", type=int, default=25, help="samples per forward pass")
+    p.add_argument("-o", "--output", type=Path, default=Path("results"),
+                   help="folder for results.json/.csv/.md and the plots; a rerun resumes from it")
     p.set_defaults(handler=run)
 
 

@@ -19,11 +19,12 @@ SETTINGS: list[tuple[str, dict]] = [
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="compare the basic methods on the shipped model (the README's main job)")
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--task", default="all")
-    p.add_argument("--limit", type=int, default=40, help="test items per task (default 40)")
-    p.add_argument("--batch-size", type=int, default=20)
+    p = sub.add_parser("compare", help="compare the basic methods on the shipped model (the README's main job)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny", help="'tiny', a local checkpoint directory or a hub id (offline cache)")
+    p.add_argument("--task", default="all", help="one task name or 'all'")
+    p.add_argument("--limit", type=int, default=40, help="test items per task")
+    p.add_argument("--batch-size", type=int, default=20, help="samples per forward pass")
     p.add_argument("--json", type=Path, help="also write all results here")
     p.set_defaults(handler=run)
 
