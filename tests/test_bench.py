@@ -33,3 +33,12 @@ def test_bench_writes_every_output_and_resumes(tmp_path):
     stored = (tmp_path / "results.json").read_text()
     again = bench.run_bench(model, prompting, "counting", ["fastv", "random"], [0.5, 0.1], 3, 3, tmp_path, "untrained")
     assert len(again) == 5 and json.loads(stored) == json.loads((tmp_path / "results.json").read_text())
+
+
+def test_an_unreachable_fitprune_budget_is_recorded_and_the_grid_goes_on(tmp_path):
+    model, prompting = untrained()
+    results = bench.run_bench(model, prompting, "counting", ["fitprune", "random"], [0.01], 2, 2, tmp_path, "untrained")
+    cells = {(r["bench"]["method"], r["bench"]["budget"]): r for r in results}
+    assert set(cells) == {("none", 1.0), ("fitprune", 0.01), ("random", 0.01)}
+    assert "no recipe reaches" in cells["fitprune", 0.01]["error"]
+    assert "unreachable" in (tmp_path / "results.md").read_text()

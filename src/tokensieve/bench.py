@@ -52,9 +52,9 @@ def run_bench(model: Any, prompting: Prompting, task: str, names: list[str], bud
         result = None
         errors = []
         for options in ([{}] if name == "none" else cell_options(name, budget)):
-            if name == "fitprune":
-                options = {"recipe": _recipe(model, prompting, budget, out, model_name)}
             try:
+                if name == "fitprune":
+                    options = {"recipe": _recipe(model, prompting, budget, out, model_name)}
                 result = evaluate(model, prompting, task, name, options, limit, batch_size, progress=bar, baseline=baseline)
                 break
             except ValueError as err:
