@@ -3,6 +3,9 @@
 For each test item, the evidence patches are the 8x8 vision patches that overlap the ground-truth
 boxes of the objects the answer depends on (``Example.boxes``); a method's coverage is the share of
 them still alive after its last pruning stage (``SampleReport.visual_kept``), averaged over items.
+Next to it, the share of all visual tokens alive after that stage: a method blind to the evidence
+(random) keeps the evidence at about that rate, so coverage / kept share above 1 means the method
+prefers the evidence.
 
     python benchmarks/evidence_coverage.py --method fastv --options '{"layer": 2, "keep": 0.5}' --limit 100
 """
@@ -34,13 +37,15 @@ def evidence_patches(example: Example) -> set[int]:
 
 
 @torch.no_grad()
-def coverage(model, processor, method: str, options: dict, task: str, limit: int, batch_size: int) -> dict[str, float]:
-    """Mean share of evidence patches kept, per task (items without evidence boxes are skipped)."""
+def coverage(model, processor, method: str, options: dict, task: str, limit: int,
+             batch_size: int) -> dict[str, dict[str, float]]:
+    """Per task: mean share of evidence patches kept (``evidence``) and of all visual tokens kept
+    (``all``) after the last stage; items without evidence boxes are skipped."""
     image_id = model.config.image_token_index
-    out: dict[str, float] = {}
+    out: dict[str, dict[str, float]] = {}
     for name in resolve_tasks(task):
         examples = generate(name, "test", limit)
-        shares = []
+        shares, kept_all = [], []
         for lo in tqdm(range(0, limit, batch_size), desc=f"{method} {name}", leave=False):
             chunk = examples[lo : lo + batch_size]
             inputs = build_inputs(processor, chunk)
@@ -54,8 +59,9 @@ def coverage(model, processor, method: str, options: dict, task: str, limit: int
                 final = min(sample.visual_kept.values(), key=len)
                 kept = {p - start for p in final}
                 shares.append(len(wanted & kept) / len(wanted))
-        out[name] = sum(shares) / max(1, len(shares))
-    out["mean"] = sum(out.values()) / len(out)
+                kept_all.append(len(kept) / NUM_IMAGE_TOKENS)
+        out[name] = {"evidence": sum(shares) / max(1, len(shares)), "all": sum(kept_all) / max(1, len(kept_all))}
+    out["mean"] = {k: sum(v[k] for v in out.values()) / len(out) for k in ("evidence", "all")}
     return out
 
 

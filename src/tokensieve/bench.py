@@ -126,15 +126,16 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
                                  ("ttft_ms", "prefill time (ms, median per batch)", "accuracy_vs_ttft.png")):
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         base = next((r for r in table if r["method"] == "none"), None)
-        for method in dict.fromkeys(r["method"] for r in table if r["method"] != "none"):
+        colours = plt.get_cmap("tab20").colors
+        for i, method in enumerate(dict.fromkeys(r["method"] for r in table if r["method"] != "none")):
             points = sorted((r[x_key], r["accuracy"]) for r in table if r["method"] == method)
-            ax.plot(*zip(*points), marker="o", label=method)
+            ax.plot(*zip(*points), marker="osD^v<>"[i % 7], color=colours[i % len(colours)], label=method)
         if base is not None:
             ax.axhline(base["accuracy"], color="gray", linestyle="--", label="unpruned")
         ax.set_xlabel(x_label)
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8, ncol=2)
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
