@@ -15,7 +15,9 @@ highest-map token takes the map-weighted average of the group's (projected) toke
 rest leave. Inside the LLM, at ``layers`` (published 9 and 18 of 28, moved proportionally), visual
 tokens are ranked by the same map and ``stage_keep`` fractions of the input's visual tokens stay;
 positions are kept. With ``flops`` the last stage's fraction is solved to meet the budget (the
-release solves it from a layer-averaged budget). The flow-guided search of (vit_keep, first stage
+release solves it from a layer-averaged budget); where the budget is above what the schedule costs
+even with its last stage pruning nothing more, every fraction (``vit_keep`` and ``stage_keep``) is first
+scaled up by one common factor, capped at 1 (our choice: the release has no such case). The flow-guided search of (vit_keep, first stage
 keep, t, m, alpha) is ``tokensieve calibrate --method vflowopt`` (:mod:`tokensieve.vflowopt_search`).
 Choices made here: defaults vit_keep 0.5, stage_keep (0.25, 0.125), t 1, m 2, alpha 0 (the released
 optimised configs switch entropy off); grey levels are the channel mean of the tower's input pixels,
@@ -69,6 +71,7 @@ class VFlowOpt(Method):
     flops: float | None = None
     _maps: dict[int, dict[int, float]] = field(default_factory=dict, repr=False)
     _last: dict[int, float] = field(default_factory=dict, repr=False)
+    _scale: dict[int, float] = field(default_factory=dict, repr=False)
 
     name: ClassVar[str] = "vflowopt"
     stages: ClassVar[tuple[str, ...]] = ("encoder", "prefill")
@@ -96,9 +99,12 @@ class VFlowOpt(Method):
     def points(self) -> list[Point]:
         return [Point(before=0, stage="encoder")] + [Point(before=layer) for layer in self.layers]
 
-    def _visual(self, n_visual: int, last: float, after_encoder: int | None = None) -> list[int]:
-        keeps = (*self.stage_keep[:-1], last)
-        counts, n = [], max(1, round(self.vit_keep * n_visual)) if after_encoder is None else after_encoder
+    def _visual(self, n_visual: int, last: float, after_encoder: int | None = None, scale: float = 1.0) -> list[int]:
+        """Visual tokens entering each layer with the last stage at fraction ``last`` and every other
+        fraction multiplied by ``scale`` (capped at 1)."""
+        keeps = (*(min(1.0, k * scale) for k in self.stage_keep[:-1]), last)
+        vit = min(1.0, self.vit_keep * scale)
+        counts, n = [], max(1, round(vit * n_visual)) if after_encoder is None else after_encoder
         for layer in range(self.num_layers):
             if layer in self.layers:
                 n = min(n, max(1, round(keeps[self.layers.index(layer)] * n_visual)))
@@ -117,8 +123,8 @@ class VFlowOpt(Method):
         for b, maps in self._maps.items():
             for col, pos in enumerate(view.positions[b].tolist()):
                 scores[b, col] = maps.get(pos, 0.0)
-        fractions = [self._last.get(b, self.stage_keep[-1]) if stage == len(self.layers) - 1 else self.stage_keep[stage]
-                     for b in range(view.visual.shape[0])]
+        fractions = [self._last.get(b, self.stage_keep[-1]) if stage == len(self.layers) - 1
+                     else min(1.0, self.stage_keep[stage] * self._scale.get(b, 1.0)) for b in range(view.visual.shape[0])]
         counts = [max(1, round(f * n)) for f, n in zip(fractions, view.visual_input)]
         return Selection(keep=top_visual(scores.to(view.hidden.device), view.visual, counts))
 
@@ -126,9 +132,12 @@ class VFlowOpt(Method):
         raw = view.vision.raw
         keep = ~view.visual
         hidden = view.hidden.clone()
-        self._maps, self._last = {}, {}
+        self._maps, self._last, self._scale = {}, {}, {}
         for b, images in enumerate(view.vision.images):
             self._maps[b] = {}
+            if self.flops is not None and images:
+                self._scale[b] = self._solve_scale(view, b)
+            vit_keep = min(1.0, self.vit_keep * self._scale.get(b, 1.0))
             for cols, image in images:
                 n = cols.numel()
                 side = math.isqrt(n)
@@ -136,7 +145,7 @@ class VFlowOpt(Method):
                 score = importance_map(raw.attention[image], entropy, self.t, self.alpha).cpu()
                 for col, value in zip(cols.tolist(), score.tolist()):
                     self._maps[b][int(view.positions[b, col])] = value
-                removed = n - max(1, round(self.vit_keep * n))
+                removed = n - max(1, round(vit_keep * n))
                 marked = score.argsort()[: min(n, removed + n // (self.m * self.m))]
                 kept = torch.ones(n, dtype=torch.bool)
                 kept[marked] = False
@@ -152,12 +161,26 @@ class VFlowOpt(Method):
                 self._last[b] = self._solve_last(view, b, int((keep[b] & view.visual[b]).sum()))
         return Selection(keep=keep, hidden=hidden)
 
+    def _ceiling(self, scale: float) -> float:
+        """The last stage's largest fraction: the one before it (scaled by ``scale``, capped at 1)."""
+        return min(1.0, (self.stage_keep[-2] if len(self.stage_keep) > 1 else self.vit_keep) * scale)
+
+    def _solve_scale(self, view: View, b: int) -> float:
+        """1, or the common factor on every fraction that sample ``b`` needs to come up to ``flops``
+        when the last stage alone cannot (the schedule costs less than the budget at its ceiling)."""
+        n_in = view.visual_input[b]
+        text = int(view.query_valid("all")[b].sum()) - n_in
+        scale = solve_scale(view.shape, n_in, text, lambda c: self._visual(n_in, self._ceiling(c), None, c),
+                            self.flops, f"vflowopt with stages at {self.layers}", most=1.0 / min(self.vit_keep, *self.stage_keep))
+        return max(1.0, scale)
+
     def _solve_last(self, view: View, b: int, after_encoder: int) -> float:
         """The last stage's fraction for sample ``b`` that meets ``flops``, given the tokens the vision
         stage actually left (recycling may keep a few more than ``vit_keep``)."""
         n_in = view.visual_input[b]
         text = int(view.query_valid("all")[b].sum()) - n_in
-        ceiling = self.stage_keep[-2] if len(self.stage_keep) > 1 else self.vit_keep
-        scale = solve_scale(view.shape, n_in, text, lambda c: self._visual(n_in, c * self.stage_keep[-1], after_encoder),
-                            self.flops, f"vflowopt with stages at {self.layers}", most=ceiling / self.stage_keep[-1])
-        return scale * self.stage_keep[-1]
+        scale = self._scale.get(b, 1.0)
+        last = self.stage_keep[-1]
+        factor = solve_scale(view.shape, n_in, text, lambda c: self._visual(n_in, c * last, after_encoder, scale),
+                             self.flops, f"vflowopt with stages at {self.layers}", most=self._ceiling(scale) / last)
+        return factor * last
