@@ -188,3 +188,11 @@ def test_evidence_head_loss_equals_eager_attention_mass(processor) -> None:
     target = evidence_targets(targets, rows, bits)
     expected = -(on_visual * target).sum(-1)[target.any(-1)].log().mean()
     assert torch.allclose(loss, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags", [["--pointer-head", "4"], ["--pointer-layer", "8"]])
+def test_training_refuses_a_pointer_outside_the_decoder(tmp_path, flags) -> None:
+    from tokensieve.tiny.train import main
+
+    with pytest.raises(ValueError, match="--pointer-layer must be in 0..7"):
+        main([*flags, "--out", str(tmp_path)])

@@ -137,6 +137,10 @@ def run(args: argparse.Namespace) -> dict:
     model = build_model(tokenizer)
     model.train()
     width = model.config.text_config.hidden_size
+    text = model.config.text_config
+    if not 0 <= args.pointer_layer < text.num_hidden_layers or args.pointer_head >= text.num_attention_heads:
+        raise ValueError(f"--pointer-layer must be in 0..{text.num_hidden_layers - 1} and --pointer-head in "
+                         f"-1..{text.num_attention_heads - 1}, got {args.pointer_layer} and {args.pointer_head}")
     probe = PatchProbe(width)
     pointer = EvidencePointer(width)
     hook = probe.attach(model.model.multi_modal_projector)
