@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..attention import rotate
+from ..attention import attention_rows
 from ..tasks.generators import COLOUR_NAMES
 from ..tasks.glyphs import GLYPHS
 from ..tasks.scene import BACKGROUND, CELL, GRID, SHAPES, Item
@@ -168,19 +168,10 @@ def evidence_head_loss(layer: nn.Module, head: int, hidden: torch.Tensor, cos: t
     ``attention_mask``: (B, L); ``visual``: (B, L) bool, 144 True per row; ``patch_targets``:
     (B, 144, 4); ``evidence``: (Q, 3) rows of (batch row, query position, cell bits).
     """
-    attn = layer.self_attn
-    dim = attn.head_dim
-    groups = attn.config.num_attention_heads // attn.config.num_key_value_heads
-    x = layer.input_layernorm(hidden)
-    batch, length, _ = x.shape
     rows, positions, bits = evidence.unbind(-1)
-    q = attn.q_proj(x[rows, positions])[:, head * dim : (head + 1) * dim]  # (Q, d)
-    kv = head // groups
-    k = attn.k_proj(x)[..., kv * dim : (kv + 1) * dim]  # (B, L, d)
-    q, _ = rotate(q[:, None, None], q[:, None, None], cos[rows, positions][:, None], sin[rows, positions][:, None], attn)
-    _, k = rotate(k[:, None], k[:, None], cos, sin, attn)
-    scores = (k[rows, 0] @ q[:, 0, 0, :, None]).squeeze(-1) * attn.scaling  # (Q, L)
+    length = hidden.shape[1]
     allowed = (torch.arange(length)[None] <= positions[:, None]) & attention_mask[rows].bool()
-    log_p = scores.masked_fill(~allowed, float("-inf")).log_softmax(-1)
-    log_visual = log_p[visual[rows]].view(len(rows), -1)  # (Q, 144)
+    probs = attention_rows(layer, hidden[rows], cos[rows], sin[rows], positions[:, None], allowed[:, None])
+    on_visual = probs[:, head, 0][visual[rows]].view(len(rows), -1)  # (Q, 144)
+    log_visual = on_visual.log()
     return evidence_nll(log_visual, evidence_targets(patch_targets, rows, bits))
