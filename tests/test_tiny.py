@@ -190,9 +190,33 @@ def test_evidence_head_loss_equals_eager_attention_mass(processor) -> None:
     assert torch.allclose(loss, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("flags", [["--pointer-head", "4"], ["--pointer-layer", "8"]])
+@pytest.mark.parametrize("flags", [["--pointer-head", "4"], ["--pointer-layers", "8"]])
 def test_training_refuses_a_pointer_outside_the_decoder(tmp_path, flags) -> None:
     from tokensieve.tiny.train import main
 
-    with pytest.raises(ValueError, match="--pointer-layer must be in 0..7"):
+    with pytest.raises(ValueError, match="--pointer-layers must be in 0..7"):
         main([*flags, "--out", str(tmp_path)])
+
+
+def test_fine_tuning_with_token_drop_and_several_pointers_saves_a_loadable_checkpoint(tmp_path) -> None:
+    import json
+
+    from tokensieve.tiny.train import main
+
+    summary = main(["--out", str(tmp_path), "--init-from", str(TINY_DIR), "--steps", "2", "--time-budget-min", "0",
+                    "--pool-per-task", "4", "--extra-turns", "1", "--eval-every", "1", "--eval-items", "2",
+                    "--drop-prob", "1", "--pointer-layers", "1,4", "--warmup", "1"])
+    assert summary["steps_done"] == 2 and [h["step"] for h in summary["history"]] == [1, 2]
+    assert set(summary["history"][-1]["aux_losses"]) == {"probe", "pointer"}
+    saved = json.loads((tmp_path / "training_summary.json").read_text())
+    assert saved["settings"]["pointer_layers"] == [1, 4] and saved["settings"]["init_from"] == str(TINY_DIR)
+    model, _ = load_tiny(path=tmp_path)
+    assert model.config.text_config.num_hidden_layers == 8
+
+
+def test_pointer_layers_must_be_numbers_listed_once(tmp_path) -> None:
+    from tokensieve.tiny.train import main
+
+    for bad in ("1,x", "2,2"):
+        with pytest.raises(SystemExit):
+            main(["--pointer-layers", bad, "--out", str(tmp_path)])

@@ -9,15 +9,19 @@ import argparse
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
+from transformers import LlavaForConditionalGeneration
 
 from ..tasks import TASKS
 from .auxiliary import EvidencePointer, PatchProbe, evidence_head_loss
 from .build import build_model, build_processor
 from .data import Pool, build_pool, collate
+from .token_drop import TokenDrop
 
 EVAL_START = 100_000
 """Training-time evaluation uses test items from here on, leaving items 0.. for the final evaluation."""
@@ -85,8 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight of the training-only per-patch probe loss (0 = answers only); see tiny/auxiliary.py")
     parser.add_argument("--pointer-weight", type=float, default=1.0,
                         help="weight of the training-only evidence pointer loss (0 = off); see tiny/auxiliary.py")
-    parser.add_argument("--pointer-layer", type=int, default=4,
-                        help="decoder layer whose input hidden states the evidence loss reads")
+    parser.add_argument("--pointer-layers", type=layer_list, default=[4],
+                        help="comma-separated decoder layers whose input hidden states the evidence loss reads "
+                             "(one pointer per layer, losses averaged)")
     parser.add_argument("--pointer-head", type=int, default=-1,
                         help="attention head of that layer trained to look at the evidence (a grounding head); "
                              "-1 = a separate bilinear scorer that leaves attention alone")
@@ -94,6 +99,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fraction of training after which the evidence pointer loss is switched off")
     parser.add_argument("--question-first", action="store_true",
                         help="experiment: also ask the question before the image (not the shipped prompt format)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from this checkpoint directory instead of fresh weights (fine-tuning)")
+    parser.add_argument("--drop-prob", type=float, default=0.0,
+                        help="probability that a batch is trained with visual tokens dropped (see tiny/token_drop.py)")
+    parser.add_argument("--drop-max-layer", type=int, default=5,
+                        help="latest decoder layer from which dropped tokens are masked out")
+    parser.add_argument("--drop-min-keep", type=float, default=0.15,
+                        help="lowest share of background visual tokens a dropped batch keeps")
     parser.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations")
     parser.add_argument("--eval-items", type=int, default=100, help="held-out items per task for those evaluations")
 
@@ -111,16 +124,27 @@ def main(argv: list[str] | None = None) -> dict:
     return run(parse_args(argv))
 
 
-def pointer_loss(model, pointer: EvidencePointer, args: argparse.Namespace, hidden: torch.Tensor,
+def layer_list(text: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]`` (argparse type of ``--pointer-layers``)."""
+    try:
+        layers = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+    if len(set(layers)) != len(layers):
+        raise argparse.ArgumentTypeError(f"a layer is listed twice in {text!r}")
+    return layers
+
+
+def pointer_loss(model, pointer: EvidencePointer, args: argparse.Namespace, layer: int, hidden: torch.Tensor,
                  batch: dict[str, torch.Tensor], targets: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:
-    """The evidence loss at ``args.pointer_layer`` (input hidden states ``hidden``, (B, L, D)):
+    """The evidence loss at decoder ``layer`` (input hidden states ``hidden``, (B, L, D)):
     on head ``args.pointer_head`` of that layer's attention, or the bilinear ``pointer`` if it is -1."""
     visual = batch["input_ids"] == model.config.image_token_index
     if args.pointer_head < 0:
         return pointer.loss(hidden, visual, targets, evidence)
     decoder = model.model.language_model
     cos, sin = decoder.rotary_emb(hidden, batch["position_ids"])
-    return evidence_head_loss(decoder.layers[args.pointer_layer], args.pointer_head, hidden, cos, sin,
+    return evidence_head_loss(decoder.layers[layer], args.pointer_head, hidden, cos, sin,
                               batch["attention_mask"], visual, targets, evidence)
 
 
@@ -134,21 +158,28 @@ def run(args: argparse.Namespace) -> dict:
     processor = build_processor()
     tokenizer = processor.tokenizer
     pad_id = tokenizer.pad_token_id
-    model = build_model(tokenizer)
+    if args.init_from is not None:
+        model = LlavaForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
+    else:
+        model = build_model(tokenizer)
     model.train()
     width = model.config.text_config.hidden_size
     text = model.config.text_config
-    if not 0 <= args.pointer_layer < text.num_hidden_layers or args.pointer_head >= text.num_attention_heads:
-        raise ValueError(f"--pointer-layer must be in 0..{text.num_hidden_layers - 1} and --pointer-head in "
-                         f"-1..{text.num_attention_heads - 1}, got {args.pointer_layer} and {args.pointer_head}")
+    if not all(0 <= l < text.num_hidden_layers for l in args.pointer_layers) or args.pointer_head >= text.num_attention_heads:
+        raise ValueError(f"--pointer-layers must be in 0..{text.num_hidden_layers - 1} and --pointer-head in "
+                         f"-1..{text.num_attention_heads - 1}, got {args.pointer_layers} and {args.pointer_head}")
+    if not 0 <= args.drop_max_layer < text.num_hidden_layers:
+        raise ValueError(f"--drop-max-layer must be in 0..{text.num_hidden_layers - 1}, got {args.drop_max_layer}")
+    drop = TokenDrop(args.drop_prob, args.drop_max_layer, args.drop_min_keep)
+    decoder_layers = model.model.language_model.layers
     probe = PatchProbe(width)
-    pointer = EvidencePointer(width)
+    pointers = nn.ModuleDict({str(l): EvidencePointer(width) for l in args.pointer_layers})
     hook = probe.attach(model.model.multi_modal_projector)
     train_pool = build_pool(tokenizer, "train", args.pool_per_task, start=args.seed * args.pool_per_task,
                             extra_turns=args.extra_turns, question_first=args.question_first)
     eval_pool = build_pool(tokenizer, "test", args.eval_items, start=EVAL_START, question_first=args.question_first)
     params = [*model.named_parameters(), *probe.named_parameters(prefix="probe"),
-              *pointer.named_parameters(prefix="pointer")]
+              *pointers.named_parameters(prefix="pointer")]
     decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
@@ -156,6 +187,8 @@ def run(args: argparse.Namespace) -> dict:
         lr=args.lr, betas=(0.9, 0.98),
     )
     generator = torch.Generator().manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    processor.save_pretrained(args.out)
     history = []
     bar = tqdm(total=args.steps, desc="train-tiny", mininterval=10)
     running: dict[str, float] = {}  # moving averages of the answer loss and each auxiliary loss
@@ -175,15 +208,19 @@ def run(args: argparse.Namespace) -> dict:
         targets, evidence = batch.pop("patch_targets"), batch.pop("evidence")
         aux: dict[str, torch.Tensor] = {}
         use_pointer = args.pointer_weight > 0 and progress < args.pointer_until
-        out = model(**batch, output_hidden_states=use_pointer)
+        dropped = drop.sample(batch["input_ids"] == model.config.image_token_index, targets, evidence, generator)
+        with TokenDrop.applied(decoder_layers, *dropped) if dropped else nullcontext():
+            out = model(**batch, output_hidden_states=use_pointer)
         answer_loss = out.loss
         loss = answer_loss
         if args.probe_weight > 0:
             aux["probe"] = probe.loss(targets)
             loss = loss + args.probe_weight * aux["probe"]
         if use_pointer:
-            aux["pointer"] = pointer_loss(model, pointer, args, out.hidden_states[args.pointer_layer], batch,
-                                          targets, evidence)
+            aux["pointer"] = torch.stack([
+                pointer_loss(model, pointers[str(l)], args, l, out.hidden_states[l], batch, targets, evidence)
+                for l in args.pointer_layers
+            ]).mean()
             loss = loss + args.pointer_weight * aux["pointer"]
         for name, value in {"answer": answer_loss, **aux}.items():
             value = value.item()
@@ -197,13 +234,12 @@ def run(args: argparse.Namespace) -> dict:
         bar.set_postfix(loss=f"{running['answer']:.3f}", refresh=False)
         if step % args.eval_every == 0:
             history.append(evaluate_and_log(model, eval_pool, pad_id, step, running, start_time))
+            model.save_pretrained(args.out)  # a snapshot to inspect while training goes on
     bar.close()
     hook.remove()
     if not history or history[-1]["step"] != step:
         history.append(evaluate_and_log(model, eval_pool, pad_id, step, running, start_time))
-    args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
-    processor.save_pretrained(args.out)
     summary = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
         "steps_done": step,
