@@ -93,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated decoder layers whose input hidden states the evidence loss reads "
                              "(one pointer per layer, losses averaged)")
     parser.add_argument("--pointer-head", type=int, default=-1,
-                        help="attention head of that layer trained to look at the evidence (a grounding head); "
+                        help="attention head of each of those layers trained to look at the evidence (a grounding head); "
                              "-1 = a separate bilinear scorer that leaves attention alone")
     parser.add_argument("--pointer-until", type=float, default=1.0,
                         help="fraction of training after which the evidence pointer loss is switched off")
