@@ -22,6 +22,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .auxiliary import evidence_targets
+
 
 @dataclass
 class TokenDrop:
@@ -54,7 +56,7 @@ class TokenDrop:
         for row, _, cell_bits in evidence.tolist():
             bits[row] |= cell_bits
         cells = patch_targets[..., 3]
-        on_evidence = (patch_targets[..., 0] > 0) & ((bits[:, None] >> cells) & 1 == 1)  # (B, N)
+        on_evidence = evidence_targets(patch_targets, torch.arange(batch), bits)  # (B, N)
         keep_prob = torch.where(on_evidence, 1.0 - self.evidence_drop * (1.0 - fraction), fraction)
         kept = torch.rand(batch, n, generator=generator) < keep_prob
         for row in range(batch):
