@@ -73,14 +73,13 @@ class TokenDrop:
         """Within the block, decoder ``layers[start:]`` see no key where ``keep`` (B, T) is False
         (every token still sees itself, so no attention row is empty)."""
 
+        length = keep.shape[1]
+        allowed = keep[:, None, None, :] | torch.eye(length, dtype=torch.bool)[None, None]  # (B, 1, T, T)
+
         def mask_keys(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            length = hidden.shape[1]
             mask = kwargs.get("attention_mask")
-            allowed = keep[:, None, None, :] | torch.eye(length, dtype=torch.bool)[None, None]
             if mask is None:
-                causal = torch.ones(length, length, dtype=torch.bool).tril()
-                kwargs["attention_mask"] = causal[None, None] & allowed
+                kwargs["attention_mask"] = allowed.tril()
             elif mask.dtype == torch.bool:
                 kwargs["attention_mask"] = mask & allowed
             else:

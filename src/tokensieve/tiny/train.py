@@ -135,17 +135,22 @@ def layer_list(text: str) -> list[int]:
     return layers
 
 
-def pointer_loss(model, pointer: EvidencePointer, args: argparse.Namespace, layer: int, hidden: torch.Tensor,
-                 batch: dict[str, torch.Tensor], targets: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:
-    """The evidence loss at decoder ``layer`` (input hidden states ``hidden``, (B, L, D)):
-    on head ``args.pointer_head`` of that layer's attention, or the bilinear ``pointer`` if it is -1."""
+def pointer_losses(model, pointers: nn.ModuleDict, args: argparse.Namespace, hidden_states: tuple[torch.Tensor, ...],
+                   batch: dict[str, torch.Tensor], targets: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:
+    """Mean evidence loss over ``args.pointer_layers`` (``hidden_states[l]``, (B, L, D), is layer l's
+    input): on head ``args.pointer_head`` of each layer's attention, or that layer's bilinear pointer
+    if it is -1. The rotary tables, the same for every layer, are computed once."""
     visual = batch["input_ids"] == model.config.image_token_index
-    if args.pointer_head < 0:
-        return pointer.loss(hidden, visual, targets, evidence)
     decoder = model.model.language_model
-    cos, sin = decoder.rotary_emb(hidden, batch["position_ids"])
-    return evidence_head_loss(decoder.layers[layer], args.pointer_head, hidden, cos, sin,
-                              batch["attention_mask"], visual, targets, evidence)
+    if args.pointer_head >= 0:
+        cos, sin = decoder.rotary_emb(hidden_states[0], batch["position_ids"])
+    losses = [
+        pointers[str(l)].loss(hidden_states[l], visual, targets, evidence) if args.pointer_head < 0 else
+        evidence_head_loss(decoder.layers[l], args.pointer_head, hidden_states[l], cos, sin,
+                           batch["attention_mask"], visual, targets, evidence)
+        for l in args.pointer_layers
+    ]
+    return torch.stack(losses).mean()
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -217,10 +222,7 @@ def run(args: argparse.Namespace) -> dict:
             aux["probe"] = probe.loss(targets)
             loss = loss + args.probe_weight * aux["probe"]
         if use_pointer:
-            aux["pointer"] = torch.stack([
-                pointer_loss(model, pointers[str(l)], args, l, out.hidden_states[l], batch, targets, evidence)
-                for l in args.pointer_layers
-            ]).mean()
+            aux["pointer"] = pointer_losses(model, pointers, args, out.hidden_states, batch, targets, evidence)
             loss = loss + args.pointer_weight * aux["pointer"]
         for name, value in {"answer": answer_loss, **aux}.items():
             value = value.item()
