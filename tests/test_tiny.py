@@ -208,11 +208,12 @@ def test_fine_tuning_with_token_drop_and_several_pointers_saves_a_loadable_check
 
     summary = main(["--out", str(tmp_path), "--init-from", str(TINY_DIR), "--steps", "2", "--time-budget-min", "0",
                     "--pool-per-task", "4", "--extra-turns", "1", "--eval-every", "1", "--eval-items", "2",
-                    "--drop-prob", "1", "--pointer-layers", "1,4", "--warmup", "1"])
+                    "--drop-prob", "1", "--pointer-layers", "1,4", "--warmup", "1", "--task-weights", "counting=3"])
     assert summary["steps_done"] == 2 and [h["step"] for h in summary["history"]] == [1, 2]
     assert set(summary["history"][-1]["aux_losses"]) == {"probe", "pointer"}
     saved = json.loads((tmp_path / "training_summary.json").read_text())
     assert saved["settings"]["pointer_layers"] == [1, 4] and saved["settings"]["init_from"] == str(TINY_DIR)
+    assert saved["settings"]["task_weights"] == {"counting": 3.0}
     model, _ = load_tiny(path=tmp_path)
     assert model.config.text_config.num_hidden_layers == 8
 
@@ -223,3 +224,20 @@ def test_pointer_layers_must_be_numbers_listed_once(tmp_path) -> None:
     for bad in ("1,x", "2,2"):
         with pytest.raises(SystemExit):
             main(["--pointer-layers", bad, "--out", str(tmp_path)])
+
+
+def test_task_weights_parse_and_bias_the_rows_drawn(tmp_path) -> None:
+    from tokensieve.tasks import TASKS
+    from tokensieve.tiny.train import draw_rows, main, task_weights
+
+    assert task_weights("counting=3,relation=0.5") == {"counting": 3.0, "relation": 0.5}
+    for bad in ("counting", "countng=2", "counting=0", "counting=x", "counting=2,counting=3"):
+        with pytest.raises(SystemExit):
+            main(["--task-weights", bad, "--out", str(tmp_path)])
+    task = torch.arange(len(TASKS)).repeat_interleave(100)  # 100 rows per task
+    generator = torch.Generator().manual_seed(0)
+    counting = TASKS.index("counting")
+    heavy = draw_rows(task, {"counting": 1000.0}, 400, generator)
+    assert (task[heavy] == counting).float().mean() > 0.95
+    uniform = draw_rows(task, {}, 4000, generator)
+    assert 0.15 < (task[uniform] == counting).float().mean() < 0.25

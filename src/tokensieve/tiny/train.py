@@ -107,6 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="latest decoder layer from which dropped tokens are masked out")
     parser.add_argument("--drop-min-keep", type=float, default=0.15,
                         help="lowest share of background visual tokens a dropped batch keeps")
+    parser.add_argument("--task-weights", type=task_weights, default={},
+                        help="comma-separated task=weight: rows are drawn in proportion to their first question's "
+                             "task weight (unlisted tasks weigh 1), e.g. counting=3")
     parser.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations")
     parser.add_argument("--eval-items", type=int, default=100, help="held-out items per task for those evaluations")
 
@@ -133,6 +136,32 @@ def layer_list(text: str) -> list[int]:
     if len(set(layers)) != len(layers):
         raise argparse.ArgumentTypeError(f"a layer is listed twice in {text!r}")
     return layers
+
+
+def task_weights(text: str) -> dict[str, float]:
+    """``"counting=3,relation=2"`` -> ``{"counting": 3.0, "relation": 2.0}`` (argparse type of ``--task-weights``)."""
+    weights = {}
+    for part in filter(None, text.split(",")):
+        name, _, value = part.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if name not in TASKS or name in weights or not weight > 0:
+            raise argparse.ArgumentTypeError(f"expected task=weight pairs over {', '.join(TASKS)} with positive "
+                                             f"weights, each task once; got {text!r}")
+        weights[name] = weight
+    return weights
+
+
+def draw_rows(task: torch.Tensor, weights: dict[str, float], batch_size: int,
+              generator: torch.Generator) -> torch.Tensor:
+    """(batch_size,) pool rows drawn with replacement: uniformly, or in proportion to the weight of each
+    row's task (``task``: (rows,) index into TASKS; tasks missing from ``weights`` weigh 1)."""
+    if not weights:
+        return torch.randint(0, len(task), (batch_size,), generator=generator)
+    row_weights = torch.tensor([weights.get(name, 1.0) for name in TASKS])[task]
+    return torch.multinomial(row_weights, batch_size, replacement=True, generator=generator)
 
 
 def pointer_losses(model, pointers: nn.ModuleDict, args: argparse.Namespace, hidden_states: tuple[torch.Tensor, ...],
@@ -208,7 +237,7 @@ def run(args: argparse.Namespace) -> dict:
             break
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, progress, args.lr, args.warmup)
-        index = torch.randint(0, len(train_pool.ids), (args.batch_size,), generator=generator)
+        index = draw_rows(train_pool.task, args.task_weights, args.batch_size, generator)
         batch = collate(train_pool, index, pad_id, with_answer=True)
         targets, evidence = batch.pop("patch_targets"), batch.pop("evidence")
         aux: dict[str, torch.Tensor] = {}
