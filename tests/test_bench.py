@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from tokensieve import bench, evaluation
@@ -42,3 +43,24 @@ def test_an_unreachable_fitprune_budget_is_recorded_and_the_grid_goes_on(tmp_pat
     assert set(cells) == {("none", 1.0), ("fitprune", 0.01), ("random", 0.01)}
     assert "no recipe reaches" in cells["fitprune", 0.01]["error"]
     assert "unreachable" in (tmp_path / "results.md").read_text()
+
+
+def test_a_method_with_fixed_options_is_a_row_of_its_own(tmp_path):
+    model, prompting = untrained()
+    names = ["fitprune", "fitprune:score=fit", "fastv:layer=3"]
+    results = bench.run_bench(model, prompting, "counting", names, [0.5], 2, 2, tmp_path, "untrained")
+    cells = {r["bench"]["method"]: r for r in results}
+    assert set(cells) == {"none", *names}
+    assert cells["fitprune"]["settings"]["options"]["score"] == "product"
+    assert cells["fitprune:score=fit"]["settings"]["options"]["score"] == "fit"
+    assert cells["fastv:layer=3"]["settings"]["options"]["layer"] == 3
+    assert cells["fitprune:score=fit"]["tflops"] / cells["fitprune:score=fit"]["tflops_unpruned"] <= 0.5
+    assert len(list(tmp_path.glob("recipe_flops*.json"))) == 1  # both FitPrune rows share the budget's recipe
+
+
+def test_bad_method_specs_are_refused_before_any_work():
+    assert bench.parse_method("fastv:layer=3:keep=0.25") == ("fastv", {"layer": 3, "keep": 0.25})
+    for spec, message in [("fitprun", "did you mean 'fitprune'"), ("fitprune:score", "name:key=value"),
+                          ("fitprune:colour=red", "takes no option 'colour'"), ("fastv:flops=0.3", "the bench sets flops")]:
+        with pytest.raises(ValueError, match=message):
+            bench.parse_method(spec)

@@ -23,6 +23,31 @@ from .recipe import Recipe
 FASTV_LAYERS = (2, 1)
 
 
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"fitprune:score=fit"`` -> ``("fitprune", {"score": "fit"})``; values are read as int, else float,
+    else kept as text. Raises ValueError for an unknown method, an option it does not take, a
+    malformed ``key=value`` or ``flops`` (the bench sets the budget)."""
+    name, *parts = [part.strip() for part in spec.split(":")]
+    if name not in methods.REGISTRY:
+        methods.get(name)  # raises, naming the closest methods
+    options: dict[str, Any] = {}
+    for part in parts:
+        key, sep, text = part.partition("=")
+        if not sep or not key or not text:
+            raise ValueError(f"method options are written name:key=value, got {part!r} in {spec!r}")
+        if key not in methods.REGISTRY[name].options() or key == "flops":
+            raise ValueError(f"{spec!r}: {name} takes no option {key!r} here; its options are "
+                             f"{', '.join(o for o in methods.REGISTRY[name].options() if o != 'flops')} "
+                             "(the bench sets flops)")
+        for kind in (int, float, str):
+            try:
+                options[key] = kind(text)
+                break
+            except ValueError:
+                continue
+    return name, options
+
+
 def cell_options(name: str, budget: float) -> list[dict[str, Any]]:
     """Option sets to try, in order, for ``name`` at ``budget``."""
     if name == "fastv":
@@ -32,9 +57,7 @@ def cell_options(name: str, budget: float) -> list[dict[str, Any]]:
 
 def run_bench(model: Any, prompting: Prompting, task: str, names: list[str], budgets: list[float], limit: int,
               batch_size: int, out: Path, model_name: str) -> list[dict[str, Any]]:
-    for name in names:
-        if name not in methods.REGISTRY:
-            methods.get(name)
+    specs = {spec: parse_method(spec) for spec in names}
     for b in budgets:
         if not 0 < b < 1:
             raise ValueError(f"FLOPs budgets must be in (0, 1), got {b}")
@@ -43,18 +66,20 @@ def run_bench(model: Any, prompting: Prompting, task: str, names: list[str], bud
     store = out / "results.json"
     results: list[dict[str, Any]] = json.loads(store.read_text()) if store.exists() else []
     done = {(r["bench"]["method"], r["bench"]["budget"]) for r in results}
-    cells = [("none", 1.0)] + [(n, b) for n in names for b in budgets]
+    cells = [("none", 1.0)] + [(spec, b) for spec in names for b in budgets]
     todo = [c for c in cells if c not in done]
     bar = tqdm(total=len(todo) * limit * len(tasks), desc="bench", unit="item")
     baseline = next((r for r in results if r["bench"]["method"] == "none"), None)
-    for name, budget in todo:
-        bar.set_postfix(method=name, flops=budget)
+    for spec, budget in todo:
+        bar.set_postfix(method=spec, flops=budget)
+        name, fixed = specs.get(spec, ("none", {}))
         result = None
         errors = []
         for options in ([{}] if name == "none" else cell_options(name, budget)):
             try:
                 if name == "fitprune":
                     options = {"recipe": _recipe(model, prompting, budget, out, model_name)}
+                options = {**options, **fixed}
                 result = evaluate(model, prompting, task, name, options, limit, batch_size, progress=bar, baseline=baseline)
                 break
             except ValueError as err:
@@ -62,7 +87,7 @@ def run_bench(model: Any, prompting: Prompting, task: str, names: list[str], bud
         if result is None:
             result = {"error": "; ".join(errors)}
             bar.update(limit * len(tasks))
-        result["bench"] = {"method": name, "budget": budget}
+        result["bench"] = {"method": spec, "budget": budget}
         if name == "none":
             baseline = result
         results.append(result)

@@ -13,7 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="tiny", help="'tiny', a local checkpoint directory or a hub id (offline cache)")
     p.add_argument("--task", default="all", help="one task name or 'all'")
-    p.add_argument("--methods", default="fastv,fitprune,random", help="comma-separated method names")
+    p.add_argument("--methods", default="fastv,fitprune,random", help="comma-separated method names, each optionally with fixed options as "
+                        "name:key=value[:key=value] (e.g. fitprune:score=fit), which makes a row of its own")
     p.add_argument("--flops", default="0.5,0.3,0.2,0.1", help="comma-separated FLOPs budgets in (0, 1)")
     p.add_argument("--limit", type=int, default=evaluation.TEST_ITEMS, help="test items per task")
     p.add_argument("--batch-size", type=int, default=25, help="samples per forward pass")
@@ -34,11 +35,8 @@ def run(args: argparse.Namespace) -> int:
     for b in budgets:
         if not 0 < b < 1:
             raise ValueError(f"FLOPs budgets must be in (0, 1), got {b}")
-    from .. import methods
-
-    for n in names:
-        if n not in methods.REGISTRY:
-            methods.get(n)
+    for spec in names:
+        bench.parse_method(spec)
     model, processor = models.load(args.model)
     prompting = evaluation.Prompting.for_processor(processor)
     bench.run_bench(model, prompting, args.task, names, budgets, args.limit, args.batch_size, args.output, args.model)
