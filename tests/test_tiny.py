@@ -204,14 +204,14 @@ def test_training_refuses_a_pointer_outside_the_decoder(tmp_path, flags) -> None
 def test_fine_tuning_with_token_drop_and_several_pointers_saves_a_loadable_checkpoint(tmp_path) -> None:
     import json
 
-    from tokensieve.tiny.train import main
+    from tokensieve.cli import main
 
-    summary = main(["--out", str(tmp_path), "--init-from", str(TINY_DIR), "--steps", "2", "--time-budget-min", "0",
+    status = main(["train-tiny", "--out", str(tmp_path), "--init-from", str(TINY_DIR), "--steps", "2", "--time-budget-min", "0",
                     "--pool-per-task", "4", "--extra-turns", "1", "--eval-every", "1", "--eval-items", "2",
                     "--drop-prob", "1", "--pointer-layers", "1,4", "--warmup", "1", "--task-weights", "counting=3"])
-    assert summary["steps_done"] == 2 and [h["step"] for h in summary["history"]] == [1, 2]
-    assert set(summary["history"][-1]["aux_losses"]) == {"probe", "pointer"}
     saved = json.loads((tmp_path / "training_summary.json").read_text())
+    assert status == 0 and saved["steps_done"] == 2 and [h["step"] for h in saved["history"]] == [1, 2]
+    assert set(saved["history"][-1]["aux_losses"]) == {"probe", "pointer"}
     assert saved["settings"]["pointer_layers"] == [1, 4] and saved["settings"]["init_from"] == str(TINY_DIR)
     assert saved["settings"]["task_weights"] == {"counting": 3.0}
     model, _ = load_tiny(path=tmp_path)
