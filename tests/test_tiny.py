@@ -228,7 +228,7 @@ def test_pointer_layers_must_be_numbers_listed_once(tmp_path) -> None:
 
 def test_task_weights_parse_and_bias_the_rows_drawn(tmp_path) -> None:
     from tokensieve.tasks import TASKS
-    from tokensieve.tiny.train import draw_rows, main, task_weights
+    from tokensieve.tiny.train import draw_rows, main, row_weights, task_weights
 
     assert task_weights("counting=3,relation=0.5") == {"counting": 3.0, "relation": 0.5}
     for bad in ("counting", "countng=2", "counting=0", "counting=x", "counting=2,counting=3"):
@@ -237,7 +237,8 @@ def test_task_weights_parse_and_bias_the_rows_drawn(tmp_path) -> None:
     task = torch.arange(len(TASKS)).repeat_interleave(100)  # 100 rows per task
     generator = torch.Generator().manual_seed(0)
     counting = TASKS.index("counting")
-    heavy = draw_rows(task, {"counting": 1000.0}, 400, generator)
+    assert row_weights(task, {}) is None
+    heavy = draw_rows(len(task), row_weights(task, {"counting": 1000.0}), 400, generator)
     assert (task[heavy] == counting).float().mean() > 0.95
-    uniform = draw_rows(task, {}, 4000, generator)
+    uniform = draw_rows(len(task), None, 4000, generator)
     assert 0.15 < (task[uniform] == counting).float().mean() < 0.25

@@ -39,13 +39,18 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
             raise ValueError(f"{spec!r}: {name} takes no option {key!r} here; its options are "
                              f"{', '.join(o for o in methods.REGISTRY[name].options() if o != 'flops')} "
                              "(the bench sets flops)")
-        for kind in (int, float, str):
-            try:
-                options[key] = kind(text)
-                break
-            except ValueError:
-                continue
+        options[key] = _option_value(text)
     return name, options
+
+
+def _option_value(text: str) -> int | float | str:
+    """``"3"`` -> 3, ``"0.25"`` -> 0.25, anything else stays text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def cell_options(name: str, budget: float) -> list[dict[str, Any]]:

@@ -160,14 +160,20 @@ def task_weights(text: str) -> dict[str, float]:
     return weights
 
 
-def draw_rows(task: torch.Tensor, weights: dict[str, float], batch_size: int,
-              generator: torch.Generator) -> torch.Tensor:
-    """(batch_size,) pool rows drawn with replacement: uniformly, or in proportion to the weight of each
-    row's task (``task``: (rows,) index into TASKS; tasks missing from ``weights`` weigh 1)."""
+def row_weights(task: torch.Tensor, weights: dict[str, float]) -> torch.Tensor | None:
+    """(rows,) sampling weight of each pool row, that of its task (``task``: (rows,) index into TASKS;
+    tasks missing from ``weights`` weigh 1); None when ``weights`` is empty (uniform draws)."""
     if not weights:
-        return torch.randint(0, len(task), (batch_size,), generator=generator)
-    row_weights = torch.tensor([weights.get(name, 1.0) for name in TASKS])[task]
-    return torch.multinomial(row_weights, batch_size, replacement=True, generator=generator)
+        return None
+    return torch.tensor([weights.get(name, 1.0) for name in TASKS])[task]
+
+
+def draw_rows(rows: int, weights: torch.Tensor | None, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """(batch_size,) pool rows out of ``rows``, drawn with replacement: uniformly, or in proportion to
+    ``weights`` (rows,)."""
+    if weights is None:
+        return torch.randint(0, rows, (batch_size,), generator=generator)
+    return torch.multinomial(weights, batch_size, replacement=True, generator=generator)
 
 
 def pointer_losses(model, pointers: nn.ModuleDict, args: argparse.Namespace, hidden_states: tuple[torch.Tensor, ...],
@@ -227,6 +233,7 @@ def run(args: argparse.Namespace) -> dict:
         lr=args.lr, betas=(0.9, 0.98),
     )
     generator = torch.Generator().manual_seed(args.seed)
+    weights = row_weights(train_pool.task, args.task_weights)
     args.out.mkdir(parents=True, exist_ok=True)
     processor.save_pretrained(args.out)
     history = []
@@ -243,7 +250,7 @@ def run(args: argparse.Namespace) -> dict:
             break
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, progress, args.lr, args.warmup)
-        index = draw_rows(train_pool.task, args.task_weights, args.batch_size, generator)
+        index = draw_rows(len(train_pool.ids), weights, args.batch_size, generator)
         batch = collate(train_pool, index, pad_id, with_answer=True)
         targets, evidence = batch.pop("patch_targets"), batch.pop("evidence")
         aux: dict[str, torch.Tensor] = {}
