@@ -204,3 +204,19 @@ def test_fitted_recipe_meets_budget_on_calibration_and_held_out(budget):
         assert ratio <= budget + 0.01, ratio
     with pytest.raises(ValueError, match="must be in \\(0, 1\\)"):
         calibrate(model, [calib], 1.5, progress=False)
+
+
+@pytest.mark.slow
+def test_shipped_model_keeps_98_percent_at_half_the_flops_with_the_fit_score():
+    """The FitPrune issue's bar, on the shipped model: a recipe fitted for FLOPs 0.5 on 64 training
+    items, inference with score="fit", 100 test items per task (docs/benchmarks.md)."""
+    from tokensieve import evaluation
+    from tokensieve.tiny import load_tiny
+
+    model, processor = load_tiny()
+    prompting = evaluation.Prompting.for_processor(processor)
+    recipe = evaluation.calibrate_on_tasks(model, prompting, "all", 0.5, progress=False)
+    assert 0.49 <= recipe.achieved <= 0.5
+    result = evaluation.evaluate(model, prompting, "all", "fitprune", {"recipe": recipe, "score": "fit"}, limit=100)
+    assert result["tflops"] / result["tflops_unpruned"] <= 0.5
+    assert result["accuracy"] >= 0.98 * result["baseline_accuracy"]
