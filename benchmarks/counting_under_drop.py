@@ -22,8 +22,8 @@ import torch
 
 from tokensieve.tasks import Example, generate
 from tokensieve.tiny import TINY_DIR, build_inputs, load_tiny
-from tokensieve.tiny.auxiliary import box_cells, patch_targets
-from tokensieve.tiny.token_drop import TokenDrop
+from tokensieve.tiny.auxiliary import box_cells, cell_bits, evidence_targets, patch_targets
+from tokensieve.tiny.token_drop import TokenDrop, keep_one_per_cell
 
 PATTERNS = ("none", "objects half", "background half", "no background", "counted objects only")
 
@@ -31,14 +31,13 @@ PATTERNS = ("none", "objects half", "background half", "no background", "counted
 def kept_patches(example: Example, pattern: str, generator: torch.Generator) -> torch.Tensor:
     """(144,) bool: the visual tokens of ``example`` that ``pattern`` keeps."""
     targets = torch.from_numpy(patch_targets(np.asarray(example.image, dtype=np.uint8), example.items))
-    occupied = (targets[:, 0] > 0) | (targets[:, 1] > 0)
-    counted = occupied & torch.isin(targets[:, 3], torch.tensor(box_cells(list(example.boxes)), dtype=torch.long))
+    occupied = targets[:, 0] > 0
+    bits = torch.tensor([cell_bits(box_cells(list(example.boxes)))])
+    counted = evidence_targets(targets[None], torch.zeros(1, dtype=torch.long), bits)[0]
     coin = torch.rand(len(targets), generator=generator) < 0.5
     if pattern == "objects half":
         kept = ~occupied | coin
-        for cell in targets[counted, 3].unique():
-            patches = (counted & (targets[:, 3] == cell)).nonzero().squeeze(1)
-            kept[patches[torch.randint(0, len(patches), (), generator=generator)]] = True
+        keep_one_per_cell(kept, counted, targets[:, 3], generator)
         return kept
     return {
         "none": torch.ones_like(occupied),

@@ -169,9 +169,17 @@ def evidence_head_loss(layer: nn.Module, head: int, hidden: torch.Tensor, cos: t
     (B, 144, 4); ``evidence``: (Q, 3) rows of (batch row, query position, cell bits).
     """
     rows, positions, bits = evidence.unbind(-1)
-    length = hidden.shape[1]
-    allowed = (torch.arange(length)[None] <= positions[:, None]) & attention_mask[rows].bool()
-    probs = attention_rows(layer, hidden[rows], cos[rows], sin[rows], positions[:, None], allowed[:, None])
-    on_visual = probs[:, head, 0][visual[rows]].view(len(rows), -1)  # (Q, 144)
-    log_visual = on_visual.log()
-    return evidence_nll(log_visual, evidence_targets(patch_targets, rows, bits))
+    batch, length = attention_mask.shape
+    # the queries of each batch row go into one call, so keys are projected once per row: slot = the
+    # query's rank among its row's queries; unused slots may attend to nothing and are never read
+    order = rows.argsort(stable=True)
+    per_row = torch.bincount(rows, minlength=batch)
+    slot = torch.empty_like(rows)
+    slot[order] = torch.arange(len(rows)) - (per_row.cumsum(0) - per_row)[rows[order]]
+    queries = torch.zeros(batch, int(per_row.max()), dtype=torch.long)
+    queries[rows, slot] = positions
+    allowed = torch.zeros(batch, queries.shape[1], length, dtype=torch.bool)
+    allowed[rows, slot] = (torch.arange(length)[None] <= positions[:, None]) & attention_mask[rows].bool()
+    probs = attention_rows(layer, hidden, cos, sin, queries, allowed)  # (B, H, slots, L)
+    on_visual = probs[rows, head, slot][visual[rows]].view(len(rows), -1)  # (Q, 144)
+    return evidence_nll(on_visual.log(), evidence_targets(patch_targets, rows, bits))

@@ -25,6 +25,15 @@ from torch import nn
 from .auxiliary import evidence_targets
 
 
+def keep_one_per_cell(kept: torch.Tensor, on_evidence: torch.Tensor, cells: torch.Tensor,
+                      generator: torch.Generator) -> None:
+    """In place: mark one random evidence patch of every evidence cell as kept, so each object an
+    answer depends on stays visible. ``kept``, ``on_evidence``: (N,) bool; ``cells``: (N,) cell of each patch."""
+    for cell in cells[on_evidence].unique().tolist():
+        patches = (on_evidence & (cells == cell)).nonzero().squeeze(1)
+        kept[patches[torch.randint(0, len(patches), (), generator=generator)]] = True
+
+
 @dataclass
 class TokenDrop:
     """Sampler and applier of one training batch's token drop (see the module docstring)."""
@@ -60,9 +69,7 @@ class TokenDrop:
         keep_prob = torch.where(on_evidence, 1.0 - self.evidence_drop * (1.0 - fraction), fraction)
         kept = torch.rand(batch, n, generator=generator) < keep_prob
         for row in range(batch):
-            for cell in cells[row][on_evidence[row]].unique().tolist():
-                patches = (on_evidence[row] & (cells[row] == cell)).nonzero().squeeze(1)
-                kept[row, patches[torch.randint(0, len(patches), (), generator=generator)]] = True
+            keep_one_per_cell(kept[row], on_evidence[row], cells[row], generator)
         keep = torch.ones_like(visual)
         keep[visual] = kept.reshape(-1)
         return layer, keep
