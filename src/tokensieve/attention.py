@@ -13,6 +13,8 @@ import sys
 import torch
 from torch import nn
 
+from .compat import mrope_unmerged
+
 
 def take_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows of a rotary table ``(..., B or 1, n, dim)`` at ``index`` (``(B, m)``): ``(..., B, m, dim)``.
@@ -28,7 +30,7 @@ def take_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: nn.Module):
     """Apply the rotary embedding the way the layer's own modelling file does."""
     module = sys.modules[type(attn).__module__]
-    if cos.dim() == 4:  # M-RoPE sections not yet merged (transformers 5.2): the model's own merge
+    if mrope_unmerged(cos):  # the model's own merge of M-RoPE's sections
         section = attn.config.rope_parameters["mrope_section"]
         return module.apply_multimodal_rotary_pos_emb(q, k, cos, sin, section)
     apply = getattr(module, "apply_rotary_pos_emb", None)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from .compat import mask_query_length
+
 
 class LedgerCache(DynamicCache):
     """``DynamicCache`` whose reported lengths are logical, set by the engine after each forward."""
@@ -25,8 +27,9 @@ class LedgerCache(DynamicCache):
             return cache
         if type(cache) is not DynamicCache:
             raise TypeError(
-                f"tokensieve needs a transformers.DynamicCache, got {type(cache).__name__}; "
-                "pass past_key_values=None (generate() then creates one) or a DynamicCache"
+                f"tokensieve needs a transformers.DynamicCache, got {type(cache).__name__}: call generate() "
+                "without cache_implementation (or with cache_implementation='dynamic') and pass no cache "
+                "of another class; generate() then creates a DynamicCache"
             )
         cache.__class__ = cls
         cache.logical_length = DynamicCache.get_seq_length(cache)
@@ -39,10 +42,8 @@ class LedgerCache(DynamicCache):
         return self.logical_length
 
     def get_mask_sizes(self, query: int | torch.Tensor, layer_idx: int = 0, *args, **kwargs) -> tuple[int, int]:
-        """``(kv_length, kv_offset)``; ``query`` is the query length (transformers >= 5.3) or the
-        ``cache_position`` tensor (5.2)."""
-        query_length = query.shape[0] if isinstance(query, torch.Tensor) else int(query)
-        return self.logical_length + query_length, 0
+        """``(kv_length, kv_offset)`` for ``query`` new tokens (see :func:`~tokensieve.compat.mask_query_length`)."""
+        return self.logical_length + mask_query_length(query), 0
 
     def stored_length(self, layer_idx: int) -> int:
         """Entries physically held by ``layer_idx`` (padding entries of ragged batches included)."""

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from . import compat
 from . import methods as method_registry
 from .adapters import Adapter, adapter_for
 from .attention import attention_rows, rotate, take_rows
@@ -55,6 +56,8 @@ class Engine:
         self.adapter: Adapter = adapter_for(model)
         self.method = method
         self.num_layers = len(self.adapter.layers)
+        self.cache_keyword = compat.cache_keyword(type(model).forward)
+        self.layer_cache_keyword = compat.cache_keyword(type(self.adapter.layers[0]).forward)
         method.bind(self.num_layers)
         if method.visual and not self.adapter.image_token_ids:
             raise ValueError(
@@ -135,16 +138,16 @@ class Engine:
         if tokens is None:
             raise ValueError("the model was called without input_ids or inputs_embeds")
         batch, new = tokens.shape[0], tokens.shape[1]
-        cache = kwargs.get("past_key_values")
+        cache = compat.pop_cache(kwargs)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(self.adapter.text_config, "use_cache", True)
         if cache is not None:
             cache = LedgerCache.adopt(cache)
-            kwargs["past_key_values"] = cache
         elif use_cache:
             cache = LedgerCache(config=self.adapter.text_config)
-            kwargs["past_key_values"] = cache
+        if cache is not None:
+            kwargs[self.cache_keyword] = cache
         offset = cache.logical_length if cache is not None else 0
         mask2d = kwargs.get("attention_mask")
         if mask2d is None or mask2d.dim() != 2:
@@ -161,7 +164,7 @@ class Engine:
                 raise ValueError("the batch size changed between prefill and decoding (beam search is not supported)")
             self.ledger.hidden = Rows.full(batch, offset, new, tokens.device)
             self.ledger.real = real
-        self.state = Pass(prefill=prefill, offset=offset, new_tokens=new, cache=cache if use_cache else None)
+        self.state = Pass(prefill=prefill, offset=offset, new_tokens=new, cache=cache)
         return args, kwargs
 
     def _new_ledger(self, input_ids, inputs, real, batch, new, offset, device) -> Ledger:
@@ -207,6 +210,9 @@ class Engine:
         state, ledger = self.state, self.ledger
         if state is None or ledger is None:
             return original(hidden, *args, **kwargs)
+        found = kwargs.get(self.layer_cache_keyword)
+        if found is not state.cache:
+            raise compat.unadopted_cache_error(idx, found, self.layer_cache_keyword)
         inside = None
         if state.prefill:
             if any(p.attention_layer == idx and not p.inside for p in self.points.get(idx, [])):

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compat import clip_transformer
 from .base import Adapter, Layout, runs
 
 
@@ -26,8 +27,7 @@ class LlavaAdapter(Adapter):
 
     def vision_feature_layer(self) -> nn.Module:
         cfg = self.model.config
-        tower = self.model.model.vision_tower
-        tower = getattr(tower, "vision_model", tower)
+        tower = clip_transformer(self.model.model.vision_tower)
         layer = cfg.vision_feature_layer
         if not isinstance(layer, int) or cfg.vision_feature_select_strategy != "default" \
                 or not hasattr(getattr(tower, "embeddings", None), "class_embedding"):
@@ -38,8 +38,7 @@ class LlavaAdapter(Adapter):
 
     def vision_embeddings(self) -> nn.Module:
         self.vision_feature_layer()  # same checks
-        tower = self.model.model.vision_tower
-        return getattr(tower, "vision_model", tower).embeddings
+        return clip_transformer(self.model.model.vision_tower).embeddings
 
     @property
     def projector(self) -> nn.Module:
