@@ -10,6 +10,9 @@ uses. What differs, and what the engine asks of this module:
   :func:`mask_query_length`;
 * Qwen2-VL's rotary tables: 5.2 passes M-RoPE's three sections unmerged, ``(3, B, n, head_dim)``;
   later releases merge them before the decoder layers, ``(B, n, head_dim)`` — :func:`mrope_unmerged`;
+* Qwen2-VL's 3-D position ids: ``(3, B, T)`` in 5.2, ``(4, B, T)`` (text positions first) later; and
+  ``generate()`` of later releases encodes the images before the first forward and passes no
+  ``image_grid_thw`` — :func:`mrope_position_ids`;
 * Qwen2-VL's ``mm_token_type_ids`` input, which later releases take and 5.2 does not —
   :func:`takes_argument`;
 * ``CLIPVisionModel``: 5.2 nests the transformer under ``vision_model`` (state-dict keys
@@ -98,6 +101,15 @@ def unadopted_cache_error(layer: int, found: Any, keyword: str) -> RuntimeError:
 def mask_query_length(query: int | torch.Tensor) -> int:
     """The query length given to ``Cache.get_mask_sizes``: the ``cache_position`` tensor (5.2) or an int."""
     return query.shape[0] if isinstance(query, torch.Tensor) else int(query)
+
+
+def mrope_position_ids(position_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """Qwen2-VL's ``(3, B, T)`` temporal/height/width position ids from what a forward call received:
+    5.2 passes ``(3, B, T)``, later releases ``(4, B, T)`` with the text positions first; None when the
+    call carried no 3-D ids."""
+    if position_ids is None or position_ids.dim() != 3 or position_ids.shape[0] not in (3, 4):
+        return None
+    return position_ids[-3:]
 
 
 def mrope_unmerged(cos: torch.Tensor) -> bool:

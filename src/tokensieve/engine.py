@@ -35,6 +35,9 @@ from .report import Report, SampleReport
 from .vision import VisionTap
 
 
+UNPRUNED_NOTE = "no visual tokens: passed through unpruned"
+
+
 @dataclass
 class Pass:
     """State of one forward call of the top-level model."""
@@ -64,6 +67,9 @@ class Engine:
                 f"{method.name} prunes visual tokens but {type(model).__name__} is a text-only model; "
                 "use a cache-stage method such as streamingllm"
             )
+        if "grid" in method.needs and not self.adapter.regular_grid:
+            raise TypeError(f"{method.name} needs each image's visual tokens on a regular grid; "
+                            f"{type(model).__name__}'s layout is not one (supported: LLaVA-1.5, Qwen2-VL images)")
         self.points: dict[int, list[Point]] = {}
         for point in method.points():
             self.points.setdefault(point.before, []).append(point)
@@ -82,6 +88,7 @@ class Engine:
         self.transition_layers = set(method.transition_layers()) if "transitions" in method.needs else set()
         self.ledger: Ledger | None = None
         self.state: Pass | None = None
+        self.selecting = True  # False for a prefill without visual tokens under a visual method: it passes through
         self.report = self._new_report()
         self.history: list[Report] = []
         self._undo: list[Callable[[], None]] = []
@@ -175,8 +182,7 @@ class Engine:
         else:
             layout = None
         visual = layout.visual if layout is not None else torch.zeros(batch, new, dtype=torch.bool, device=device)
-        if self.method.visual and not visual.any():
-            raise ValueError(f"{self.method.name} prunes visual tokens, but this input has none (a text-only prompt)")
+        self.selecting = not self.method.visual or bool(visual.any())
         self.grids = layout.grids if layout is not None else [[] for _ in range(batch)]
         ledger = Ledger(
             hidden=Rows.full(batch, offset, new, device),
@@ -191,7 +197,7 @@ class Engine:
         if offset:
             ledger.caches = [Rows.full(batch, 0, offset, device) for _ in range(self.num_layers)]
         ledger.record_visual("input", ledger.hidden)
-        self.method.check_input([len(v) for v in ledger.visual_kept["input"]])
+        self.method.check_input([len(v) for v in ledger.visual_kept["input"] if v or not self.method.visual])
         return ledger
 
     def _end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -214,7 +220,7 @@ class Engine:
         if found is not state.cache:
             raise compat.unadopted_cache_error(idx, found, self.layer_cache_keyword)
         inside = None
-        if state.prefill:
+        if state.prefill and self.selecting:
             if any(p.attention_layer == idx and not p.inside for p in self.points.get(idx, [])):
                 cos, sin = self._layer_kwargs(idx, hidden, kwargs)["position_embeddings"]
                 state.saved[idx] = (hidden, cos, sin, ledger.hidden)
@@ -223,11 +229,12 @@ class Engine:
                     inside = point
                 else:
                     hidden = self._apply_point(point, hidden)
+        if state.prefill:
             ledger.hidden_counts.append(self._real_counts(ledger.hidden))
             ledger.visual_counts.append(ledger.is_visual(ledger.hidden).sum(1))
         kwargs = self._layer_kwargs(idx, hidden, kwargs)
         rows_in = ledger.hidden
-        if state.prefill and idx in self.attention_layers:
+        if state.prefill and self.selecting and idx in self.attention_layers:
             cos, sin = kwargs["position_embeddings"]
             state.saved[idx] = (hidden, cos, sin, rows_in)
         if inside is not None:
@@ -306,7 +313,7 @@ class Engine:
         rows = ledger.hidden
         hidden_identity = ledger.identity or not state.prefill
         cache_rows = ledger.caches[idx]
-        if hidden_identity and ledger.cache_identity[idx] and not self.renumber:
+        if hidden_identity and ledger.cache_identity[idx] and ledger.shift is None:
             return kwargs
         kw = dict(kwargs)
         key = ("rows", state.version)
@@ -332,7 +339,7 @@ class Engine:
                 lead = pids.shape[:-2]
                 full = pids.expand(*lead, batch, pids.shape[-1])
                 pids = full.gather(-1, idx.expand(*lead, -1, -1))
-        if self.renumber:
+        if ledger.shift is not None:
             if pids is None:
                 raise ValueError("positions='renumber' needs position_ids from the model")
             pids = pids.expand(batch, -1)
@@ -468,9 +475,10 @@ class Engine:
         ledger = self.ledger
         real = ledger.real.gather(1, rows.pos) & rows.valid
         batch, n = rows.pos.shape
-        if queries == "last":
-            return torch.full((batch, 1), n - 1, device=rows.pos.device), real[:, -1:]
         cols = torch.arange(n, device=rows.pos.device).expand(batch, n)
+        if queries == "last":  # each row's last real token, wherever the input was padded
+            last = torch.where(real, cols, torch.zeros_like(cols)).max(1, keepdim=True).values
+            return last, real.gather(1, last)
         if queries == "all":
             return cols, real
         if queries == "text":
@@ -542,6 +550,7 @@ class Engine:
                         flops_unpruned=prefill_flops(self.shape, [prompt_real[b]] * self.num_layers),
                         kv_bytes_prefill=sum(caches) * element,
                         kv_bytes_end=sum(caches) * element,
+                        note=UNPRUNED_NOTE if self.method.visual and vis_in == 0 else "",
                     )
                 )
             report.samples = samples

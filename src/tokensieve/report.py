@@ -22,6 +22,7 @@ class SampleReport:
             (``"input"`` is every visual token).
         flops, flops_unpruned: analytic LLM prefill FLOPs with and without pruning (all tokens).
         kv_bytes_prefill, kv_bytes_end: KV-cache bytes of this sample's real entries.
+        note: why a sample was left as it was (a text-only sample under a visual-token method), or "".
     """
 
     hidden_lengths: list[int]
@@ -35,6 +36,7 @@ class SampleReport:
     flops_unpruned: int
     kv_bytes_prefill: int
     kv_bytes_end: int
+    note: str = ""
 
 
 @dataclass

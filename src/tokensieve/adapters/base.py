@@ -31,6 +31,7 @@ class Adapter:
     family: ClassVar[str]
     classes: ClassVar[tuple[str, ...]]
     mrope: ClassVar[bool] = False
+    regular_grid: ClassVar[bool] = True  # each image's visual tokens form a rows x cols grid
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

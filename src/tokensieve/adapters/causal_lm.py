@@ -10,6 +10,7 @@ from .base import Adapter
 class CausalLMAdapter(Adapter):
     family = "causal-lm"
     classes = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+    regular_grid = False
 
     @property
     def language_model(self) -> nn.Module:

@@ -67,3 +67,4 @@ class LlavaNextAdapter(Adapter):
 
     family = "llava-next"
     classes = ("LlavaNextForConditionalGeneration",)
+    regular_grid = False

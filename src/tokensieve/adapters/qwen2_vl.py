@@ -10,7 +10,29 @@ from typing import Any
 
 import torch
 
+from ..compat import mrope_position_ids
 from .base import Adapter, Layout, runs
+
+
+def grids_from_positions(index: torch.Tensor, positions: torch.Tensor) -> list[list[tuple[torch.Tensor, int, int]]]:
+    """Each image's grid read from its tokens' M-RoPE (height, width) position ids, for calls that carry
+    no ``image_grid_thw`` (``generate()`` encodes the images before the first forward on newer releases).
+
+    Args:
+        index: ``(B, T)`` image number per token, -1 elsewhere.
+        positions: ``(3, B, T)`` temporal, height and width position ids.
+    """
+    grids: list[list[tuple[torch.Tensor, int, int]]] = []
+    for b in range(index.shape[0]):
+        sample = []
+        for i in range(int(index[b].max().item()) + 1):
+            pos = (index[b] == i).nonzero().squeeze(1)
+            t, h, w = (positions[k, b, pos] for k in range(3))
+            rows, cols = int(h.max() - h.min()) + 1, int(w.max() - w.min()) + 1
+            if bool((t == t[0]).all()) and rows * cols == pos.numel():
+                sample.append((pos, rows, cols))
+        grids.append(sample)
+    return grids
 
 
 class Qwen2VLAdapter(Adapter):
@@ -28,9 +50,14 @@ class Qwen2VLAdapter(Adapter):
             visual |= input_ids == tok
         index = runs(visual)
         grids: list[list[tuple[torch.Tensor, int, int]]] = [[] for _ in range(input_ids.shape[0])]
+        if (input_ids == self.model.config.video_token_id).any():
+            return Layout(visual, index, grids)
         thw = inputs.get("image_grid_thw")
+        positions = mrope_position_ids(inputs.get("position_ids"))
+        if thw is None and positions is not None:
+            return Layout(visual, index, grids_from_positions(index, positions))
         is_image = input_ids == self.model.config.image_token_id
-        if thw is not None and not (input_ids == self.model.config.video_token_id).any():
+        if thw is not None:
             merge = self.model.config.vision_config.spatial_merge_size
             shapes = [(int(t), int(h) // merge, int(w) // merge) for t, h, w in thw.tolist()]
             k = 0

@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Method, Point, Selection, View, top_visual
+from .base import Method, Point, Selection, View, check_budget, check_fraction, top_visual
 from .schedule import solve_scale
 
 PAGERANK_TEMPERATURE = 0.1
@@ -87,10 +87,10 @@ class AIM(Method):
         self.stop = round(num_layers * 21 / 28) if self.stop is None else int(self.stop)
         if not 0 <= self.start <= self.stop < num_layers:
             raise ValueError(f"need 0 <= start <= stop < {num_layers}, got start={self.start}, stop={self.stop}")
-        if not 0 < self.merge_keep <= 1:
-            raise ValueError(f"merge_keep must be in (0, 1], got {self.merge_keep}")
-        if self.flops is not None and not 0 < self.flops < 1:
-            raise ValueError(f"flops must be in (0, 1), got {self.flops!r}")
+
+    def validate(self) -> None:
+        check_fraction("merge_keep", self.merge_keep)
+        check_budget(None, self.flops)
 
     def _fraction(self, layer: int) -> float:
         return max(0.0, 1 - (layer - self.start + 1) / (self.stop - self.start + 1))

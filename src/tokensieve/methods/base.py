@@ -15,6 +15,7 @@ import torch
 
 from ..flops import Shape, solve_kept
 from ..vision import VisionSignals
+from .option_types import check_option_types
 
 Queries = Literal["last", "all", "text"]
 
@@ -153,6 +154,14 @@ class Method:
     needs: ClassVar[tuple[str, ...]] = ()
     visual: ClassVar[bool] = True
 
+    def __post_init__(self) -> None:
+        check_option_types(self)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the options that need no model, at construction; raise ValueError. A method may also
+        resolve defaults here (the effective values are what reports show)."""
+
     def bind(self, num_layers: int) -> None:
         """Check the options against a model with ``num_layers`` decoder layers; raise ValueError."""
 
@@ -214,6 +223,12 @@ def check_budget(keep: float | None, flops: float | None) -> None:
         raise ValueError(f"flops must be in (0, 1), got {flops!r}")
 
 
+def budget_keep(keep: float | None, flops: float | None, default: float = 0.5) -> float | None:
+    """Check a ``keep``/``flops`` pair and return the effective ``keep``: ``default`` when neither is given."""
+    check_budget(keep, flops)
+    return default if keep is None and flops is None else keep
+
+
 def kept_counts(view: "View", layer: int, keep: float | None, flops: float | None) -> list[int]:
     """Visual tokens each sample keeps from ``layer`` on: ``round(keep * n)`` or the most that meet ``flops``."""
     visual = view.visual.sum(1).tolist()
@@ -242,8 +257,8 @@ class EncoderPruner(Method):
 
     stages: ClassVar[tuple[str, ...]] = ("encoder",)
 
-    def bind(self, num_layers: int) -> None:
-        check_budget(self.keep, self.flops)
+    def validate(self) -> None:
+        self.keep = budget_keep(self.keep, self.flops)
         if self.positions not in ("auto", "keep", "renumber"):
             raise ValueError(f"positions must be 'auto', 'keep' or 'renumber', got {self.positions!r}")
 

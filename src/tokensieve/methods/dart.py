@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Method, Point, Selection, View, check_budget, check_layer, kept_counts, layer_schedule
+from .base import Method, Point, Selection, View, budget_keep, check_layer, kept_counts, layer_schedule
 
 
 @dataclass
@@ -40,11 +40,13 @@ class DART(Method):
     paper: ClassVar[str] = "Wen et al., Stop Looking for Important Tokens in MLLMs: Duplication Matters More, EMNLP 2025"
     needs: ClassVar[tuple[str, ...]] = ("keys", "hidden states", "text tokens")
 
-    def bind(self, num_layers: int) -> None:
-        check_layer("layer", self.layer, num_layers, low=1)
-        check_budget(self.keep, self.flops)
+    def validate(self) -> None:
+        self.keep = budget_keep(self.keep, self.flops)
         if self.image_pivots < 0 or self.text_pivots < 0 or self.image_pivots + self.text_pivots == 0:
             raise ValueError("image_pivots and text_pivots must be >= 0 and not both 0")
+
+    def bind(self, num_layers: int) -> None:
+        check_layer("layer", self.layer, num_layers, low=1)
 
     def points(self) -> list[Point]:
         return [Point(before=self.layer, attention_layer=self.layer - 1)]

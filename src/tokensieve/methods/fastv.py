@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from .base import Method, Point, Selection, View, check_budget, check_layer, kept_counts, layer_schedule, top_visual
+from .base import Method, Point, Selection, View, budget_keep, check_layer, kept_counts, layer_schedule, top_visual
 
 
 @dataclass
@@ -39,11 +39,13 @@ class FastV(Method):
     paper: ClassVar[str] = "Chen et al., An Image is Worth 1/2 Tokens After Layer 2, ECCV 2024"
     needs: ClassVar[tuple[str, ...]] = ("attention",)
 
-    def bind(self, num_layers: int) -> None:
-        check_layer("layer", self.layer, num_layers, low=1)
-        check_budget(self.keep, self.flops)
+    def validate(self) -> None:
+        self.keep = budget_keep(self.keep, self.flops)
         if self.variant not in ("code", "paper"):
             raise ValueError(f"variant must be 'code' or 'paper', got {self.variant!r}")
+
+    def bind(self, num_layers: int) -> None:
+        check_layer("layer", self.layer, num_layers, low=1)
 
     def points(self) -> list[Point]:
         return [Point(before=self.layer, attention_layer=self.layer - 1)]

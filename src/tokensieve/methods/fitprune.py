@@ -34,6 +34,7 @@ budget; FLOPs count all tokens by default (the release counts visual tokens only
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
@@ -63,11 +64,11 @@ def _ascending_rank(values: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class FitPrune(Method):
-    """Options: ``recipe`` (a :class:`Recipe` or JSON path), ``score`` ("product" or "fit"),
+    """Options: ``recipe`` (a :class:`Recipe`, its dict form or a JSON path), ``score`` ("product" or "fit"),
     ``fractions`` (scale the recipe to inputs with other visual-token counts), ``flops`` (the budget the
     recipe must have been fitted for; fitting itself is ``tokensieve calibrate``)."""
 
-    recipe: Recipe | str | None = None
+    recipe: Recipe | dict | str | Path | None = None
     score: Literal["product", "fit"] = "product"
     fractions: bool = False
     flops: float | None = None
@@ -77,10 +78,12 @@ class FitPrune(Method):
     paper: ClassVar[str] = "Ye et al., Fit and Prune: Fast and Training-free Visual Token Pruning for MLLMs, AAAI 2025"
     needs: ClassVar[tuple[str, ...]] = ("attention", "text tokens")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.recipe is None:
             raise ValueError("fitprune needs a recipe: recipe=Recipe(...) or a JSON path from `tokensieve calibrate`")
-        if not isinstance(self.recipe, Recipe):
+        if isinstance(self.recipe, dict):
+            self.recipe = Recipe.from_dict(self.recipe)
+        elif not isinstance(self.recipe, Recipe):
             self.recipe = Recipe.load(self.recipe)
         if self.flops is not None and self.recipe.budget is not None and abs(self.flops - self.recipe.budget) > 1e-9:
             raise ValueError(f"the recipe was fitted for flops={self.recipe.budget}, not {self.flops}; calibrate one for {self.flops}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ..flops import Shape, prefill_flops
-from .base import Method, Point, Selection, View, check_fraction, top_visual
+from .base import Method, Point, Selection, View, check_budget, check_fraction, top_visual
 
 
 def _schedule(n_visual: int, layers: list[int], ratio: float, num_layers: int) -> list[int]:
@@ -48,9 +48,10 @@ class PDrop(Method):
         self.layers = tuple(int(x) for x in self.layers)
         if not self.layers or any(not 1 <= x < num_layers for x in self.layers):
             raise ValueError(f"pdrop stage layers must be in 1..{num_layers - 1}, got {self.layers}")
+
+    def validate(self) -> None:
         check_fraction("ratio", self.ratio)
-        if self.flops is not None and not 0 < self.flops < 1:
-            raise ValueError(f"flops must be in (0, 1), got {self.flops!r}")
+        check_budget(None, self.flops)
 
     def points(self) -> list[Point]:
         return [Point(before=layer, attention_layer=layer - 1) for layer in self.layers]

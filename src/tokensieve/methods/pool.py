@@ -22,8 +22,9 @@ from .base import Method, Point, Selection, View, check_budget
 
 @dataclass
 class Pool(Method):
-    """Options: ``stride`` (>= 2; default 2), or ``keep`` (stride = round(1 / sqrt(keep))) or ``flops``
-    (the smallest stride meeting it, per sample), ``positions`` ("keep" or "renumber")."""
+    """Options: ``stride`` (>= 1; default 2; 1 pools nothing), or ``keep`` (stride = round(1 / sqrt(keep)),
+    at least 2 below keep=1) or ``flops`` (the smallest stride meeting it, per sample), ``positions``
+    ("keep" or "renumber")."""
 
     stride: int | None = None
     positions: Literal["keep", "renumber"] = "keep"
@@ -35,16 +36,16 @@ class Pool(Method):
     paper: ClassVar[str] = "baseline: spatial average pooling of visual tokens"
     needs: ClassVar[tuple[str, ...]] = ("grid",)
 
-    def bind(self, num_layers: int) -> None:
+    def validate(self) -> None:
         if sum(x is not None for x in (self.stride, self.keep, self.flops)) > 1:
             raise ValueError("give one of stride, keep or flops")
         check_budget(self.keep, self.flops)
         if self.keep is not None:
-            self.stride = max(2, round(1 / math.sqrt(self.keep)))
+            self.stride = 1 if self.keep == 1 else max(2, round(1 / math.sqrt(self.keep)))
         if self.stride is None and self.flops is None:
             self.stride = 2
-        if self.stride is not None and (not isinstance(self.stride, int) or self.stride < 2):
-            raise ValueError(f"stride must be an integer >= 2, got {self.stride!r}")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"stride must be an integer >= 1 (1 pools nothing), got {self.stride!r}")
         if self.positions not in ("keep", "renumber"):
             raise ValueError(f"positions must be 'keep' or 'renumber', got {self.positions!r}")
 

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Method, Point, Selection, View, check_budget, check_layer, kept_counts, layer_schedule, top_visual
+from .base import Method, Point, Selection, View, budget_keep, check_layer, kept_counts, layer_schedule, top_visual
 
 
 @dataclass
@@ -30,8 +30,10 @@ class RandomDrop(Method):
     stages: ClassVar[tuple[str, ...]] = ("encoder", "prefill")
     paper: ClassVar[str] = "baseline: uniform random token dropping"
 
+    def validate(self) -> None:
+        self.keep = budget_keep(self.keep, self.flops)
+
     def bind(self, num_layers: int) -> None:
-        check_budget(self.keep, self.flops)
         check_layer("layer", self.layer, num_layers)
 
     def points(self) -> list[Point]:

@@ -33,7 +33,7 @@ class StreamingLLM(Method):
     paper: ClassVar[str] = "Xiao et al., Efficient Streaming Language Models with Attention Sinks, ICLR 2024"
     visual: ClassVar[bool] = False
 
-    def bind(self, num_layers: int) -> None:
+    def validate(self) -> None:
         if not isinstance(self.sinks, int) or self.sinks < 0:
             raise ValueError(f"sinks must be an integer >= 0, got {self.sinks!r}")
         if not isinstance(self.window, int) or self.window < 1:

@@ -21,7 +21,8 @@ scaled up by one common factor, capped at 1 (our choice: the release has no such
 keep, t, m, alpha) is ``tokensieve calibrate --method vflowopt`` (:mod:`tokensieve.vflowopt_search`).
 Choices made here: defaults vit_keep 0.5, stage_keep (0.25, 0.125), t 1, m 2, alpha 0 (the released
 optimised configs switch entropy off); grey levels are the channel mean of the tower's input pixels,
-binned over each image's own range.
+binned over each image's own range; with nothing to remove (``vit_keep`` 1) no token is marked, so
+the vision stage keeps every token unchanged.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ class VFlowOpt(Method):
                 for col, value in zip(cols.tolist(), score.tolist()):
                     self._maps[b][int(view.positions[b, col])] = value
                 removed = n - max(1, round(vit_keep * n))
-                marked = score.argsort()[: min(n, removed + n // (self.m * self.m))]
+                marked = score.argsort()[: min(n, removed + n // (self.m * self.m)) if removed else 0]
                 kept = torch.ones(n, dtype=torch.bool)
                 kept[marked] = False
                 cells = (torch.arange(n) // side // self.m) * side + (torch.arange(n) % side) // self.m

@@ -38,13 +38,13 @@ class VisionZip(EncoderPruner):
     paper: ClassVar[str] = "Yang et al., VisionZip: Longer is Better but Not Necessary in VLMs, CVPR 2025"
     needs: ClassVar[tuple[str, ...]] = ("cls attention", "vision keys")
 
-    def bind(self, num_layers: int) -> None:
+    def validate(self) -> None:
         counts = (self.dominant, self.contextual)
         if any(c is not None for c in counts):
             if any(c is None or c < 0 for c in counts) or self.keep is not None or self.flops is not None or sum(counts) < 1:
                 raise ValueError("give dominant and contextual (>= 0, not both 0) together, or keep / flops instead")
         else:
-            super().bind(num_layers)
+            super().validate()
 
     def _split(self, total: int) -> tuple[int, int]:
         if self.dominant is not None:
