@@ -76,6 +76,24 @@ def test_keeping_everything_is_exact_for_every_method(family, name):
     assert torch.equal(ids, pruned_ids)
 
 
+PRUNING = {"fitprune": {"recipe": {"removed": {1: 4, 2: 4}, "visual_tokens": 16, "num_layers": 4}},
+           "transprune": {"layers": (0, 1, 2)}}
+
+
+@pytest.mark.parametrize("name", sorted(set(methods.REGISTRY) - {"none", "streamingllm"}))
+def test_a_text_only_sample_in_a_batch_is_left_as_it_was(name):
+    """Every visual-token method at its defaults, on a batch of one image sample and one text-only one:
+    the text-only sample's last-token logits match it alone (1e-5) and its report says so."""
+    model = model_of("llava")
+    parts = samples("llava", model, [1, 0])
+    with torch.no_grad(), tokensieve.prune(model, name, **PRUNING.get(name, {})) as run:
+        mixed = model(**collate("llava", parts)).logits[1, -1]
+        assert [s.note for s in run.report.samples] == ["", "no visual tokens: passed through unpruned"]
+        assert run.report.samples[0].visual_lengths[-1] < 16
+    alone = model(**collate("llava", [parts[1]])).logits[0, -1]
+    assert torch.allclose(mixed, alone, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", VISION)
 def test_a_text_only_request_passes_through_unpruned(family):
     model = model_of(family)
