@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +98,37 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
+        """A recipe from a JSON file, or a published one by name (:func:`published`)."""
+        if str(path) in published():
+            return published()[str(path)]
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"no recipe file at {path}")
+            raise ValueError(f"no recipe file at {path} (and no published recipe of that name; "
+                             f"`tokensieve recipes` lists them)")
         try:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
         return cls.from_dict(data)
+
+
+PUBLISHED_FILE = Path(__file__).resolve().parent / "configs" / "fitprune_published.json"
+
+
+@lru_cache(maxsize=None)
+def published() -> dict[str, Recipe]:
+    """The authors' published schedules, by name: ``fitprune-llava-1.5-7b-<level>`` where ``level`` is
+    the percentage of visual-token FLOPs removed (their ``reduction_ratio``). Counts are for 576
+    visual tokens and 32 layers, fitted in the visual-only FLOPs convention; the source file is
+    recorded in each recipe's ``calibration``."""
+    data = json.loads(PUBLISHED_FILE.read_text())
+    recipes = {}
+    for level, removed in data["levels"].items():
+        name = f"fitprune-{data['model']}-{level}"
+        recipes[name] = Recipe(
+            removed={int(k): v for k, v in removed.items()}, visual_tokens=data["visual_tokens"],
+            num_layers=data["num_layers"], model=data["model"], budget=round(1 - int(level) / 100, 2),
+            calibration=f"published: {data['source']}", flops_convention=data["flops_convention"],
+            extra={"name": name},
+        )
+    return recipes
