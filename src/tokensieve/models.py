@@ -53,12 +53,41 @@ def load(name: str, device: str = "cpu", dtype: str | None = None) -> tuple[Any,
     (see :func:`resolve_dtype`).
 
     Raises:
-        ValueError: unknown name, device or dtype, a directory without a supported model, unreadable weights.
+        ValueError: unknown name, device or dtype, a missing path, a directory without a supported
+            model, a text-only language model (no task runs one yet), unreadable weights.
     """
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     model, processor = _load(name, torch_dtype)
     return model.to(target), processor
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id (``owner/name``): starts with ``.``, ``/`` or ``~``, or has
+    more than one ``/``."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def _text_only(name: str, config: Any) -> str | None:
+    """Why ``config`` cannot run the task suite, when it is a text-only language model."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    kind = getattr(config, "model_type", None)
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or kind in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return None
+    from .tasks import TASKS
+
+    return (f"{name} is a text-only language model ({kind}): no task can run it yet. The tasks "
+            f"({', '.join(TASKS)}) ask about images and need a vision-language model; long-context "
+            "text tasks will come with the KV-cache work. In Python, tokensieve.prune(model, 'streamingllm') "
+            "works on it.")
+
+
+def _cannot_load(name: str, err: Exception) -> ValueError:
+    return ValueError(f"cannot load {name!r} ({type(err).__name__}): {str(err).splitlines()[0]}")
 
 
 def _load(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -71,20 +100,32 @@ def _load(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
             raise ValueError(str(err)) from None
         except (OSError, SafetensorError) as err:
             raise ValueError(f"cannot load the shipped model ({type(err).__name__}): {str(err).splitlines()[0]}") from None
-    path = Path(name)
-    if not path.exists() and ("/" not in name or name.startswith((".", "/"))):
-        raise ValueError(f"unknown model {name!r}: use one of {', '.join(BUILTIN)}, a checkpoint directory or a hub id")
-    if path.is_dir() and not (path / "config.json").is_file():
+    path = Path(name).expanduser()
+    if not path.exists():
+        if _looks_like_path(name):
+            raise ValueError(f"model path {name} does not exist")
+        if "/" not in name:
+            raise ValueError(f"unknown model {name!r}: use one of {', '.join(BUILTIN)}, a checkpoint directory or a hub id")
+    elif not path.is_dir():
+        raise ValueError(f"model path {name} is a file; give the checkpoint directory")
+    elif not (path / "config.json").is_file():
         raise ValueError(f"{path} has no config.json: not a transformers checkpoint")
+    source = str(path) if path.exists() else name
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    failures = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
     try:
-        config = AutoConfig.from_pretrained(name)
-        model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(name)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
-        raise ValueError(f"cannot load {name!r} ({type(err).__name__}): {str(err).splitlines()[0]}") from None
-    del config
+        config = AutoConfig.from_pretrained(source)
+    except failures as err:
+        raise _cannot_load(name, err) from None
+    reason = _text_only(name, config)
+    if reason:
+        raise ValueError(reason)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(source)
+    except failures as err:
+        raise _cannot_load(name, err) from None
     adapter_for(model)  # raises TypeError naming the supported families
     if getattr(processor, "tokenizer", None) is not None:
         processor.tokenizer.padding_side = "left"
