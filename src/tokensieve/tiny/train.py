@@ -8,15 +8,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
+import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration
 
+from ..cli import INTERRUPTED
+from ..cli.options import check_output_dir
 from ..tasks import TASKS
 from .auxiliary import EvidencePointer, PatchProbe, evidence_head_loss
 from .build import build_model, build_processor
@@ -123,9 +129,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """``tokensieve train-tiny``: train, exit status 0 (the summary is in ``args.out``)."""
-    run(args)
-    return 0
+    """``tokensieve train-tiny``: train; exit status 0, or 130 after Ctrl-C (the summary is in
+    ``args.out``, with the checkpoint so far when a step was done)."""
+    summary = run(args)
+    if not summary["interrupted"]:
+        return 0
+    done = summary["steps_done"]
+    saved = (f"the checkpoint after {done} steps is in {args.out} (training_summary.json says interrupted; "
+             f"--init-from {args.out} trains on from it)" if done else "nothing was saved")
+    print(f"\ntokensieve train-tiny: interrupted at step {done} of {args.steps}; {saved}", file=sys.stderr)
+    return INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -194,10 +207,38 @@ def pointer_losses(model, pointers: nn.ModuleDict, args: argparse.Namespace, hid
     return torch.stack(losses).mean()
 
 
+@contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Run the block to its end even on Ctrl-C, then raise the KeyboardInterrupt (in the main thread;
+    elsewhere signals never arrive anyway)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def save_checkpoint(model, processor, out: Path) -> None:
+    """The model and its processor in ``out`` (created), loadable by ``load_tiny(path=out)``."""
+    out.mkdir(parents=True, exist_ok=True)
+    processor.save_pretrained(out)
+    model.save_pretrained(out)
+
+
 def run(args: argparse.Namespace) -> dict:
-    """Train with the parsed options, save the checkpoint and ``training_summary.json`` in ``args.out``."""
+    """Train with the parsed options, save the checkpoint and ``training_summary.json`` in ``args.out``.
+
+    Ctrl-C during the steps ends training early: the checkpoint so far and a summary with
+    ``"interrupted": true`` are saved (nothing is written before the first step is done)."""
     if args.steps < 1 or args.batch_size < 1:
         raise ValueError("--steps and --batch-size must be positive")
+    check_output_dir(args.out, "--out")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     start_time = time.time()
@@ -234,67 +275,72 @@ def run(args: argparse.Namespace) -> dict:
     )
     generator = torch.Generator().manual_seed(args.seed)
     weights = row_weights(train_pool.task, args.task_weights)
-    args.out.mkdir(parents=True, exist_ok=True)
-    processor.save_pretrained(args.out)
     history = []
     bar = tqdm(total=args.steps, desc="train-tiny", mininterval=10)
     running: dict[str, float] = {}  # moving averages of the answer loss and each auxiliary loss
     train_start = time.time()
     budget_s = args.time_budget_min * 60
     step = 0
-    while True:
-        progress = step / args.steps
-        if budget_s > 0:
-            progress = max(progress, (time.time() - train_start) / budget_s)
-        if progress >= 1.0:
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, progress, args.lr, args.warmup)
-        index = draw_rows(len(train_pool.ids), weights, args.batch_size, generator)
-        batch = collate(train_pool, index, pad_id, with_answer=True)
-        targets, evidence = batch.pop("patch_targets"), batch.pop("evidence")
-        aux: dict[str, torch.Tensor] = {}
-        use_pointer = args.pointer_weight > 0 and progress < args.pointer_until
-        dropped = drop.sample(batch["input_ids"] == model.config.image_token_index, targets, evidence, generator)
-        with TokenDrop.applied(decoder_layers, *dropped) if dropped else nullcontext():
-            out = model(**batch, output_hidden_states=use_pointer)
-        answer_loss = out.loss
-        loss = answer_loss
-        if args.probe_weight > 0:
-            aux["probe"] = probe.loss(targets)
-            loss = loss + args.probe_weight * aux["probe"]
-        if use_pointer:
-            aux["pointer"] = pointer_losses(model, pointers, args, out.hidden_states, batch, targets, evidence)
-            loss = loss + args.pointer_weight * aux["pointer"]
-        for name, value in {"answer": answer_loss, **aux}.items():
-            value = value.item()
-            running[name] = 0.98 * running.get(name, value) + 0.02 * value
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{running['answer']:.3f}", refresh=False)
-        if step % args.eval_every == 0:
-            history.append(evaluate_and_log(model, eval_pool, pad_id, step, running, start_time))
-            model.save_pretrained(args.out)  # a snapshot to inspect while training goes on
+    interrupted = False
+    try:
+        while True:
+            progress = step / args.steps
+            if budget_s > 0:
+                progress = max(progress, (time.time() - train_start) / budget_s)
+            if progress >= 1.0:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, progress, args.lr, args.warmup)
+            index = draw_rows(len(train_pool.ids), weights, args.batch_size, generator)
+            batch = collate(train_pool, index, pad_id, with_answer=True)
+            targets, evidence = batch.pop("patch_targets"), batch.pop("evidence")
+            aux: dict[str, torch.Tensor] = {}
+            use_pointer = args.pointer_weight > 0 and progress < args.pointer_until
+            dropped = drop.sample(batch["input_ids"] == model.config.image_token_index, targets, evidence, generator)
+            with TokenDrop.applied(decoder_layers, *dropped) if dropped else nullcontext():
+                out = model(**batch, output_hidden_states=use_pointer)
+            answer_loss = out.loss
+            loss = answer_loss
+            if args.probe_weight > 0:
+                aux["probe"] = probe.loss(targets)
+                loss = loss + args.probe_weight * aux["probe"]
+            if use_pointer:
+                aux["pointer"] = pointer_losses(model, pointers, args, out.hidden_states, batch, targets, evidence)
+                loss = loss + args.pointer_weight * aux["pointer"]
+            for name, value in {"answer": answer_loss, **aux}.items():
+                value = value.item()
+                running[name] = 0.98 * running.get(name, value) + 0.02 * value
+            loss.backward()
+            with uninterrupted():  # a checkpoint saved on Ctrl-C holds whole updates only
+                torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{running['answer']:.3f}", refresh=False)
+            if step % args.eval_every == 0:
+                history.append(evaluate_and_log(model, eval_pool, pad_id, step, running, start_time))
+                save_checkpoint(model, processor, args.out)  # a snapshot to inspect while training goes on
+    except KeyboardInterrupt:
+        interrupted = True
     bar.close()
     hook.remove()
-    if not history or history[-1]["step"] != step:
+    if not interrupted and (not history or history[-1]["step"] != step):
         history.append(evaluate_and_log(model, eval_pool, pad_id, step, running, start_time))
-    model.save_pretrained(args.out)
     summary = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
         "steps_done": step,
+        "interrupted": interrupted,
         "wall_time_s": time.time() - start_time,
-        "final_heldout_accuracy": history[-1]["accuracy"],
+        "final_heldout_accuracy": history[-1]["accuracy"] if history else None,
         "heldout_items_per_task": args.eval_items,
         "history": history,
     }
-    (args.out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if step:
+        save_checkpoint(model, processor, args.out)
+        (args.out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(parse_args()))
