@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from .. import evaluation, models
+from .eval_cmd import check_method, write_json
+from .options import add_method_flags, add_runtime_flags, check_output_file, method_options
 
 SETTINGS: list[tuple[str, dict]] = [
     ("none", {}),
@@ -16,6 +17,9 @@ SETTINGS: list[tuple[str, dict]] = [
     ("random", {"keep": 0.25}),
     ("pool", {"stride": 2}),
 ]
+VISUAL = "visual tokens/layer"
+FOOTNOTE = (f"{VISUAL}: visual tokens entering each decoder layer during prefill, mean over layers and items "
+            "(the unpruned row: all visual tokens of the input)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,34 +27,49 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="tiny", help="'tiny', a local checkpoint directory or a hub id (offline cache)")
     p.add_argument("--task", default="all", help="one task name or 'all'")
+    add_runtime_flags(p)
     p.add_argument("--limit", type=int, default=40, help="test items per task")
     p.add_argument("--batch-size", type=int, default=20, help="samples per forward pass")
     p.add_argument("--json", type=Path, help="also write all results here")
+    add_method_flags(p, default_method=None, method_help="also compare this method, with the method options below")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json:
+        check_output_file(args.json, "--json")
+    settings = list(SETTINGS)
+    options = method_options(args, args.method)
+    fit_first = args.method is not None and check_method(args.method, options)
+    if args.method is not None:
+        settings.append((args.method, options))
     evaluation.resolve_tasks(args.task)
     if args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
-    model, processor = models.load(args.model)
+    model, processor = models.load(args.model, args.device, args.dtype)
     prompting = evaluation.Prompting.for_processor(processor)
+    if fit_first:
+        options["recipe"] = evaluation.calibrate_on_tasks(model, prompting, "all", options["flops"], model_name=args.model)
     results: list[dict] = []
-    for method, options in SETTINGS:
+    for method, method_opts in settings:
         baseline = results[0] if results else None
-        results.append(evaluation.evaluate(model, prompting, args.task, method, options, args.limit, args.batch_size,
+        results.append(evaluation.evaluate(model, prompting, args.task, method, method_opts, args.limit, args.batch_size,
                                            baseline=baseline))
-    print(table(results))
+        results[-1]["settings"]["model"] = args.model
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
+    print(table(results))
     return 0
 
 
 def table(results: list[dict]) -> str:
-    tasks = results[0]["settings"]["tasks"]
-    head = ["method", "options", "FLOPs ratio", "visual kept", "accuracy", "agreement", *tasks, "TTFT ms"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    """A markdown table of ``results``, after a line naming the model, items, device and dtype, and
+    before a footnote saying what the visual column counts."""
+    s = results[0]["settings"]
+    tasks = s["tasks"]
+    title = f"{s['model']}: {s['limit']} items per task ({', '.join(tasks)}) on {s['device']} in {s['dtype']}"
+    head = ["method", "options", "FLOPs ratio", VISUAL, "accuracy", "agreement", *tasks, "TTFT ms"]
+    lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         s = r["settings"]
         opts = ", ".join(f"{k}={v}" for k, v in s["options"].items() if v is not None)
@@ -58,4 +77,4 @@ def table(results: list[dict]) -> str:
                  f"{r['accuracy']:.3f}", f"{r['agreement']:.3f}", *(f"{r['per_task'][t]['accuracy']:.3f}" for t in tasks),
                  f"{r['ttft_ms']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", FOOTNOTE])

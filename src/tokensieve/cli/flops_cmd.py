@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import methods
 from ..flops import builtin_configs, load_shape, prefill_flops, schedule_from_removed
+from .options import add_method_flags, method_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,15 +17,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Analytic LLM prefill FLOPs (2 x MACs; 4nd^2 + 2n^2d + 3ndm per layer). "
                        f"Built-in configs: {', '.join(builtin_configs())}.")
     p.add_argument("--model", required=True, help="built-in config name, config.json, or model directory")
-    p.add_argument("--method", help="method name (see `tokensieve methods`)")
     p.add_argument("--schedule", type=Path, help='JSON {"removed": {layer: visual tokens removed}, "inside_layer": bool}')
-    p.add_argument("--layer", type=int, help="method option: layer")
-    p.add_argument("--keep", type=float, help="method option: fraction of visual tokens kept")
-    p.add_argument("--stride", type=int, help="method option: pooling stride")
     p.add_argument("--image-tokens", type=int, default=576, help="visual tokens in the prompt (default 576)")
     p.add_argument("--text-tokens", type=int, default=64, help="text tokens in the prompt (default 64)")
     p.add_argument("--visual-only", action="store_true", help="count visual tokens only (FitPrune's convention)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_method_flags(p, default_method=None, method_help="method name (see `tokensieve methods`)")
     p.set_defaults(handler=run)
 
 
@@ -46,10 +44,10 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--image-tokens and --text-tokens must be >= 0")
     if (args.method is None) == (args.schedule is None):
         raise ValueError("give exactly one of --method or --schedule")
+    options = method_options(args, args.method)
     if args.schedule is not None:
         vis_in, vis_out = _schedule_file(args.schedule, shape.layers, args.image_tokens)
     else:
-        options = {k: getattr(args, k) for k in ("layer", "keep", "stride") if getattr(args, k) is not None}
         method = methods.get(args.method, **options)
         method.bind(shape.layers)
         vis_in, vis_out = method.visual_schedule(shape.layers, args.image_tokens)
