@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -164,6 +165,27 @@ def test_flops_takes_every_method_option_too(capsys):
     assert json.loads(out)["ratio"] < 1
 
 
+def test_a_method_option_named_like_a_subcommand_flag_leaves_that_flag_alone(tmp_path, capsys, monkeypatch):
+    from dataclasses import dataclass
+
+    @dataclass
+    class Clash(methods.Method):
+        """A method whose options are named like flags of flops and eval."""
+
+        schedule: str = "constant"
+        limit: int = 1
+        name = "clash"
+        stages = ("prefill",)
+
+    monkeypatch.setitem(methods.REGISTRY, "clash", Clash)
+    schedule = tmp_path / "s.json"
+    schedule.write_text(json.dumps({"removed": {"0": 10}}))
+    code, out, err = run_cli(capsys, "flops", "--model", "llava-1.5-7b", "--schedule", str(schedule), "--json")
+    assert code == 0 and json.loads(out)["ratio"] < 1, err
+    code, _, err = run_cli(capsys, "eval", "--method", "clash", "--schedule", "decreasing", "--limit", "0")
+    assert code == 2 and "--limit must be at least 1" in err, err
+
+
 def test_an_underscored_flag_is_answered_with_its_dashed_spelling(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["eval", "--method", "aim", "--merge_keep", "0.5"])
@@ -186,14 +208,14 @@ def test_a_bool_option_reads_bool_words_as_bools(capsys, stub_run, value, expect
     (["--keep", "True"], "argument --keep: expected a number"),
     (["--layer", "1.5"], "argument --layer: expected an integer, got '1.5'"),
     (["--ttv-only", "maybe"], "argument --ttv-only: expected true or false, got 'maybe'"),
-    (["--positions", "left"], "argument --positions: expected one of keep, renumber, auto, got 'left'"),
+    (["--positions", "left"], "argument --positions: expected one of (auto, )?keep, renumber(, auto)?, got 'left'"),
 ])
 def test_a_value_of_the_wrong_type_is_refused_by_argparse(capsys, monkeypatch, argv, message):
     no_model(monkeypatch)
     with pytest.raises(SystemExit) as exit_:
         main(["eval", *argv])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and message in err and "Traceback" not in err, err
+    assert exit_.value.code == 2 and re.search(message, err) and "Traceback" not in err, err
 
 
 # 3. output paths

@@ -138,13 +138,22 @@ def registry_options() -> dict[str, MethodOption]:
 
 def add_method_flags(parser: argparse.ArgumentParser, default_method: str | None = "none",
                      method_help: str = "method name (`tokensieve methods` lists them)") -> None:
-    """``--method`` and one flag per method option of the registry (``merge_keep`` -> ``--merge-keep``)."""
+    """``--method`` and one flag per method option of the registry (``merge_keep`` -> ``--merge-keep``).
+
+    Call it after the subcommand's own flags: an option whose flag the subcommand already has (flops'
+    ``--schedule`` file) is left out there, and the subcommand's flag keeps its meaning."""
     parser.add_argument("--method", default=default_method, help=method_help)
     group = parser.add_argument_group("method options (each only with a method that takes it)")
+    added = []
     for option in registry_options().values():
         switch = {"nargs": "?", "const": "true"} if option.kind.name == "bool" else {}
-        group.add_argument(option.flag, dest=option.name, type=option.argparse_type, default=None,
-                           metavar=option.kind.metavar, help=option.help(), **switch)
+        try:
+            group.add_argument(option.flag, dest=option.name, type=option.argparse_type, default=None,
+                               metavar=option.kind.metavar, help=option.help(), **switch)
+        except argparse.ArgumentError:  # the subcommand's own flag
+            continue
+        added.append(option.name)
+    parser.set_defaults(method_flags=tuple(added))
 
 
 def method_options(args: argparse.Namespace, method: str | None) -> dict[str, Any]:
@@ -155,7 +164,7 @@ def method_options(args: argparse.Namespace, method: str | None) -> dict[str, An
             flag ``method`` does not take (its flags are listed), or a value it cannot read.
     """
     registry = registry_options()
-    given = {name: getattr(args, name) for name in registry if getattr(args, name, None) is not None}
+    given = {name: getattr(args, name) for name in args.method_flags if getattr(args, name) is not None}
     if method is None:
         if given:
             raise ValueError(f"{', '.join(registry[n].flag for n in given)}: method options need --method")
