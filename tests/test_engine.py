@@ -328,10 +328,10 @@ def test_pool_meets_flops_and_keep():
     with torch.no_grad(), tokensieve.prune(model, "pool", flops=0.6) as run:
         model(**inputs)
     s = run.report.samples[0]
-    assert s.flops / s.flops_unpruned <= 0.6 and s.visual_lengths[0] == 4  # stride 2 (4 of 16) meets 0.6
+    assert s.flops / s.flops_unpruned <= 0.6 and s.visual_lengths[0] == 6  # 7 of 16 meet 0.6 -> a 3x2 grid
     with torch.no_grad(), tokensieve.prune(model, "pool", keep=0.1) as run:
         model(**inputs)
-    assert run.report.samples[0].visual_lengths[0] == 4  # keep 0.1 -> stride 3 -> ceil(4/3)^2 = 4 cells
+    assert run.report.samples[0].visual_lengths[0] == 1  # keep 0.1 -> floor(1.6) = 1 cell
 
 
 def test_nested_contexts_are_refused():

@@ -158,7 +158,7 @@ def test_visionzip_contextual_tokens_are_target_plus_mean_of_members():
     expected = torch.stack([feats[t] + feats[others[owner == j]].mean(0) for j, t in enumerate(targets.tolist())])
     seen = []
     hook = model.model.language_model.layers[0].input_layernorm.register_forward_pre_hook(lambda mod, a: seen.append(a[0]))
-    with torch.no_grad(), tokensieve.prune(model, "visionzip", dominant=3, contextual=2) as run:
+    with torch.no_grad(), tokensieve.prune(model, "visionzip", dominant=3, contextual=2, layout="tokensieve") as run:
         model(**inputs)
         projected = adapter.projector(expected[None])[0]
     hook.remove()

@@ -1,48 +1,127 @@
 """VisionZip: dominant tokens by [CLS] attention plus a few contextual tokens merged by key similarity.
 
 Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models", CVPR 2025
-(arXiv 2412.04467); authors' code dvlab-research/VisionZip.
+(arXiv 2412.04467); authors' code dvlab-research/VisionZip (read at commit 3151f6d).
 
-Per sample (the patches of its images in one pool), at the vision layer whose output the LLM receives:
-    1. dominant: the ``dominant`` patches with the most [CLS] attention (summed over heads);
-    2. contextual: among the rest, ``contextual`` targets taken at an even stride; every other
-       remaining patch joins the target whose key (mean over heads, L2-normalised) is most similar;
-       a contextual token is the target's feature plus the mean of the features that joined it;
-    3. the contextual features (vision space) go through the projector; each takes the target's place.
-Counts: ``dominant`` and ``contextual`` directly, or ``keep`` / ``flops`` split in the paper's
-54:10 proportion. Choices made here: the [CLS] token, which the release keeps among the dominant
-tokens, has no position in a LLaVA-1.5 prompt, so all dominant tokens are patches; positions
-``"auto"`` renumbers the shorter prompt (the release's behaviour).
+The release (``layout="release"``, the default), per image, at the vision layer whose output the LLM
+receives (``visionzip/utils.py`` ``apply_info`` sets the merge metric on layer 22 of 24 = LLaVA's
+``vision_feature_layer`` -2; ``visionzip/clip_encoder.py`` ``CLIPVisionTower_VisionZip.forward``):
+    1. dominant: ``visionzip/main.py`` ``visionzip(model, dominant, contextual)`` calls
+       ``apply_info(dominant_num=dominant - 1)``: the [CLS] token plus the ``dominant - 1`` patches with
+       the most [CLS] attention (summed over heads), gathered in their original order ([CLS] first);
+    2. contextual: the other patches in original order; ``contextual`` targets at the stride
+       ``max(1, rest // contextual)``; every other patch joins the target whose key (the layer's
+       ``k_proj`` of its normed input, mean over heads, L2-normalised) is most similar; a contextual
+       token is the target's feature plus the mean of the features that joined it;
+    3. ``torch.cat([dominant_tokens, contextual_tokens])`` goes through the projector
+       (``visionzip/llava_arch.py`` ``encode_images_visionzip``) and replaces the image's tokens in
+       the prompt: the LLM receives ``[CLS, dominant in original order, contextual]``, ``dominant +
+       contextual`` tokens per image, each image of a sample with its own fixed count.
+Here: the image's tokens are carried on ``dominant + contextual`` of its rows, the union of the
+dominant patches' and the contextual targets' rows plus, for [CLS], the image's first row not already
+among them; the release's sequence is written onto these rows in row order ([CLS] on the first,
+then the dominant patches, contextual tokens on the last rows). With ``positions="auto"`` (renumbered,
+as the release does) the LLM therefore receives the release's sequence exactly; with
+``positions="keep"`` the tokens take those rows' rotary positions. The report's ``visual_kept`` names
+the carrying rows: the dominant patches, the contextual targets and the [CLS] carrier.
+
+Differences from the release:
+    * [CLS] feature: the engine's vision tap (``tokensieve/vision.py``) does not yet keep the [CLS] row
+      of the feature layer's output. Where it provides one (``VisionSignals.cls_features``, ``(I, d)``)
+      it is used; otherwise the [CLS] token is left out and the LLM receives the release's sequence
+      without its first token (``dominant - 1 + contextual`` tokens per image; at least one).
+    * Where an image's budget covers all of its tokens (``dominant + contextual >= N``, e.g. ``keep=1``)
+      the image is left untouched (the release would still swap a patch for [CLS] and merge).
+    * ``dominant`` must be >= 1 (it counts [CLS]); ``contextual=0`` keeps no contextual token (the
+      release divides by it).
+    * ``keep`` / ``flops`` give the count per image, split in the release's 54:10 proportion
+      (``README.md``: ``visionzip(model, dominant=54, contextual=10)``); ``keep``: ``round(keep * N)``
+      per image; ``flops``: the sample's affordable count shared over its images in proportion to
+      their tokens (largest remainder), so the sample meets it.
+
+``layout="tokensieve"`` keeps this library's earlier rule: ``dominant`` counts patches only ([CLS] is
+never fed), the sample's images form one pool with one budget, and each contextual token takes its
+target patch's place (position) in the prompt.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
+from ..vision import VisionSignals
 from .base import EncoderPruner, Selection, View, kept_counts
 
 CONTEXTUAL_SHARE = 10 / 64
 
 
+def split_budget(total: int, sizes: list[int]) -> list[int]:
+    """``total`` tokens shared over images of ``sizes`` tokens, in proportion (largest remainder)."""
+    whole = sum(sizes)
+    if not whole:
+        return [0] * len(sizes)
+    exact = [total * n / whole for n in sizes]
+    out = [int(e) for e in exact]
+    order = sorted(range(len(sizes)), key=lambda i: (out[i] - exact[i], i))
+    for i in order[: total - sum(out)]:
+        out[i] += 1
+    return [min(o, n) for o, n in zip(out, sizes)]
+
+
+def contextual_merge(features: torch.Tensor, metric: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The release's contextual tokens from the non-dominant patches (in original order).
+
+    Args:
+        features: ``(m, d)`` their features; metric: ``(m, c)`` their keys; count: targets wanted.
+
+    Returns:
+        ``(k,)`` target indices into the ``m`` rows and ``(k, d)`` contextual tokens, ``k = min(count, m)``.
+    """
+    m = features.shape[0]
+    count = min(count, m)
+    if count == 0:
+        return torch.zeros(0, dtype=torch.long, device=features.device), features[:0]
+    step = max(1, m // count)
+    targets = torch.arange(0, m, step, device=features.device)[:count]
+    others = torch.ones(m, dtype=torch.bool, device=features.device)
+    others[targets] = False
+    merged = features[targets].clone()
+    if others.any():
+        normed = torch.nn.functional.normalize(metric.float(), dim=-1)
+        owner = (normed[others] @ normed[targets].T).argmax(1)
+        sums = torch.zeros_like(merged).index_add_(0, owner, features[others])
+        sizes = torch.zeros(count, device=features.device).index_add_(0, owner, torch.ones_like(owner, dtype=torch.float))
+        merged = merged + sums / sizes.clamp(min=1)[:, None].to(sums.dtype)
+    return targets, merged
+
+
 @dataclass
 class VisionZip(EncoderPruner):
-    """Options: ``dominant`` and ``contextual`` counts per sample, or ``keep`` / ``flops``; ``positions``."""
+    """Options: ``dominant`` and ``contextual`` counts per image (``dominant`` includes [CLS], as in the
+    release), or ``keep`` / ``flops``; ``layout`` ("release" or "tokensieve"); ``positions``."""
 
     dominant: int | None = None
     contextual: int | None = None
+    layout: Literal["release", "tokensieve"] = "release"
 
     name: ClassVar[str] = "visionzip"
     paper: ClassVar[str] = "Yang et al., VisionZip: Longer is Better but Not Necessary in VLMs, CVPR 2025"
     needs: ClassVar[tuple[str, ...]] = ("cls attention", "vision keys")
 
     def validate(self) -> None:
+        if self.layout not in ("release", "tokensieve"):
+            raise ValueError(f"layout must be 'release' or 'tokensieve', got {self.layout!r}")
         counts = (self.dominant, self.contextual)
         if any(c is not None for c in counts):
             if any(c is None or c < 0 for c in counts) or self.keep is not None or self.flops is not None or sum(counts) < 1:
                 raise ValueError("give dominant and contextual (>= 0, not both 0) together, or keep / flops instead")
+            if self.layout == "release" and self.dominant < 1:
+                raise ValueError("dominant counts the [CLS] token in the release's layout (visionzip/main.py passes "
+                                 "dominant - 1 patches): give dominant >= 1")
+            if self.positions not in ("auto", "keep", "renumber"):
+                raise ValueError(f"positions must be 'auto', 'keep' or 'renumber', got {self.positions!r}")
         else:
             super().validate()
 
@@ -53,12 +132,77 @@ class VisionZip(EncoderPruner):
         return total - contextual, contextual
 
     def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
-        kept = sum(self._split(max(1, round((0.5 if self.keep is None else self.keep) * n_visual))))
+        """One image of ``n_visual`` tokens (the release's count per image)."""
+        kept = min(n_visual, sum(self._split(max(1, round((0.5 if self.keep is None else self.keep) * n_visual)))))
+        if self.layout == "release" and kept < n_visual and "cls_features" not in VisionSignals.__dataclass_fields__:
+            kept = max(1, kept - 1)  # no [CLS] feature from the tap: the [CLS] token is left out
         return [kept] * num_layers, [kept] * num_layers
 
     def select(self, view: View) -> Selection:
         if view.project is None:
             raise ValueError("visionzip needs a model whose projector can be applied to merged vision features")
+        if self.layout == "tokensieve":
+            return self._select_pooled(view)
+        return self._select_release(view)
+
+    # ------------------------------------------------------------------ the release's layout
+    def _image_budgets(self, view: View) -> list[list[int]]:
+        """Tokens per image (dominant + contextual), per sample."""
+        out = []
+        totals = kept_counts(view, 0, None, self.flops) if self.flops is not None else None
+        for b, images in enumerate(view.vision.images):
+            sizes = [cols.numel() for cols, _ in images]
+            if self.dominant is not None:
+                out.append([self.dominant + self.contextual] * len(sizes))
+            elif totals is not None:
+                out.append([max(1, t) for t in split_budget(totals[b], sizes)])
+            else:
+                out.append([max(1, round(self.keep * n)) for n in sizes])
+        return out
+
+    def _select_release(self, view: View) -> Selection:
+        vision = view.vision
+        keep = ~view.visual
+        hidden = view.hidden.clone()
+        cls_features = getattr(vision.raw, "cls_features", None)
+        for b, budgets in enumerate(self._image_budgets(view)):
+            for (cols, image), total in zip(vision.images[b], budgets):
+                n = cols.numel()
+                if self.dominant is not None:
+                    dominant, contextual = self.dominant, self.contextual
+                else:
+                    dominant, contextual = self._split(total)
+                if dominant + contextual >= n:
+                    keep[b, cols] = True
+                    continue
+                patches = dominant - 1  # the release's dominant_num: [CLS] is the other one
+                if cls_features is None and patches + contextual == 0:
+                    patches = 1  # no [CLS] to feed: the image keeps its top patch
+                top = vision.cls_attention[b, cols].topk(patches).indices.sort().values
+                rest = torch.ones(n, dtype=torch.bool, device=cols.device)
+                rest[top] = False
+                rest = rest.nonzero().squeeze(1)
+                targets, merged = contextual_merge(vision.features[b, cols[rest]], vision.keys[b, cols[rest]], contextual)
+                carriers = torch.cat([cols[top], cols[rest[targets]]])
+                with torch.no_grad():
+                    tokens = [hidden.new_zeros(0, hidden.shape[-1])]
+                    if cls_features is not None:
+                        free = torch.ones(n, dtype=torch.bool, device=cols.device)
+                        free[top] = False
+                        free[rest[targets]] = False
+                        carriers = torch.cat([carriers, cols[free.nonzero()[0]]])
+                        tokens.append(view.project(cls_features[image][None, None].to(vision.features.dtype))[0].to(hidden.dtype))
+                    tokens.append(view.hidden[b, cols[top]])
+                    if merged.shape[0]:
+                        tokens.append(view.project(merged[None])[0].to(hidden.dtype))
+                    hidden[b, carriers.sort().values] = torch.cat(tokens)
+                keep[b, carriers] = True
+        return Selection(keep=keep, hidden=hidden)
+
+    # ------------------------------------------------------------------ layout="tokensieve"
+    def _select_pooled(self, view: View) -> Selection:
+        """The earlier rule: ``dominant`` patches (no [CLS]) and ``contextual`` tokens per sample (its
+        images in one pool), each contextual token at its target patch's place."""
         keep = ~view.visual
         hidden = view.hidden.clone()
         counts = kept_counts(view, 0, self.keep, self.flops) if self.dominant is None else None
@@ -71,21 +215,10 @@ class VisionZip(EncoderPruner):
             top = view.vision.cls_attention[b, cand].topk(dominant).indices
             keep[b, cand[top]] = True
             rest = cand[~torch.isin(cand, cand[top])]
-            contextual = min(contextual, rest.numel())
-            if contextual == 0:
+            targets, merged = contextual_merge(view.vision.features[b, rest], view.vision.keys[b, rest], contextual)
+            if targets.numel() == 0:
                 continue
-            step = max(1, rest.numel() // contextual)
-            targets = rest[torch.arange(0, rest.numel(), step, device=rest.device)[:contextual]]
-            others = rest[~torch.isin(rest, targets)]
-            metric = torch.nn.functional.normalize(view.vision.keys[b].float(), dim=-1)
-            feats = view.vision.features[b]
-            merged = feats[targets].clone()
-            if others.numel():
-                owner = (metric[others] @ metric[targets].T).argmax(1)
-                sums = torch.zeros_like(merged).index_add_(0, owner, feats[others])
-                sizes = torch.zeros(contextual, device=feats.device).index_add_(0, owner, torch.ones_like(owner, dtype=torch.float))
-                merged = merged + sums / sizes.clamp(min=1)[:, None]
             with torch.no_grad():
-                hidden[b, targets] = view.project(merged[None]).to(hidden.dtype)[0]
-            keep[b, targets] = True
+                hidden[b, rest[targets]] = view.project(merged[None]).to(hidden.dtype)[0]
+            keep[b, rest[targets]] = True
         return Selection(keep=keep, hidden=hidden)
