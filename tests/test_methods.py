@@ -116,7 +116,7 @@ def test_pdrop_stages_follow_last_token_attention():
         with tokensieve.prune(model, "pdrop", layers=(1,), ratio=0.25) as run:
             model(**inputs)
     vis = (inputs["input_ids"][0] == IMAGE).nonzero().squeeze(1)
-    scores = out.attentions[0][0].mean(0)[-1, vis]
+    scores = out.attentions[1][0].mean(0)[-1, vis]  # the release ranks with the layer the tokens enter
     expected = sorted(vis[scores.topk(8).indices].tolist())
     assert run.report.samples[0].visual_kept["prefill:1"] == expected
     assert run.report.samples[0].visual_lengths == [32, 8, 8, 8]
@@ -213,7 +213,8 @@ def test_transprune_ttv_matches_its_formula():
             return a.norm(dim=-1) / b.norm(dim=-1) * direction
 
         score = ttv(before, after) + ttv(before2, after2)
-        with tokensieve.prune(model, "transprune", layers=(1,), keep=(0.25,), ttv_only=True) as run:
+        # a stage at layer 2 (the tokens entering it) accumulates TTV over layer 1, as the release does
+        with tokensieve.prune(model, "transprune", layers=(2,), keep=(0.25,), ttv_only=True) as run:
             model(**inputs)
     vis = (inputs["input_ids"][0] == IMAGE).nonzero().squeeze(1)
     expected = sorted(vis[score[vis].topk(8).indices].tolist())

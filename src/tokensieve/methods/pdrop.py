@@ -3,11 +3,26 @@
 Xing et al., "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual
 Redundancy Reduction", CVPR 2025 (arXiv 2410.17247); authors' code Cooperx521/PyramidDrop.
 
-The decoder is split into stages at ``layers`` (default: a quarter, half and three quarters of the
-depth, the paper's 8/16/24 of 32 layers). At the end of each stage the visual tokens are ranked by the
-attention the last token of the prompt gives them (mean over heads) in the stage's last layer, and
-the top ``ratio`` (lambda, default 0.5) of the remaining visual tokens go on to the next stage. With
-``flops`` lambda is solved per sample so that the whole schedule meets the budget.
+The rule, as the release runs it at inference (``llava/model/modeling_llama_pdrop.py``,
+``LlamaModel.pdrop_forward`` and ``LlamaModel.pdrop_rank_drop``): after decoder layer ``i`` has run,
+``rank_layer = i + 1``; when ``rank_layer`` is in ``--layer_list`` (the scripts: ``[8,16,24]`` of 32)
+the visual tokens about to enter ``rank_layer`` are ranked by the attention the last instruction token
+(the prompt's last token) pays them *in layer rank_layer itself*: that layer's input norm and q/k
+projections applied to the hidden states entering it, softmax over all tokens, mean over heads. The top
+``int(N * ratio_list[s + 1])`` of them enter the layer, where ``N`` is the image's tokens in the input
+and ``ratio_list = [1, *--image_token_ratio_list]`` (the scripts: ``[0.5, 0.25, 0.125]``).
+
+Here ``layers`` are those stage layers (default: a quarter, half and three quarters of the depth, the
+release's 8/16/24 of 32): the tokens entering layer ``layers[s]`` are chosen with layer ``layers[s]``'s
+own attention, ``Point(before=l, attention_layer=l)``. ``ratio`` is lambda: stage ``s`` keeps
+``floor(N * lambda ** (s + 1))`` (lambda's powers taken to 12 significant digits, as the scripts write
+them), but at least one token where the release would keep none. With ``flops`` lambda is solved per
+sample so that the whole schedule meets the budget.
+
+Positions: kept tokens keep their original rotary positions. The release instead renumbers the prompt
+after each drop (``position_ids = arange(cur_len)`` in ``pdrop_rank_drop``) and, while decoding, moves
+the new token's position down by the tokens dropped before each stage layer (``pdrop_forward``); the
+engine has no option for renumbering inside the LLM, so that part of the release is not reproduced.
 """
 
 from __future__ import annotations
@@ -19,18 +34,26 @@ from ..flops import Shape, prefill_flops
 from .base import Method, Point, Selection, View, check_budget, check_fraction, top_visual
 
 
+def stage_kept(n_visual: int, ratio: float, stage: int) -> int:
+    """Visual tokens kept from stage ``stage`` (0-based) on: ``int(N * ratio ** (stage + 1))`` as the
+    release computes it from its ratio list, at least 1."""
+    fraction = float(f"{ratio ** (stage + 1):.12g}")
+    return max(1, int(n_visual * fraction))
+
+
 def _schedule(n_visual: int, layers: list[int], ratio: float, num_layers: int) -> list[int]:
     counts, n = [], n_visual
     for layer in range(num_layers):
         if layer in layers:
-            n = max(1, round(n * ratio))
+            n = min(n, stage_kept(n_visual, ratio, layers.index(layer)))
         counts.append(n)
     return counts
 
 
 @dataclass
 class PDrop(Method):
-    """Options: ``layers`` (stage boundaries), ``ratio`` lambda kept per stage, or ``flops`` target."""
+    """Options: ``layers`` (the stage layers: the tokens entering each are ranked by its attention),
+    ``ratio`` lambda kept per stage, or ``flops`` target."""
 
     layers: tuple[int, ...] | None = None
     ratio: float = 0.5
@@ -48,13 +71,15 @@ class PDrop(Method):
         self.layers = tuple(int(x) for x in self.layers)
         if not self.layers or any(not 1 <= x < num_layers for x in self.layers):
             raise ValueError(f"pdrop stage layers must be in 1..{num_layers - 1}, got {self.layers}")
+        if list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"pdrop stage layers must increase, got {self.layers}")
 
     def validate(self) -> None:
         check_fraction("ratio", self.ratio)
         check_budget(None, self.flops)
 
     def points(self) -> list[Point]:
-        return [Point(before=layer, attention_layer=layer - 1) for layer in self.layers]
+        return [Point(before=layer, attention_layer=layer) for layer in self.layers]
 
     def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
         counts = _schedule(n_visual, list(self.layers), self.ratio, num_layers)
@@ -76,17 +101,17 @@ class PDrop(Method):
         return lo
 
     def select(self, view: View) -> Selection:
-        probs = view.attention("last").mean(1)[:, 0]  # (B, n)
-        counts = view.visual.sum(1).tolist()
-        if view.point.before == self.layers[0]:
+        stage = self.layers.index(view.point.before)
+        probs = view.attention("last").mean(1)[:, 0]  # (B, n): layer `before`'s own attention, last token
+        if stage == 0:
             self._lambdas = {}
-        ratios = []
-        for b, n in enumerate(counts):
-            if self.flops is None:
-                ratios.append(self.ratio)
-                continue
-            if b not in self._lambdas:
-                text = int(view.query_valid("all")[b].sum()) - view.visual_input[b]
-                self._lambdas[b] = self._lambda(view.shape, view.visual_input[b], text)
-            ratios.append(self._lambdas[b])
-        return Selection(keep=top_visual(probs, view.visual, [max(1, round(n * r)) for n, r in zip(counts, ratios)]))
+        counts = []
+        for b, n_in in enumerate(view.visual_input):
+            ratio = self.ratio
+            if self.flops is not None:
+                if b not in self._lambdas:
+                    text = int(view.query_valid("all")[b].sum()) - n_in
+                    self._lambdas[b] = self._lambda(view.shape, n_in, text)
+                ratio = self._lambdas[b]
+            counts.append(stage_kept(n_in, ratio, stage))
+        return Selection(keep=top_visual(probs, view.visual, counts))

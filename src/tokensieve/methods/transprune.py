@@ -8,15 +8,31 @@ Token Transition Variation (TTV), for every sublayer (attention and MLP) of the 
 
     TTV = ||out|| / ||in||  x  softmax over tokens of (1 - cos(in, out))
 
-summed over both sublayers and over the layers from the first stage layer up to the current one.
-Instruction-Guided Attention (IGA): at a pruning point, the attention of the instruction tokens
-(text after the image) to each visual token in the next layer, mean over heads and instruction tokens.
-Score = TTV / sum(TTV) + IGA / sum(IGA) over the visual tokens (``ttv_only`` drops IGA); the top
-tokens stay. Stages (published, 32 layers): after layers 7, 9, 12, keeping 87.5%, 62.5%, 12.5% of the
-input's visual tokens; other depths move the layers proportionally; ``flops`` scales the kept
-fractions by one factor (up to keeping every token at the first stage) to meet a budget. Choices made here: stage layers are 0-indexed and a stage's tokens leave
-at the boundary after that layer; kept tokens keep their original positions (the release renumbers
-them; the engine never renumbers inside the LLM).
+(release: ``LlamaDecoderLayer_TransPrune.compute_transf_weight``), summed over both sublayers and over
+the accumulation layers run so far. Instruction-Guided Attention (IGA): the attention of the
+instruction tokens (text after the image) to each visual token, mean over heads and instruction tokens,
+in the layer the tokens are about to enter. Score = TTV / sum(TTV) + IGA / sum(IGA) over the visual
+tokens (``ttv_only`` drops IGA); the top tokens stay.
+
+Stages, as the release reads them (``llava/model/modeling_llama_transprune.py``,
+``LlamaModel.transprune_forward`` and ``LlamaModel.transprune_rank_drop``): after decoder layer ``i``,
+``rank_layer = i + 1``; for ``rank_layer`` in ``--pruning_layer_list`` (the scripts: ``[7,9,12]``) the
+visual tokens entering 0-based layer ``rank_layer`` are pruned, IGA taken from
+``self.layers[rank_layer]`` (its input norm and q/k on the hidden states entering it); layer ``i``
+contributes TTV when ``i + 1`` is in ``--accmulating_layer_list`` (the scripts: ``[7..12]``, so layers
+6..11: the stage at 7 sees layer 6's TTV, the one at 9 layers 6-8, the one at 12 layers 6-11). Stage
+``s`` keeps ``int(N * ratio_list[s + 1])`` of the input's ``N`` visual tokens (floor; the scripts:
+0.875, 0.625, 0.125).
+
+Here ``layers`` mean the same: ``layers=(7, 9, 12)`` (the default on 32 layers; other depths move them
+proportionally) prunes the tokens entering layers 7, 9 and 12, IGA from those layers, TTV accumulated
+over layers ``layers[0] - 1 .. layers[-1] - 1``; ``keep`` are the per-stage fractions of the input's
+visual tokens (floored, at least one token). A stage at layer 0 (which the release cannot express) sees
+no TTV and ranks by IGA alone. ``flops`` scales the kept fractions by one factor (up to keeping every
+token at the first stage) to meet a budget. Kept tokens keep their original positions; the release
+renumbers the prompt after each drop (``position_ids = arange(cur_len)`` in ``transprune_rank_drop``)
+and shifts the decoded token's position at each stage layer (``transprune_forward``), which the engine
+has no option for inside the LLM.
 """
 
 from __future__ import annotations
@@ -35,8 +51,8 @@ PUBLISHED_KEEP = (0.875, 0.625, 0.125)
 
 @dataclass
 class TransPrune(Method):
-    """Options: ``layers`` and ``keep`` (per stage, fractions of the input's visual tokens), or
-    ``flops``; ``ttv_only``."""
+    """Options: ``layers`` (the layers whose entering tokens are pruned) and ``keep`` (per stage,
+    fractions of the input's visual tokens), or ``flops``; ``ttv_only``."""
 
     layers: tuple[int, ...] | None = None
     keep: tuple[float, ...] = PUBLISHED_KEEP
@@ -57,24 +73,33 @@ class TransPrune(Method):
         self.keep = tuple(float(x) for x in self.keep)
         if len(self.layers) != len(self.keep):
             raise ValueError(f"layers {self.layers} and keep {self.keep} must have one entry per stage")
-        if list(self.layers) != sorted(set(self.layers)) or not all(0 <= x < num_layers - 1 for x in self.layers):
-            raise ValueError(f"stage layers must increase inside 0..{num_layers - 2}, got {self.layers}")
+        if list(self.layers) != sorted(set(self.layers)) or not all(0 <= x < num_layers for x in self.layers):
+            raise ValueError(f"stage layers must increase inside 0..{num_layers - 1}, got {self.layers}")
+        if self.ttv_only and self.layers[0] == 0:
+            raise ValueError("ttv_only needs stage layers >= 1: a stage at layer 0 has no layer before it to measure TTV on")
         if any(not 0 < k <= 1 for k in self.keep) or list(self.keep) != sorted(self.keep, reverse=True):
             raise ValueError(f"keep fractions must be in (0, 1] and non-increasing, got {self.keep}")
         if self.flops is not None and not 0 < self.flops < 1:
             raise ValueError(f"flops must be in (0, 1), got {self.flops!r}")
 
     def transition_layers(self) -> list[int]:
-        return list(range(self.layers[0], self.layers[-1] + 1))
+        """The release's accumulating span read through ``rank_layer = i + 1``: layers
+        ``layers[0] - 1 .. layers[-1] - 1`` (6..11 for stages at 7, 9, 12)."""
+        return list(range(max(0, self.layers[0] - 1), self.layers[-1]))
 
     def points(self) -> list[Point]:
-        return [Point(before=layer + 1, attention_layer=layer + 1) for layer in self.layers]
+        return [Point(before=layer, attention_layer=layer) for layer in self.layers]
+
+    def _kept(self, stage: int, scale: float, n_visual: int) -> int:
+        """``int(N * ratio)`` as the release computes it from its ratio list, at least 1 (the fraction is
+        taken to 12 significant digits, so a ``flops`` scale of 1 / keep[0] keeps every token)."""
+        return max(1, int(n_visual * float(f"{self.keep[stage] * scale:.12g}")))
 
     def _visual(self, n_visual: int, scale: float) -> list[int]:
         counts, n = [], n_visual
         for layer in range(self.num_layers):
-            if layer - 1 in self.layers:
-                n = min(n, max(1, round(self.keep[self.layers.index(layer - 1)] * scale * n_visual)))
+            if layer in self.layers:
+                n = min(n, self._kept(self.layers.index(layer), scale, n_visual))
             counts.append(n)
         return counts
 
@@ -83,11 +108,14 @@ class TransPrune(Method):
         return counts, list(counts)
 
     def select(self, view: View) -> Selection:
-        stage = self.layers.index(view.point.before - 1)
+        stage = self.layers.index(view.point.before)
         if stage == 0:
             self._scales = {}
-        score = view.transitions.masked_fill(~view.visual, 0.0)
-        score = score / score.sum(1, keepdim=True).clamp(min=1e-12)
+        if view.transitions is None:  # stages only at layer 0: no layer has run, no TTV
+            score = torch.zeros(view.visual.shape, device=view.visual.device)
+        else:
+            score = view.transitions.masked_fill(~view.visual, 0.0)
+            score = score / score.sum(1, keepdim=True).clamp(min=1e-12)
         if not self.ttv_only:
             text = view.query_valid("text").float()
             probs = view.attention("all").mean(1)  # (B, n, n)
@@ -101,8 +129,8 @@ class TransPrune(Method):
                 if b not in self._scales:
                     text_tokens = int(view.query_valid("all")[b].sum()) - n_in
                     self._scales[b] = solve_scale(view.shape, n_in, text_tokens, lambda c: self._visual(n_in, c),
-                                                  self.flops, f"transprune with stages after {self.layers}",
+                                                  self.flops, f"transprune with stages at {self.layers}",
                                                   most=1 / self.keep[0])
                 scale = self._scales[b]
-            counts.append(max(1, round(self.keep[stage] * scale * n_in)))
+            counts.append(self._kept(stage, scale, n_in))
         return Selection(keep=top_visual(score, view.visual, counts))

@@ -1,0 +1,380 @@
+"""PDrop and TransPrune against references written in this file from the authors' releases.
+
+Each reference is an explicit loop over the decoder layers of a LLaVA model (eager attention, batch 1,
+no padding) that follows the release's control flow: after decoder layer ``layer_idx`` has run,
+``rank_layer = layer_idx + 1``; if ``rank_layer`` is a stage layer, the visual tokens entering
+``rank_layer`` are ranked with *that* layer's input norm and q/k projections applied to its input, and
+only the kept ones go on into it. The layers themselves are run from their parts (input norm, attention,
+residual, post-attention norm, MLP, residual), as the release's decoder layer does.
+
+One deliberate difference: the releases renumber the rotary positions of the kept tokens after each
+drop (``position_ids = arange(cur_len)``; PyramidDrop ``pdrop_rank_drop`` ~l.1446, TransPrune
+``transprune_rank_drop`` ~l.1575). tokensieve keeps the original positions, so the references here
+keep them too (``pos`` below); everything else is the release's rule.
+
+Nothing here calls tokensieve's own helpers: only ``tokensieve.prune`` is run and its report read.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import IMAGE, batch, build
+
+import tokensieve
+
+LOGITS_ATOL = 1e-4  # fp32: the reference and the engine compute the same layers on the same rows
+_MODELS: dict[str, torch.nn.Module] = {}
+
+
+def tiny_llava() -> torch.nn.Module:
+    if "llava" not in _MODELS:
+        _MODELS["llava"] = build("llava", "eager")
+    return _MODELS["llava"]
+
+
+def shipped():
+    """The shipped tiny LLaVA (8 layers, 144 visual tokens), switched to eager attention."""
+    if "shipped" not in _MODELS:
+        from tokensieve.tiny import load_tiny
+
+        model, processor = load_tiny()
+        for cfg in (model.config, model.config.text_config, model.config.vision_config):
+            cfg._attn_implementation = "eager"
+        _MODELS["shipped"] = (model, processor)
+    return _MODELS["shipped"]
+
+
+def shipped_items(n_per_task: int = 1) -> list:
+    from tokensieve.tasks import TASKS, generate
+
+    return [e for task in TASKS for e in generate(task, "test", n_per_task)]
+
+
+# ---------------------------------------------------------------------------------------------- common parts
+def _language_model(model):
+    return model.model.language_model
+
+
+def _embeddings(model, inputs) -> torch.Tensor:
+    """``(T, d)`` the hidden states entering decoder layer 0 (text embeddings with the projected image)."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.setdefault("x", args[0] if args else kwargs["hidden_states"])
+
+    hook = _language_model(model).layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        hook.remove()
+    return seen["x"][0]
+
+
+def _causal(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(1, 1, n, n)`` additive causal mask; rows are kept in position order, so row order is causal order."""
+    mask = torch.full((n, n), torch.finfo(dtype).min, dtype=dtype).triu(1)
+    return mask[None, None]
+
+
+def _rotary(model, x: torch.Tensor, pos: torch.Tensor):
+    return _language_model(model).rotary_emb(x[None], pos[None])
+
+
+def _attention(model, layer, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``(H, n, n)`` softmax attention of ``layer`` on its input ``x``: its input norm, q/k projections,
+    rotary at ``pos``, causal mask (the release's ``pdrop_rank_drop`` / ``transprune_rank_drop``)."""
+    _, weights = layer.self_attn(hidden_states=layer.input_layernorm(x[None]), position_embeddings=_rotary(model, x, pos),
+                                 attention_mask=_causal(x.shape[0], x.dtype))
+    return weights[0].float()
+
+
+def _transf_weight(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """TransPrune ``LlamaDecoderLayer_TransPrune.compute_transf_weight`` (modeling_llama_transprune.py
+    ~l.917): ||after|| / ||before|| times exp(1 - cos) normalised over the sequence (batch 1)."""
+    ratio = after.norm(dim=-1) / before.norm(dim=-1)
+    e = torch.exp(1 - torch.nn.functional.cosine_similarity(before, after, dim=-1))
+    return ratio * e / e.sum()
+
+
+def _run_layer(model, layer, x: torch.Tensor, pos: torch.Tensor, transf: bool = False):
+    """One decoder layer from its parts (``LlamaDecoderLayer_TransPrune.forward`` ~l.839); with ``transf``
+    also the token transition of its attention and MLP sublayers (normed input vs. output before the
+    residual add), summed."""
+    normed = layer.input_layernorm(x[None])
+    attn_out = layer.self_attn(hidden_states=normed, position_embeddings=_rotary(model, x, pos),
+                               attention_mask=_causal(x.shape[0], x.dtype))[0]
+    h = x[None] + attn_out
+    normed2 = layer.post_attention_layernorm(h)
+    mlp_out = layer.mlp(normed2)
+    out = (h + mlp_out)[0]
+    weight = None
+    if transf:
+        weight = _transf_weight(normed[0], attn_out[0]) + _transf_weight(normed2[0], mlp_out[0])
+    return out, weight
+
+
+def _single_image(model, inputs) -> tuple[int, int]:
+    ids = inputs["input_ids"][0]
+    assert inputs["input_ids"].shape[0] == 1 and bool(inputs["attention_mask"].bool().all())
+    image = (ids == model.config.image_token_id).nonzero().squeeze(1)
+    assert image.numel() and bool((image.diff() == 1).all()), "the releases handle one contiguous image"
+    return int(image[0]), int(image.numel())
+
+
+def _logits(model, x: torch.Tensor) -> torch.Tensor:
+    return model.lm_head(_language_model(model).norm(x[-1]))
+
+
+# ---------------------------------------------------------------------------------------------- PDrop reference
+def pdrop_reference(model, inputs, layer_list: list[int], ratio_list: list[float]):
+    """PyramidDrop inference, from Cooperx521/PyramidDrop ``llava/model/modeling_llama_pdrop.py``,
+    ``LlamaModel.pdrop_forward`` (~l.1187-1238) and ``LlamaModel.pdrop_rank_drop`` (~l.1291-1416).
+
+    ``layer_list`` is the release's ``--layer_list`` (e.g. [8, 16, 24]), ``ratio_list`` its
+    ``--image_token_ratio_list`` (e.g. [0.5, 0.25, 0.125]; the eval scripts insert 1.0 in front).
+    After layer ``layer_idx``: ``rank_layer = layer_idx + 1``; if it is in ``layer_list`` (stage ``s``),
+    the query is the last instruction token (``prompt_total_len - 1``, the prompt's last token at
+    inference), its attention at ``self.layers[rank_layer]`` (input norm, q/k of that layer on the
+    hidden states entering it) is averaged over heads, and the top ``int(N * ratio_list[s + 1])`` of the
+    image tokens are kept (``N``: the image's tokens in the input; ``int`` floors).
+
+    Returns the kept visual positions per stage (keyed like tokensieve's report) and last-token logits.
+    """
+    ratios = [1.0] + list(ratio_list)
+    lm = _language_model(model)
+    start, n_image = _single_image(model, inputs)
+    with torch.no_grad():
+        x = _embeddings(model, inputs)
+        pos = torch.arange(x.shape[0])
+        kept = {}
+        for layer_idx, layer in enumerate(lm.layers):
+            x, _ = _run_layer(model, layer, x, pos)
+            rank_layer = layer_idx + 1
+            if rank_layer not in layer_list:
+                continue
+            stage = layer_list.index(rank_layer)
+            image_tokens, keep_length = int(n_image * ratios[stage]), int(n_image * ratios[stage + 1])
+            probs = _attention(model, lm.layers[rank_layer], x, pos)
+            last = x.shape[0] - 1  # prompt_total_len - 1
+            score = probs[:, last].mean(0)[start:start + image_tokens]
+            top = score.topk(keep_length).indices.sort().values + start
+            rows = torch.cat([torch.arange(start), top, torch.arange(start + image_tokens, x.shape[0])])
+            x, pos = x[rows], pos[rows]
+            kept[f"prefill:{rank_layer}"] = pos[start:start + keep_length].tolist()
+        return kept, _logits(model, x)
+
+
+# ---------------------------------------------------------------------------------------------- TransPrune reference
+def transprune_reference(model, inputs, pruning_layer_list: list[int], ratio_list: list[float],
+                         accumulating_layer_list: list[int] | None = None, iga: bool = True):
+    """TransPrune inference, from liaolea/TransPrune ``llava/model/modeling_llama_transprune.py``,
+    ``LlamaModel.transprune_forward`` (~l.1306-1393) and ``LlamaModel.transprune_rank_drop``
+    (~l.1425-1545), with ``compute_transf_weight`` (~l.917).
+
+    The release's scripts pass ``--pruning_layer_list [7,9,12]``, ``--accmulating_layer_list
+    [7,8,9,10,11,12]`` and ``--image_token_ratio_list [0.875,0.625,0.125]`` (1.0 inserted in front);
+    ``accumulating_layer_list`` defaults to the same span, ``pruning[0] .. pruning[-1]``.
+    Both lists are read through ``rank_layer = layer_idx + 1``: layer ``layer_idx`` contributes its
+    TTV when ``layer_idx + 1`` is an accumulating layer (so 6..11 for the scripts), and the tokens
+    entering ``rank_layer`` are pruned when it is a pruning layer (7, 9, 12), scored by the TTV of all
+    accumulating layers run so far (kept rows carry theirs along) normalised over the image, plus the
+    instruction-guided attention (IGA) at ``self.layers[rank_layer]``: queries the tokens after the image
+    up to the prompt's end, mean over heads and queries, normalised over the image. The top
+    ``int(N * ratio_list[s + 1])`` stay. ``iga=False`` scores by TTV alone (tokensieve's ``ttv_only``).
+    """
+    ratios = [1.0] + list(ratio_list)
+    if accumulating_layer_list is None:
+        accumulating_layer_list = list(range(pruning_layer_list[0], pruning_layer_list[-1] + 1))
+    lm = _language_model(model)
+    start, n_image = _single_image(model, inputs)
+    with torch.no_grad():
+        x = _embeddings(model, inputs)
+        pos = torch.arange(x.shape[0])
+        kept, weights = {}, []
+        for layer_idx, layer in enumerate(lm.layers):
+            x, w = _run_layer(model, layer, x, pos, transf=layer_idx + 1 in accumulating_layer_list)
+            if w is not None:
+                weights.append(w)
+            rank_layer = layer_idx + 1
+            if rank_layer not in pruning_layer_list:
+                continue
+            stage = pruning_layer_list.index(rank_layer)
+            image_tokens, keep_length = int(n_image * ratios[stage]), int(n_image * ratios[stage + 1])
+            ttv = torch.zeros(image_tokens)
+            for w in weights:
+                ttv += w[start:start + image_tokens]
+            score = ttv / (ttv.sum() + 1e-8)
+            if iga:
+                probs = _attention(model, lm.layers[rank_layer], x, pos)
+                prompt_ids = start + image_tokens
+                attention = probs[:, prompt_ids:].mean(0)[:, start:start + image_tokens].mean(0)
+                score = score + attention / (attention.sum() + 1e-8)
+            top = score.topk(keep_length).indices.sort().values + start
+            rows = torch.cat([torch.arange(start), top, torch.arange(start + image_tokens, x.shape[0])])
+            x, pos = x[rows], pos[rows]
+            weights = [w[rows] for w in weights]
+            kept[f"prefill:{rank_layer}"] = pos[start:start + keep_length].tolist()
+        return kept, _logits(model, x)
+
+
+def _pruned(model, inputs, method: str, **options):
+    with torch.no_grad(), tokensieve.prune(model, method, **options) as run:
+        logits = model(**inputs).logits[0, -1]
+    sample = run.report.samples[0]
+    return {k: v for k, v in sample.visual_kept.items() if k.startswith("prefill:")}, logits, sample, run
+
+
+# ---------------------------------------------------------------------------------------------- PDrop tests
+@pytest.mark.parametrize("layers,ratio,ratio_list", [
+    ((1, 2, 3), 0.5, [0.5, 0.25, 0.125]),
+    ((1, 2, 3), 0.6, [0.6, 0.36, 0.216]),  # floor: 9, 5, 3 of 16 (rounding would give 10, 6, 4)
+    ((2,), 0.25, [0.25]),
+])
+def test_pdrop_matches_the_release_on_a_tiny_llava(layers, ratio, ratio_list):
+    model = tiny_llava()
+    inputs = batch("llava", model, [1])
+    expected, ref_logits = pdrop_reference(model, inputs, list(layers), ratio_list)
+    kept, logits, _, _ = _pruned(model, inputs, "pdrop", layers=layers, ratio=ratio)
+    assert kept == expected
+    assert [len(v) for v in kept.values()] == [int(16 * r) for r in ratio_list]
+    assert torch.allclose(logits, ref_logits, atol=LOGITS_ATOL), (logits - ref_logits).abs().max()
+
+
+def test_pdrop_ranks_the_tokens_entering_a_layer_with_that_layers_own_attention():
+    """The release's rule in one line: the tokens entering layer 2 are the top half by the attention
+    the last token pays them in layer 2 (HF's own eager attention weights of the unpruned model)."""
+    model = tiny_llava()
+    inputs = batch("llava", model, [1])
+    with torch.no_grad():
+        attentions = model(**inputs, output_attentions=True).attentions
+    vis = (inputs["input_ids"][0] == IMAGE).nonzero().squeeze(1)
+    score = attentions[2][0].mean(0)[-1, vis]
+    kept, _, _, _ = _pruned(model, inputs, "pdrop", layers=(2,), ratio=0.5)
+    assert kept["prefill:2"] == sorted(vis[score.topk(8).indices].tolist())
+
+
+def test_pdrop_kept_counts_floor_the_input_count_times_lambda_powers():
+    """``int(N * ratio_list[s + 1])`` of the input's N image tokens (not of the previous stage's)."""
+    from tokensieve.methods import PDrop
+
+    method = PDrop(layers=(8, 16, 24), ratio=0.3)
+    method.bind(32)
+    n_in, _ = method.visual_schedule(32, 576)
+    # the release with --image_token_ratio_list [0.3,0.09,0.027]: 172, 51, 15 (576 * 0.3 = 172.8 ...)
+    assert [n_in[l] for l in (0, 8, 16, 24)] == [576, 172, 51, 15]
+
+
+def test_pdrop_matches_the_release_on_the_shipped_model():
+    from tokensieve.tiny import build_inputs
+
+    model, processor = shipped()
+    for example in shipped_items():
+        inputs = build_inputs(processor, [example])
+        expected, ref_logits = pdrop_reference(model, inputs, [2, 4, 6], [0.5, 0.25, 0.125])
+        kept, logits, _, _ = _pruned(model, inputs, "pdrop")  # defaults: stages at 2, 4, 6 of 8, lambda 0.5
+        assert kept == expected
+        assert torch.allclose(logits, ref_logits, atol=LOGITS_ATOL)
+
+
+# ---------------------------------------------------------------------------------------------- TransPrune tests
+@pytest.mark.parametrize("layers,keep,ttv_only", [
+    ((1, 2, 3), (0.875, 0.625, 0.125), False),
+    ((1, 3), (0.7, 0.3), False),  # floor: 11 and 4 of 16 (rounding would give 11 and 5)
+    ((2,), (0.5,), True),
+])
+def test_transprune_matches_the_release_on_a_tiny_llava(layers, keep, ttv_only):
+    model = tiny_llava()
+    inputs = batch("llava", model, [1])
+    expected, ref_logits = transprune_reference(model, inputs, list(layers), list(keep), iga=not ttv_only)
+    kept, logits, _, _ = _pruned(model, inputs, "transprune", layers=layers, keep=keep, ttv_only=ttv_only)
+    assert kept == expected
+    assert [len(v) for v in kept.values()] == [int(16 * k) for k in keep]
+    assert torch.allclose(logits, ref_logits, atol=LOGITS_ATOL), (logits - ref_logits).abs().max()
+
+
+def test_transprune_iga_is_the_instruction_attention_of_the_layer_the_tokens_enter():
+    """IGA from HF's own eager attention weights of the unpruned model (each stage here is the first, so
+    the layer's input is the one the stage sees): rows of the tokens after the image, mean over heads and
+    those rows. A stage at layer 0 has no TTV, so it ranks by this IGA alone; a stage at layer 2 ranks by
+    TTV(layer 1) / sum + IGA(layer 2) / sum (the release's accumulating span for a stage at 2 is [2],
+    i.e. ``layer_idx`` 1)."""
+    model = tiny_llava()
+    inputs = batch("llava", model, [1])
+    ids = inputs["input_ids"][0]
+    vis = (ids == IMAGE).nonzero().squeeze(1)
+    lm = _language_model(model)
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tap(key):
+        def hook(module, args, kwargs, output):
+            before = args[0] if args else kwargs["hidden_states"]
+            captured[key] = (before[0], (output[0] if isinstance(output, tuple) else output)[0])
+        return hook
+
+    handles = [getattr(lm.layers[1], part).register_forward_hook(tap(part), with_kwargs=True) for part in ("self_attn", "mlp")]
+    try:
+        with torch.no_grad():
+            attentions = model(**inputs, output_attentions=True).attentions
+    finally:
+        for h in handles:
+            h.remove()
+    text = torch.arange(ids.numel()) > int(vis[-1])
+
+    def iga(layer: int) -> torch.Tensor:
+        return attentions[layer][0].mean(0)[text][:, vis].mean(0)
+
+    for keep, k in ((0.25, 4), (0.5, 8)):
+        kept, _, _, _ = _pruned(model, inputs, "transprune", layers=(0,), keep=(keep,))
+        assert kept["prefill:0"] == sorted(vis[iga(0).topk(k).indices].tolist())
+    ttv = sum(_transf_weight(*captured[part]) for part in captured)[vis]
+    score = ttv / ttv.sum() + iga(2) / iga(2).sum()
+    for keep, k in ((0.25, 4), (0.5, 8), (0.75, 12)):
+        kept, _, _, _ = _pruned(model, inputs, "transprune", layers=(2,), keep=(keep,))
+        assert kept["prefill:2"] == sorted(vis[score.topk(k).indices].tolist())
+
+
+def test_transprune_published_stages_mean_what_the_release_means():
+    """32 layers: prune before 0-based layers 7, 9, 12 (the release's [7, 9, 12] via rank_layer =
+    layer_idx + 1), TTV accumulated over layers 6..11 (its accumulating list [7..12], read the same way)."""
+    from tokensieve.methods import TransPrune
+
+    method = TransPrune()
+    method.bind(32)
+    assert method.layers == (7, 9, 12)
+    assert [(p.before, p.attention_layer) for p in method.points()] == [(7, 7), (9, 9), (12, 12)]
+    assert method.transition_layers() == list(range(6, 12))
+    n_in, _ = method.visual_schedule(32, 576)
+    assert n_in[6:8] == [576, 504] and n_in[9] == 360 and n_in[11:13] == [360, 72]
+
+
+def test_transprune_matches_the_release_on_the_shipped_model():
+    from tokensieve.tiny import build_inputs
+
+    model, processor = shipped()
+    _, _, _, run = _pruned(model, build_inputs(processor, shipped_items()[:1]), "transprune")
+    layers = list(run.method.layers)
+    assert layers == [2, 3, 4]  # the published 7, 9, 12 of 32, moved to 8 layers
+    for example in shipped_items():
+        inputs = build_inputs(processor, [example])
+        expected, ref_logits = transprune_reference(model, inputs, layers, [0.875, 0.625, 0.125])
+        kept, logits, _, _ = _pruned(model, inputs, "transprune")
+        assert kept == expected
+        assert torch.allclose(logits, ref_logits, atol=LOGITS_ATOL)
+
+
+def test_stage_layers_are_checked_in_the_releases_terms():
+    """PDrop's stages must increase (the release's stage index is the list position); a TransPrune stage
+    at layer 0 is allowed (IGA alone) but not with ``ttv_only``: no layer runs before it; a stage at the
+    last layer is allowed (the release's ``rank_layer`` reaches ``num_layers - 1``)."""
+    from tokensieve.methods import PDrop, TransPrune
+
+    with pytest.raises(ValueError, match="increase"):
+        PDrop(layers=(2, 1)).bind(4)
+    with pytest.raises(ValueError, match="ttv_only"):
+        TransPrune(layers=(0, 1), keep=(0.5, 0.25), ttv_only=True).bind(4)
+    TransPrune(layers=(0, 3), keep=(0.5, 0.25)).bind(4)
+    method = TransPrune(layers=(3,), keep=(0.5,))
+    method.bind(4)
+    assert method.transition_layers() == [2]
