@@ -83,12 +83,13 @@ def calibrate(
 
     lo, hi = 0.0, 1.0
     best: tuple[float, float, dict[int, int]] | None = None
-    bar = tqdm(range(iterations), desc=f"calibrate flops={budget}", disable=not progress)
-    for _ in bar:
+    bar = tqdm(total=iterations, desc=f"calibrate flops={budget}", unit="probe", disable=not progress)
+    for _ in range(iterations):
         alpha = (lo + hi) / 2
         counts = fit(alpha)
         ratio = recipe_ratio(shape, counts, samples, visual_only)
         bar.set_postfix(alpha=f"{alpha:.4f}", ratio=f"{ratio:.4f}")
+        bar.update()
         if ratio <= budget:
             if best is None or ratio > best[0]:
                 best = (ratio, alpha, counts)
@@ -97,6 +98,7 @@ def calibrate(
             lo = alpha
         if best is not None and budget - best[0] <= tolerance:
             break
+    bar.total = bar.n  # the search may converge before `iterations` probes; the bar ends full either way
     bar.close()
     if best is None:
         counts = fit(1.0)

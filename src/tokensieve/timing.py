@@ -13,11 +13,15 @@ class ForwardTimer:
     """Times every forward of ``model`` while installed; the first call after :meth:`start` is the prefill.
 
     Install it inside a ``prune()`` context so its hooks wrap the engine's (the pre-hook is prepended,
-    the post-hook appended): the engine's bookkeeping is then part of the measured time.
+    the post-hook appended): the engine's bookkeeping is then part of the measured time. A model on a
+    CUDA device is synchronised at both ends of each call (queued kernels are then counted); on the
+    CPU nothing is synchronised, whether or not the machine has a GPU.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        weight = next(model.parameters(), None)
+        self._cuda = weight.device if weight is not None and weight.device.type == "cuda" else None
         self.prefill_ms: list[float] = []
         self.decode_ms: list[float] = []
         self._t0 = 0.0
@@ -40,8 +44,8 @@ class ForwardTimer:
         self._first = True
 
     def _sync(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        if self._cuda is not None:
+            torch.cuda.synchronize(self._cuda)
 
     def _pre(self, module: nn.Module, args: tuple) -> None:
         self._sync()

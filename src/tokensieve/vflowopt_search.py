@@ -18,6 +18,7 @@ import torch
 
 from .adapters import adapter_for
 from .engine import prune
+from .evaluation import model_runtime
 from .methods.vflowopt import VFlowOpt
 
 
@@ -39,7 +40,8 @@ def _last_hidden(model: Any, inputs: dict[str, torch.Tensor], method: VFlowOpt |
 
 def search(model: Any, batches: list[dict[str, torch.Tensor]], budget: float, trials: int = 40, seed: int = 0,
            progress: bool = True) -> dict[str, Any]:
-    """Best VFlowOpt options for ``budget`` on ``batches``; returns the options, objective and timing."""
+    """Best VFlowOpt options for ``budget`` on ``batches``; returns the options, objective, timing,
+    and the device, dtype, torch and transformers versions it ran with."""
     import optuna
 
     if not 0 < budget < 1:
@@ -70,4 +72,4 @@ def search(model: Any, batches: list[dict[str, torch.Tensor]], budget: float, tr
     best = options(study.best_trial)
     return {"method": "vflowopt", "options": {**best, "stage_keep": list(best["stage_keep"])},
             "objective": study.best_value, "trials": trials, "budget": budget, "seed": seed,
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, **model_runtime(model)}
