@@ -7,11 +7,13 @@ import json
 from pathlib import Path
 
 from .. import evaluation, models
+from .options import add_runtime_flags, check_output_file
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="fit a FitPrune recipe, or search VFlowOpt's settings, for a FLOPs budget")
     p.add_argument("--model", default="tiny")
+    add_runtime_flags(p)
     p.add_argument("--method", default="fitprune", choices=["fitprune", "vflowopt"])
     p.add_argument("--trials", type=int, default=40, help="vflowopt: optimiser trials")
     p.add_argument("--task", default="all", help="calibration task(s): a task name or 'all'")
@@ -20,7 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="which draw of training items to use")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--visual-only", action="store_true", help="count visual tokens only in FLOPs (the release's convention)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="recipe (fitprune) or options (vflowopt) JSON to write")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="recipe (fitprune) or options (vflowopt) JSON to write; its folder is created")
     p.set_defaults(handler=run)
 
 
@@ -30,12 +33,18 @@ def run(args: argparse.Namespace) -> int:
     evaluation.resolve_tasks(args.task)
     if args.samples < 1:
         raise ValueError(f"--samples must be at least 1, got {args.samples}")
-    model, processor = models.load(args.model)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.method == "vflowopt" and args.trials < 1:
+        raise ValueError(f"--trials must be at least 1, got {args.trials}")
+    check_output_file(args.output, "-o")
+    model, processor = models.load(args.model, args.device, args.dtype)
     prompting = evaluation.Prompting.for_processor(processor)
     if args.method == "vflowopt":
         return _vflowopt(args, model, prompting)
     recipe = evaluation.calibrate_on_tasks(model, prompting, args.task, args.flops, args.samples, args.seed,
                                            args.batch_size, args.visual_only, model_name=args.model)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
     recipe.save(args.output)
     removed = ", ".join(f"{l}:{n}" for l, n in recipe.removed.items())
     print(f"recipe for flops={args.flops}: achieved {recipe.achieved:.4f} on {recipe.samples} samples, "
@@ -46,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
 def _vflowopt(args: argparse.Namespace, model, prompting) -> int:
     from .. import vflowopt_search
 
-    examples = evaluation.calibration_examples(args.task, args.samples, args.seed)
-    batches = [prompting.inputs(examples[i : i + args.batch_size]) for i in range(0, len(examples), args.batch_size)]
+    batches = evaluation.calibration_batches(model, prompting, args.task, args.samples, args.seed, args.batch_size)
     result = vflowopt_search.search(model, batches, args.flops, args.trials, args.seed)
     result.update(model=args.model, calibration=f"tasks={args.task} split=train ({args.samples} samples)")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"vflowopt for flops={args.flops}: objective {result['objective']:.4f} after {args.trials} trials "
           f"in {result['seconds']:.1f} s\n  options {result['options']}\n  written to {args.output} "
