@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import transformers
 
 from tokensieve import bench, evaluation
 from tokensieve.tiny.build import build_model, build_processor, build_tokenizer
@@ -59,8 +60,88 @@ def test_a_method_with_fixed_options_is_a_row_of_its_own(tmp_path):
 
 
 def test_bad_method_specs_are_refused_before_any_work():
-    assert bench.parse_method("fastv:layer=3:keep=0.25") == ("fastv", {"layer": 3, "keep": 0.25})
+    assert bench.parse_method("fastv:layer=3:variant=paper") == ("fastv", {"layer": 3, "variant": "paper"})
     for spec, message in [("fitprun", "did you mean 'fitprune'"), ("fitprune:score", "name:key=value"),
                           ("fitprune:colour=red", "takes no option 'colour'"), ("fastv:flops=0.3", "the bench sets flops")]:
         with pytest.raises(ValueError, match=message):
             bench.parse_method(spec)
+
+
+def small_bench(model, prompting, out, **changes):
+    args = dict(task="counting", names=["random"], budgets=[0.5], limit=2, batch_size=2, model_name="untrained")
+    args.update(changes)
+    return bench.run_bench(model, prompting, args["task"], args["names"], args["budgets"], args["limit"],
+                           args["batch_size"], out, args["model_name"], overwrite=args.get("overwrite", False))
+
+
+def test_the_folder_records_what_its_values_depend_on(tmp_path):
+    model, prompting = untrained()
+    small_bench(model, prompting, tmp_path)
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert {k: settings[k] for k in ("model", "tasks", "limit", "batch_size", "device", "dtype")} == {
+        "model": "untrained", "tasks": ["counting"], "limit": 2, "batch_size": 2, "device": "cpu", "dtype": "float32"}
+    assert settings["torch"] == torch.__version__ and settings["transformers"] == transformers.__version__
+    assert len(settings["items_sha256"]) == 64
+    assert settings["items_sha256"] != bench.bench_settings("untrained", "counting", 3, 2, {})["items_sha256"]
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"limit": 3}, "--limit 2 \\(now 3\\)"),
+    ({"task": "existence"}, "--task counting \\(now existence\\)"),
+    ({"model_name": "other"}, "--model untrained \\(now other\\)"),
+])
+def test_a_rerun_with_other_settings_is_refused_naming_them(tmp_path, changes, message):
+    model, prompting = untrained()
+    small_bench(model, prompting, tmp_path)
+    stored = (tmp_path / "results.json").read_text()
+    with pytest.raises(ValueError, match=message) as refused:
+        small_bench(model, prompting, tmp_path, **changes)
+    assert "--overwrite" in str(refused.value)
+    assert (tmp_path / "results.json").read_text() == stored
+
+
+def test_a_folder_without_recorded_settings_is_refused(tmp_path):
+    model, prompting = untrained()
+    (tmp_path / "results.json").write_text("[]\n")
+    with pytest.raises(ValueError, match="do not record the settings.*--overwrite"):
+        small_bench(model, prompting, tmp_path)
+
+
+def test_overwrite_starts_afresh_and_keeps_files_the_bench_did_not_write(tmp_path):
+    model, prompting = untrained()
+    small_bench(model, prompting, tmp_path)
+    (tmp_path / "notes.txt").write_text("mine\n")
+    (tmp_path / "recipe_flops0.9.json").write_text("{}\n")
+    results = small_bench(model, prompting, tmp_path, limit=3, overwrite=True)
+    assert [r["samples"] for r in results] == [3, 3]
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert json.loads((tmp_path / "settings.json").read_text())["limit"] == 3
+    assert (tmp_path / "notes.txt").read_text() == "mine\n" and not (tmp_path / "recipe_flops0.9.json").exists()
+
+
+def test_the_same_settings_resume_without_recomputing_a_cell(tmp_path, monkeypatch):
+    model, prompting = untrained()
+    small_bench(model, prompting, tmp_path)
+    stored = json.loads((tmp_path / "results.json").read_text())
+    runs = []
+    evaluate = bench.evaluate
+    monkeypatch.setattr(bench, "evaluate", lambda *a, **k: runs.append(a[3]) or evaluate(*a, **k))
+    assert small_bench(model, prompting, tmp_path) == stored and runs == []
+    grown = small_bench(model, prompting, tmp_path, budgets=[0.5, 0.3])  # a new budget: only its cell runs
+    assert runs == ["random"] and grown[:2] == stored and grown[2]["bench"] == {"method": "random", "budget": 0.3}
+
+
+def test_the_bar_ends_at_its_total_when_fastv_falls_back_to_layer_1(tmp_path, monkeypatch):
+    bars = []
+
+    class Recorded(bench.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(bench, "tqdm", Recorded)
+    model, prompting = untrained()
+    # flops=0.31 on the untrained model: K=2 meets it on the first attribute item, not on the second
+    results = bench.run_bench(model, prompting, "attribute", ["fastv"], [0.31], 2, 1, tmp_path, "untrained")
+    assert results[1]["settings"]["options"]["layer"] == 1
+    assert (bars[-1].n, bars[-1].total) == (4, 4)

@@ -5,93 +5,261 @@ from one ``none`` run that every cell reuses. Methods meet the budget through th
 (FastV tries K=2 and falls back to K=1 where K=2 cannot reach the budget); FitPrune first fits a
 recipe for the budget on training items (kept in the output folder and reused). Results are written
 after every cell; a rerun skips the cells already written.
+
+The folder records what its values depend on besides a cell's method and budget (``settings.json``,
+see :func:`bench_settings`); a rerun with other settings is refused, naming what differs, unless it
+starts afresh with ``overwrite``.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 from tqdm.auto import tqdm
 
-from . import methods
-from .evaluation import Prompting, calibrate_on_tasks, evaluate, resolve_tasks
+from . import __version__, methods
+from .adapters import adapter_for
+from .evaluation import Prompting, calibrate_on_tasks, evaluate, model_runtime, resolve_tasks
+from .flops import Shape
 from .recipe import Recipe
+from .tasks import Example, generate
 
 FASTV_LAYERS = (2, 1)
+MAX_NEW_TOKENS = 3
+"""Tokens each cell generates per item (the answers are one word)."""
+SETTINGS = "settings.json"
+OUTPUTS = ("results.json", "results.csv", "results.md", "accuracy_vs_flops.png", "accuracy_vs_ttft.png")
+RECIPES = "recipe_flops*.json"
+PROBE_LAYERS = 1024
+"""Decoder depth specs are checked against before a model is loaded: deeper than any model, so that
+only a layer beyond the model's own depth is left to catch once it is loaded."""
+SET_BY_BENCH = {"flops": "the bench sets flops", "recipe": "the bench fits a recipe per budget"}
+SETTING_NAMES = {"model": "--model", "tasks": "--task", "limit": "--limit", "batch_size": "--batch-size",
+                 "device": "--device", "dtype": "--dtype", "items_sha256": "test items (sha256)"}
+"""How a refusal names each setting: by its command-line flag where it has one."""
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"fitprune:score=fit"`` -> ``("fitprune", {"score": "fit"})``; values are read as int, else float,
-    else kept as text. Raises ValueError for an unknown method, an option it does not take, a
-    malformed ``key=value`` or ``flops`` (the bench sets the budget)."""
+    """``"fitprune:score=fit"`` -> ``("fitprune", {"score": "fit"})``; each value is read as the type the
+    option declares (integer, number, true/false, one of its choices, text).
+
+    Raises:
+        ValueError: an unknown method, ``none`` (the bench always runs it), an option the method does
+            not take or the bench sets (``flops``, FitPrune's ``recipe``), a malformed ``key=value``,
+            or a value of the wrong type.
+    """
     name, *parts = [part.strip() for part in spec.split(":")]
+    if name == "none":
+        raise ValueError("'none' is the unpruned baseline every bench runs; leave it out of the methods")
     if name not in methods.REGISTRY:
         methods.get(name)  # raises, naming the closest methods
+    cls = methods.REGISTRY[name]
+    hints = typing.get_type_hints(cls)
+    settable = [o for o in cls.options() if o not in SET_BY_BENCH]
     options: dict[str, Any] = {}
     for part in parts:
         key, sep, text = part.partition("=")
         if not sep or not key or not text:
             raise ValueError(f"method options are written name:key=value, got {part!r} in {spec!r}")
-        if key not in methods.REGISTRY[name].options() or key == "flops":
-            raise ValueError(f"{spec!r}: {name} takes no option {key!r} here; its options are "
-                             f"{', '.join(o for o in methods.REGISTRY[name].options() if o != 'flops')} "
-                             "(the bench sets flops)")
-        options[key] = _option_value(text)
+        if key not in settable:
+            why = f" ({SET_BY_BENCH[key]})" if key in SET_BY_BENCH else ""
+            raise ValueError(f"{spec!r}: {name} takes no option {key!r} here{why}; its options are "
+                             f"{', '.join(settable) or 'none'}")
+        try:
+            options[key] = _read(hints[key], text)
+        except ValueError:
+            raise ValueError(f"{spec!r}: {key}={text!r} has the wrong type: {key} takes {_describe(hints[key])}") from None
     return name, options
 
 
-def _option_value(text: str) -> int | float | str:
-    """``"3"`` -> 3, ``"0.25"`` -> 0.25, anything else stays text."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+def _read(hint: Any, text: str) -> Any:
+    """``text`` as a value of the annotation ``hint``; raises ValueError when it is not one."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if text not in args:
+            raise ValueError(text)
+        return text
+    if origin in (Union, types.UnionType):
+        for member in (a for a in args if a is not type(None)):
+            try:
+                return _read(member, text)
+            except ValueError:
+                pass
+        raise ValueError(text)
+    if hint is bool:
+        if text.lower() not in ("true", "false"):
+            raise ValueError(text)
+        return text.lower() == "true"
+    if hint in (int, float, str):
+        return hint(text)
+    raise ValueError(text)
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    if origin is tuple:
+        return "a tuple, which a bench spec cannot write (commas separate the methods)"
+    return {int: "an integer", float: "a number", str: "text", bool: "true or false"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def cell_options(name: str, budget: float) -> list[dict[str, Any]]:
-    """Option sets to try, in order, for ``name`` at ``budget``."""
+    """Option sets to try, in order, for ``name`` at ``budget`` (FitPrune's recipe is added when the cell runs)."""
     if name == "fastv":
         return [{"layer": k, "flops": budget} for k in FASTV_LAYERS]
     return [{"flops": budget}]
 
 
-def run_bench(model: Any, prompting: Prompting, task: str, names: list[str], budgets: list[float], limit: int,
-              batch_size: int, out: Path, model_name: str) -> list[dict[str, Any]]:
-    specs = {spec: parse_method(spec) for spec in names}
+def check_specs(names: list[str], budgets: list[float], num_layers: int = PROBE_LAYERS) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Parse every method spec (:func:`parse_method`) and build it at every budget as its cell will, on
+    a model of ``num_layers`` decoder layers, so that a spec error surfaces before any work. Returns
+    ``{spec: (name, fixed options)}``.
+
+    Raises:
+        ValueError: no methods or budgets, one given twice, a budget outside (0, 1), a bad spec, or a
+            spec no option set of its cell can run at some budget (such as ``fastv:keep=0.25``: keep
+            and flops are two budgets).
+    """
+    for what, given in (("method", names), ("FLOPs budget", budgets)):
+        if not given:
+            raise ValueError(f"give at least one {what}")
+        twice = sorted({str(x) for x in given if given.count(x) > 1})
+        if twice:
+            raise ValueError(f"{what} {', '.join(twice)} given twice")
     for b in budgets:
-        if not 0 < b < 1:
+        if not isinstance(b, (int, float)) or not 0 < b < 1:
             raise ValueError(f"FLOPs budgets must be in (0, 1), got {b}")
+    specs = {spec: parse_method(spec) for spec in names}
+    for spec, (name, fixed) in specs.items():
+        for budget in budgets:
+            errors = []
+            for options in cell_options(name, budget):
+                if name == "fitprune":
+                    options = {**options, "recipe": Recipe(removed={}, visual_tokens=1, num_layers=num_layers, budget=budget)}
+                try:
+                    methods.get(name, **{**options, **fixed}).bind(num_layers)
+                    break
+                except (TypeError, ValueError) as err:
+                    errors.append(str(err))
+            else:
+                raise ValueError(f"{spec!r} cannot run at flops={budget} (the bench sets flops): {errors[0]}")
+    return specs
+
+
+def items_digest(examples: list[Example]) -> str:
+    """sha256 of the items' tasks, questions, answers and image pixels."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(f"{e.task}\0{e.question}\0{e.answer}\0".encode())
+        digest.update(e.image.tobytes())
+    return digest.hexdigest()
+
+
+def bench_settings(model_name: str, task: str, limit: int, batch_size: int, runtime: dict[str, str]) -> dict[str, Any]:
+    """What every value in a bench folder depends on besides its cell's method and budget: the model,
+    tasks, limit and a digest of the test items, the batch size (answers and FLOPs do not depend on it,
+    but the prefill times are per batch), the tokens generated, and ``runtime`` (device, dtype, torch
+    and transformers versions; :func:`tokensieve.evaluation.runtime`). The methods and budgets are not
+    in it: they only choose which cells the folder holds."""
+    if not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     tasks = resolve_tasks(task)
+    examples = [e for t in tasks for e in generate(t, "test", limit)]
+    return {"model": model_name, "tasks": tasks, "limit": limit, "items_sha256": items_digest(examples),
+            "batch_size": batch_size, "max_new_tokens": MAX_NEW_TOKENS, "tokensieve": __version__, **runtime}
+
+
+def bench_files(out: Path) -> list[Path]:
+    """The files of ``out`` that a bench writes (and ``overwrite`` removes)."""
+    return [out / n for n in (*OUTPUTS, SETTINGS) if (out / n).is_file()] + sorted(out.glob(RECIPES))
+
+
+def check_folder(out: Path, settings: dict[str, Any]) -> None:
+    """Raise ValueError unless the bench files in ``out`` (if any) were made with ``settings``."""
+    again = "rerun with --overwrite to start afresh there (its bench files are removed), or give another -o"
+    path = out / SETTINGS
+    if not path.is_file():
+        found = bench_files(out)
+        if found:
+            raise ValueError(f"-o {out} holds bench files ({', '.join(p.name for p in found)}) that do not record "
+                             f"the settings they were made with; {again}")
+        return
+    try:
+        recorded = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{path} is not a bench settings file; {again}")
+    differ = [f"{SETTING_NAMES.get(k, k)} {_show(recorded.get(k))} (now {_show(settings.get(k))})"
+              for k in dict.fromkeys([*settings, *recorded]) if recorded.get(k) != settings.get(k)]
+    if differ:
+        raise ValueError(f"-o {out} holds bench results made with other settings: {'; '.join(differ)}; {again}")
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "(none)"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    text = str(value)
+    return text[:12] + "..." if len(text) > 40 else text
+
+
+def run_bench(model: Any, prompting: Prompting, task: str, names: list[str], budgets: list[float], limit: int,
+              batch_size: int, out: Path, model_name: str, overwrite: bool = False) -> list[dict[str, Any]]:
+    """Run the cells of ``names`` x ``budgets`` that ``out`` does not hold yet; returns every cell.
+
+    ``overwrite``: remove the bench files of ``out`` first; otherwise a folder made with other
+    settings (:func:`bench_settings`) is refused, naming what differs.
+    """
+    specs = check_specs(names, budgets, Shape.from_config(adapter_for(model).text_config).layers)
+    settings = bench_settings(model_name, task, limit, batch_size, model_runtime(model))
+    tasks = settings["tasks"]
+    if overwrite:
+        for path in bench_files(out):
+            path.unlink()
+    else:
+        check_folder(out, settings)
     out.mkdir(parents=True, exist_ok=True)
+    (out / SETTINGS).write_text(json.dumps(settings, indent=1) + "\n")
     store = out / "results.json"
     results: list[dict[str, Any]] = json.loads(store.read_text()) if store.exists() else []
     done = {(r["bench"]["method"], r["bench"]["budget"]) for r in results}
     cells = [("none", 1.0)] + [(spec, b) for spec in names for b in budgets]
     todo = [c for c in cells if c not in done]
-    bar = tqdm(total=len(todo) * limit * len(tasks), desc="bench", unit="item")
+    per_cell = limit * len(tasks)
+    bar = tqdm(total=len(todo) * per_cell, desc="bench", unit="item")
     baseline = next((r for r in results if r["bench"]["method"] == "none"), None)
     for spec, budget in todo:
         bar.set_postfix(method=spec, flops=budget)
         name, fixed = specs.get(spec, ("none", {}))
+        start = bar.n
         result = None
         errors = []
         for options in ([{}] if name == "none" else cell_options(name, budget)):
             try:
                 if name == "fitprune":
-                    options = {"recipe": _recipe(model, prompting, budget, out, model_name)}
-                options = {**options, **fixed}
-                result = evaluate(model, prompting, task, name, options, limit, batch_size, progress=bar, baseline=baseline)
+                    options = {**options, "recipe": _recipe(model, prompting, budget, out, model_name)}
+                result = evaluate(model, prompting, task, name, {**options, **fixed}, limit, batch_size, MAX_NEW_TOKENS,
+                                  progress=bar, baseline=baseline)
                 break
             except ValueError as err:
                 errors.append(str(err))
+                bar.update(start - bar.n)  # the next option set runs the cell's items again
         if result is None:
             result = {"error": "; ".join(errors)}
-            bar.update(limit * len(tasks))
+        bar.update(start + per_cell - bar.n)
         result["bench"] = {"method": spec, "budget": budget}
         if name == "none":
             baseline = result

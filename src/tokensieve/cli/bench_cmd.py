@@ -6,12 +6,14 @@ import argparse
 from pathlib import Path
 
 from .. import bench, evaluation, models
+from .options import add_runtime_flags, check_output_dir
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="accuracy vs FLOPs grid of methods (resumable)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="tiny", help="'tiny', a local checkpoint directory or a hub id (offline cache)")
+    add_runtime_flags(p)
     p.add_argument("--task", default="all", help="one task name or 'all'")
     p.add_argument("--methods", default="fastv,fitprune,random", help="comma-separated method names, each optionally with fixed options as "
                         "name:key=value[:key=value] (e.g. fitprune:score=fit), which makes a row of its own")
@@ -19,27 +21,41 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=evaluation.TEST_ITEMS, help="test items per task")
     p.add_argument("--batch-size", type=int, default=25, help="samples per forward pass")
     p.add_argument("-o", "--output", type=Path, default=Path("results"),
-                   help="folder for results.json/.csv/.md and the plots; a rerun resumes from it")
+                   help="folder for results.json/.csv/.md and the plots; a rerun with the same settings resumes from it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in the output folder: remove the bench files there (other files stay)")
     p.set_defaults(handler=run)
 
 
+def comma_list(text: str, flag: str) -> list[str]:
+    """The entries of a comma-separated flag value; raises ValueError for an empty list or entry."""
+    entries = [part.strip() for part in text.split(",")]
+    if not any(entries):
+        raise ValueError(f"{flag} {text!r} is empty: give one or more, separated by commas")
+    if "" in entries:
+        raise ValueError(f"{flag} {text!r}: entry {entries.index('') + 1} is empty")
+    return entries
+
+
 def run(args: argparse.Namespace) -> int:
-    names = [n.strip() for n in args.methods.split(",") if n.strip()]
-    try:
-        budgets = [float(x) for x in args.flops.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--flops must be comma-separated numbers, got {args.flops!r}") from None
-    if args.limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {args.limit}")
-    evaluation.resolve_tasks(args.task)
-    for b in budgets:
-        if not 0 < b < 1:
-            raise ValueError(f"FLOPs budgets must be in (0, 1), got {b}")
-    for spec in names:
-        bench.parse_method(spec)
-    model, processor = models.load(args.model)
+    names = comma_list(args.methods, "--methods")
+    budgets = []
+    for entry in comma_list(args.flops, "--flops"):
+        try:
+            budgets.append(float(entry))
+        except ValueError:
+            raise ValueError(f"--flops {args.flops!r}: {entry!r} is not a number") from None
+    check_output_dir(args.output, "-o")
+    bench.check_specs(names, budgets)
+    device = models.resolve_device(args.device)
+    settings = bench.bench_settings(args.model, args.task, args.limit, args.batch_size,
+                                    evaluation.runtime(device, models.resolve_dtype(args.dtype, device)))
+    if not args.overwrite:
+        bench.check_folder(args.output, settings)
+    model, processor = models.load(args.model, args.device, args.dtype)
     prompting = evaluation.Prompting.for_processor(processor)
-    bench.run_bench(model, prompting, args.task, names, budgets, args.limit, args.batch_size, args.output, args.model)
+    bench.run_bench(model, prompting, args.task, names, budgets, args.limit, args.batch_size, args.output, args.model,
+                    overwrite=args.overwrite)
     print((args.output / "results.md").read_text())
     print(f"written: {', '.join(str(args.output / f) for f in ('results.json', 'results.csv', 'results.md', 'accuracy_vs_flops.png', 'accuracy_vs_ttft.png'))}")
     return 0
