@@ -7,7 +7,6 @@ import torch
 from tiny_models import IMAGE, batch, build, layer_input
 
 import tokensieve
-from tokensieve.methods.tome import bipartite_merge
 
 _MODELS: dict[tuple[str, str], torch.nn.Module] = {}
 
@@ -120,19 +119,6 @@ def test_pdrop_stages_follow_last_token_attention():
     expected = sorted(vis[scores.topk(8).indices].tolist())
     assert run.report.samples[0].visual_kept["prefill:1"] == expected
     assert run.report.samples[0].visual_lengths == [32, 8, 8, 8]
-
-
-def test_tome_merge_preserves_size_weighted_mass():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(20, 6, generator=gen)
-    metric = torch.randn(20, 4, generator=gen)
-    from tokensieve.methods.tome import ToMe
-
-    index, merged, size = ToMe(keep=0.3).merge(x, metric, 6)
-    assert merged.shape == (6, 6) and size.sum() == 20
-    assert torch.allclose((merged * size[:, None]).sum(0), x.sum(0), atol=1e-5)
-    idx, _, _, total = bipartite_merge(x, metric, torch.ones(20), 5)
-    assert idx.numel() == 15 and total.sum() == 20
 
 
 def test_visionzip_contextual_tokens_are_target_plus_mean_of_members():

@@ -8,7 +8,9 @@ model (raising before anything is touched), then installs, on this model instanc
   :class:`~tokensieve.cache.LedgerCache`;
 * a ``forward`` attribute on each decoder layer (the shim) that applies the method's selections at
   its points, gathers the layer's keyword arguments (rotary rows, position ids, mask) for the alive
-  rows, calls the original layer, and records and evicts that layer's cache entries.
+  rows, calls the original layer, and records and evicts that layer's cache entries;
+* for a method that merges inside the vision tower (ToMe), a ``forward`` attribute on each vision
+  encoder layer up to the feature layer (:mod:`tokensieve.tower`).
 
 Leaving the context removes all of it, also when the body raises.
 """
@@ -32,6 +34,7 @@ from .flops import Shape, prefill_flops
 from .ledger import Ledger, Rows
 from .methods.base import AlignedVision, CacheView, Grid, Method, Point, Queries, View
 from .report import Report, SampleReport
+from .tower import TowerResult, TowerStage
 from .vision import VisionTap
 
 
@@ -85,6 +88,7 @@ class Engine:
             full = "vision attention" in method.needs
             self.vision_tap = VisionTap(self.adapter.vision_feature_layer(),
                                         self.adapter.vision_embeddings() if full else None, full=full)
+        self.tower = TowerStage(self.adapter, method, self.shape) if "tower" in method.needs else None
         self.transition_layers = set(method.transition_layers()) if "transitions" in method.needs else set()
         self.ledger: Ledger | None = None
         self.state: Pass | None = None
@@ -109,6 +113,8 @@ class Engine:
         self._undo += [pre.remove, post.remove]
         if self.vision_tap is not None:
             self._undo.append(self.vision_tap.install())
+        if self.tower is not None:
+            self._undo.append(self.tower.install())
         for idx in sorted(self.transition_layers):
             layer = self.adapter.layers[idx]
             for block in (layer.self_attn, layer.mlp):
@@ -164,6 +170,8 @@ class Engine:
         prefill = offset == 0 or self.ledger is None
         if prefill:
             self.ledger = self._new_ledger(input_ids, kwargs, real, batch, new, offset, tokens.device)
+            if self.tower is not None:
+                self.tower.begin(self.ledger if self.selecting else None)
             self.report = self._new_report()
             self.history.append(self.report)
         else:
@@ -388,6 +396,8 @@ class Engine:
             attention=lambda queries, temperature=1.0: self._attention(point, queries, temperature),
             query_valid=lambda queries: self._queries(rows, queries)[1],
         )
+        if self.tower is not None:
+            view = self.tower.view(view, self.ledger)
         return self.method.select(view)
 
     def _apply_point(self, point: Point, hidden: torch.Tensor) -> torch.Tensor:
@@ -583,6 +593,11 @@ class Run:
     @property
     def method(self) -> Method:
         return self._engine.method
+
+    @property
+    def tower(self) -> TowerResult | None:
+        """The latest prefill's merging inside the vision tower (methods that merge there, ToMe), else None."""
+        return self._engine.tower.result if self._engine.tower is not None else None
 
 
 @contextlib.contextmanager
