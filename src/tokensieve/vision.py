@@ -25,6 +25,7 @@ class VisionSignals:
         cls_attention: ``(I, N)`` [CLS] -> patch attention, mean over heads.
         keys: ``(I, N, head_dim)`` patch keys, mean over heads.
         features: ``(I, N, d_vision)`` the patch features the projector receives.
+        cls_features: ``(I, d_vision)`` the [CLS] token's feature at the same layer (VisionZip feeds it).
         attention: ``(I, 1 + N, 1 + N)`` the whole attention map, mean over heads ([CLS] first), when
             the tap was asked for it, else None.
         pixels: ``(I, C, H, W)`` the pixel values the tower received, when asked for, else None.
@@ -34,6 +35,7 @@ class VisionSignals:
     cls_attention: torch.Tensor
     keys: torch.Tensor
     features: torch.Tensor
+    cls_features: torch.Tensor | None = None
     attention: torch.Tensor | None = None
     pixels: torch.Tensor | None = None
     patch: int = 0
@@ -87,6 +89,7 @@ class VisionTap:
             cls_attention=probs[:, :, 0, 1:].mean(1),
             keys=k[:, :, 1:].mean(1),
             features=out[:, 1:],
+            cls_features=out[:, 0],
             attention=probs.mean(1) if self.full else None,
             pixels=self._pixels if self.full else None,
             patch=int(patch),

@@ -26,10 +26,9 @@ as the release does) the LLM therefore receives the release's sequence exactly; 
 the carrying rows: the dominant patches, the contextual targets and the [CLS] carrier.
 
 Differences from the release:
-    * [CLS] feature: the engine's vision tap (``tokensieve/vision.py``) does not yet keep the [CLS] row
-      of the feature layer's output. Where it provides one (``VisionSignals.cls_features``, ``(I, d)``)
-      it is used; otherwise the [CLS] token is left out and the LLM receives the release's sequence
-      without its first token (``dominant - 1 + contextual`` tokens per image; at least one).
+    * [CLS] feature: the vision tap provides the feature layer's [CLS] row
+      (``VisionSignals.cls_features``, ``(I, d)``); a tap without it leaves the [CLS] token out, and the
+      LLM receives the release's sequence without its first token.
     * Where an image's budget covers all of its tokens (``dominant + contextual >= N``, e.g. ``keep=1``)
       the image is left untouched (the release would still swap a patch for [CLS] and merge).
     * ``dominant`` must be >= 1 (it counts [CLS]); ``contextual=0`` keeps no contextual token (the
@@ -51,7 +50,6 @@ from typing import ClassVar, Literal
 
 import torch
 
-from ..vision import VisionSignals
 from .base import EncoderPruner, Selection, View, kept_counts
 
 CONTEXTUAL_SHARE = 10 / 64
@@ -134,8 +132,6 @@ class VisionZip(EncoderPruner):
     def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
         """One image of ``n_visual`` tokens (the release's count per image)."""
         kept = min(n_visual, sum(self._split(max(1, round((0.5 if self.keep is None else self.keep) * n_visual)))))
-        if self.layout == "release" and kept < n_visual and "cls_features" not in VisionSignals.__dataclass_fields__:
-            kept = max(1, kept - 1)  # no [CLS] feature from the tap: the [CLS] token is left out
         return [kept] * num_layers, [kept] * num_layers
 
     def select(self, view: View) -> Selection:
