@@ -39,23 +39,25 @@ def test_bench_writes_every_output_and_resumes(tmp_path):
 
 def test_an_unreachable_fitprune_budget_is_recorded_and_the_grid_goes_on(tmp_path):
     model, prompting = untrained()
-    results = bench.run_bench(model, prompting, "counting", ["fitprune", "random"], [0.01], 2, 2, tmp_path, "untrained")
+    specs = ["fitprune:search=feasible", "random"]
+    results = bench.run_bench(model, prompting, "counting", specs, [0.01], 2, 2, tmp_path, "untrained")
     cells = {(r["bench"]["method"], r["bench"]["budget"]): r for r in results}
-    assert set(cells) == {("none", 1.0), ("fitprune", 0.01), ("random", 0.01)}
-    assert "no recipe reaches" in cells["fitprune", 0.01]["error"]
+    assert set(cells) == {("none", 1.0), ("fitprune:search=feasible", 0.01), ("random", 0.01)}
+    assert "no recipe reaches" in cells["fitprune:search=feasible", 0.01]["error"]
     assert "unreachable" in (tmp_path / "results.md").read_text()
 
 
 def test_a_method_with_fixed_options_is_a_row_of_its_own(tmp_path):
     model, prompting = untrained()
-    names = ["fitprune", "fitprune:score=fit", "fastv:layer=3"]
+    names = ["fitprune:search=feasible", "fitprune:search=feasible:score=fit", "fastv:layer=3"]
     results = bench.run_bench(model, prompting, "counting", names, [0.5], 2, 2, tmp_path, "untrained")
     cells = {r["bench"]["method"]: r for r in results}
     assert set(cells) == {"none", *names}
-    assert cells["fitprune"]["settings"]["options"]["score"] == "product"
-    assert cells["fitprune:score=fit"]["settings"]["options"]["score"] == "fit"
+    assert cells["fitprune:search=feasible"]["settings"]["options"]["score"] == "product"
+    fit = cells["fitprune:search=feasible:score=fit"]
+    assert fit["settings"]["options"]["score"] == "fit"
     assert cells["fastv:layer=3"]["settings"]["options"]["layer"] == 3
-    assert cells["fitprune:score=fit"]["tflops"] / cells["fitprune:score=fit"]["tflops_unpruned"] <= 0.5
+    assert fit["tflops"] / fit["tflops_unpruned"] <= 0.5  # the feasible search always meets the budget
     assert len(list(tmp_path.glob("recipe_flops*.json"))) == 1  # both FitPrune rows share the budget's recipe
 
 
@@ -145,3 +147,15 @@ def test_the_bar_ends_at_its_total_when_fastv_falls_back_to_layer_1(tmp_path, mo
     results = bench.run_bench(model, prompting, "attribute", ["fastv"], [0.31], 2, 1, tmp_path, "untrained")
     assert results[1]["settings"]["options"]["layer"] == 1
     assert (bars[-1].n, bars[-1].total) == (4, 4)
+
+
+def test_fitprune_rows_fit_their_recipe_with_the_search_they_name(tmp_path):
+    model, prompting = untrained()
+    bench.run_bench(model, prompting, "counting", ["fitprune", "fitprune:search=feasible"], [0.5], 2, 2, tmp_path, "untrained")
+    release = json.loads((tmp_path / "recipe_flops0.5.json").read_text())
+    feasible = json.loads((tmp_path / "recipe_flops0.5_feasible.json").read_text())
+    assert release["extra"]["search"] == "release" and feasible["extra"]["search"] == "feasible"
+    with pytest.raises(ValueError, match="search takes one of release, feasible"):
+        bench.parse_method("fitprune:search=exact")
+    with pytest.raises(ValueError, match="takes no option 'search'"):
+        bench.parse_method("fastv:search=feasible")

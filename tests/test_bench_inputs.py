@@ -104,5 +104,6 @@ def test_calibrate_creates_the_output_folder_and_records_the_runtime(tmp_path, c
                         "--samples", "2", "--batch-size", "2", "--flops", "0.5", "-o", str(out))
     assert code == 0, err
     extra = json.loads(out.read_text())["extra"]
-    assert extra == {"device": "cpu", "dtype": "float32", "torch": torch.__version__,
-                     "transformers": transformers.__version__}
+    assert {k: extra[k] for k in ("device", "dtype", "torch", "transformers", "search")} == {
+        "device": "cpu", "dtype": "float32", "torch": torch.__version__, "transformers": transformers.__version__,
+        "search": "release"}

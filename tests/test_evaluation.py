@@ -79,9 +79,12 @@ def test_the_calibration_bar_ends_full_and_the_recipe_records_the_runtime(monkey
 
     monkeypatch.setattr(calibration, "tqdm", Recorded)
     model, prompting = untrained()
-    recipe = evaluation.calibrate_on_tasks(model, prompting, "counting", 0.5, samples=2, batch_size=2)
+    recipe = evaluation.calibrate_on_tasks(model, prompting, "counting", 0.5, samples=2, batch_size=2, search="feasible")
     assert bars[-1].n == bars[-1].total < 14  # converged early: the bar still ends full
-    assert recipe.extra == RUNTIME and recipe.to_dict()["extra"] == RUNTIME
+    assert recipe.extra == {**RUNTIME, "search": "feasible"} and recipe.to_dict()["extra"] == recipe.extra
+    release = evaluation.calibrate_on_tasks(model, prompting, "counting", 0.5, samples=2, batch_size=2)
+    assert bars[-1].n == bars[-1].total == 7  # the release's bisection: 1 -> 0.0078 in seven halvings
+    assert {k: release.extra[k] for k in RUNTIME} == RUNTIME and release.extra["search"] == "release"
 
 
 def test_the_vflowopt_search_records_the_runtime():

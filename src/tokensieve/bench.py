@@ -3,7 +3,8 @@
 Each cell evaluates one method at one FLOPs budget on the same test items; the unpruned answers come
 from one ``none`` run that every cell reuses. Methods meet the budget through their ``flops`` option
 (FastV tries K=2 and falls back to K=1 where K=2 cannot reach the budget); FitPrune first fits a
-recipe for the budget on training items (kept in the output folder and reused). Results are written
+recipe for the budget on training items (kept in the output folder and reused) with the authors'
+search, or tokensieve's with ``fitprune:search=feasible``. Results are written
 after every cell; a rerun skips the cells already written.
 
 The folder records what its values depend on besides a cell's method and budget (``settings.json``,
@@ -40,6 +41,8 @@ PROBE_LAYERS = 1024
 """Decoder depth specs are checked against before a model is loaded: deeper than any model, so that
 only a layer beyond the model's own depth is left to catch once it is loaded."""
 SET_BY_BENCH = {"flops": "the bench sets flops", "recipe": "the bench fits a recipe per budget"}
+SEARCHES = ("release", "feasible")
+"""FitPrune's recipe search (``fitprune:search=feasible``), a bench option: the method does not take it."""
 SETTING_NAMES = {"model": "--model", "tasks": "--task", "limit": "--limit", "batch_size": "--batch-size",
                  "device": "--device", "dtype": "--dtype", "items_sha256": "test items (sha256)"}
 """How a refusal names each setting: by its command-line flag where it has one."""
@@ -61,12 +64,17 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
         methods.get(name)  # raises, naming the closest methods
     cls = methods.REGISTRY[name]
     hints = typing.get_type_hints(cls)
-    settable = [o for o in cls.options() if o not in SET_BY_BENCH]
+    settable = [o for o in cls.options() if o not in SET_BY_BENCH] + (["search"] if name == "fitprune" else [])
     options: dict[str, Any] = {}
     for part in parts:
         key, sep, text = part.partition("=")
         if not sep or not key or not text:
             raise ValueError(f"method options are written name:key=value, got {part!r} in {spec!r}")
+        if name == "fitprune" and key == "search":
+            if text not in SEARCHES:
+                raise ValueError(f"{spec!r}: search takes one of {', '.join(SEARCHES)}")
+            options[key] = text
+            continue
         if key not in settable:
             why = f" ({SET_BY_BENCH[key]})" if key in SET_BY_BENCH else ""
             raise ValueError(f"{spec!r}: {name} takes no option {key!r} here{why}; its options are "
@@ -146,7 +154,7 @@ def check_specs(names: list[str], budgets: list[float], num_layers: int = PROBE_
                 if name == "fitprune":
                     options = {**options, "recipe": Recipe(removed={}, visual_tokens=1, num_layers=num_layers, budget=budget)}
                 try:
-                    methods.get(name, **{**options, **fixed}).bind(num_layers)
+                    methods.get(name, **{**options, **{k: v for k, v in fixed.items() if k != "search"}}).bind(num_layers)
                     break
                 except (TypeError, ValueError) as err:
                     errors.append(str(err))
@@ -244,13 +252,15 @@ def run_bench(model: Any, prompting: Prompting, task: str, names: list[str], bud
     for spec, budget in todo:
         bar.set_postfix(method=spec, flops=budget)
         name, fixed = specs.get(spec, ("none", {}))
+        fixed = dict(fixed)
+        search = fixed.pop("search", "release")
         start = bar.n
         result = None
         errors = []
         for options in ([{}] if name == "none" else cell_options(name, budget)):
             try:
                 if name == "fitprune":
-                    options = {**options, "recipe": _recipe(model, prompting, budget, out, model_name)}
+                    options = {**options, "recipe": _recipe(model, prompting, budget, out, model_name, search)}
                 result = evaluate(model, prompting, task, name, {**options, **fixed}, limit, batch_size, MAX_NEW_TOKENS,
                                   progress=bar, baseline=baseline)
                 break
@@ -271,11 +281,11 @@ def run_bench(model: Any, prompting: Prompting, task: str, names: list[str], bud
     return results
 
 
-def _recipe(model: Any, prompting: Prompting, budget: float, out: Path, model_name: str) -> Recipe:
-    path = out / f"recipe_flops{budget}.json"
+def _recipe(model: Any, prompting: Prompting, budget: float, out: Path, model_name: str, search: str) -> Recipe:
+    path = out / (f"recipe_flops{budget}.json" if search == "release" else f"recipe_flops{budget}_{search}.json")
     if path.exists():
         return Recipe.load(path)
-    recipe = calibrate_on_tasks(model, prompting, "all", budget, model_name=model_name, progress=False)
+    recipe = calibrate_on_tasks(model, prompting, "all", budget, model_name=model_name, progress=False, search=search)
     recipe.save(path)
     return recipe
 

@@ -2,15 +2,17 @@
 
 One measuring pass records each sample's unpruned attention masses per layer; then a binary search
 over the tolerance alpha runs fitting passes (the model, through the engine, prunes layer by layer by
-the fitting rule) and turns each into a recipe (floored mean of the per-sample removals). The recipe's
-FLOPs ratio is computed from the ledger's per-sample token counts; the search keeps the best recipe
-at or under the budget, and a repair step brings it within ``tolerance`` of the budget.
+the fitting rule) and turns each into a recipe (floored mean of the per-sample removals). Two searches
+(see :mod:`tokensieve.methods.fitprune`): ``"release"``, the authors' bisection judged by each pass's
+own stop rule, returning the last probe's recipe; ``"feasible"``, judged by the recipe's FLOPs ratio,
+keeping the best recipe at or under the budget and repairing it to within ``tolerance``.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -47,69 +49,60 @@ def calibrate(
     iterations: int = 14,
     progress: bool = True,
     describe: dict[str, Any] | None = None,
+    search: Literal["release", "feasible"] = "release",
 ) -> Recipe:
-    """Fit a recipe meeting ``budget`` (FLOPs ratio in (0, 1)) on ``batches`` of model inputs.
+    """Fit a recipe for ``budget`` (FLOPs ratio in (0, 1)) on ``batches`` of model inputs.
+
+    ``search="release"``: the authors' bisection (alpha steps down to 0.01; ``iterations`` unused);
+    ``"feasible"``: at most ``iterations`` probes, then the repair step.
 
     Raises:
-        ValueError: budget outside (0, 1), inputs without visual tokens, or a budget no recipe reaches.
+        ValueError: budget outside (0, 1), an unknown search, inputs without visual tokens, or (feasible
+            search) a budget no recipe reaches.
     """
     if not isinstance(budget, (int, float)) or not 0 < budget < 1:
         raise ValueError(f"the FLOPs budget must be in (0, 1), got {budget!r}")
+    if search not in ("release", "feasible"):
+        raise ValueError(f"search must be 'release' or 'feasible', got {search!r}")
     start = time.perf_counter()
     adapter = adapter_for(model)
     shape = Shape.from_config(adapter.text_config)
     measures: list[FitPruneSearch] = []
     samples: list[tuple[int, int]] = []
     for inputs in batches:
-        search = FitPruneSearch(num_layers=shape.layers, alpha=None, shape=shape, visual_only=visual_only)
-        with prune(model, search) as run:
+        measure = FitPruneSearch(num_layers=shape.layers, alpha=None, shape=shape, visual_only=visual_only)
+        with prune(model, measure) as run:
             model(**inputs, use_cache=False)
-        measures.append(search)
+        measures.append(measure)
         samples += [(s.hidden_lengths[0], s.visual_tokens) for s in run.report.samples]
     if any(v == 0 for _, v in samples):
         raise ValueError("every calibration input needs visual tokens")
     visual_tokens = round(sum(v for _, v in samples) / len(samples))
 
-    def fit(alpha: float) -> dict[int, int]:
+    def fit(alpha: float) -> tuple[dict[int, int], bool]:
+        """The floored-mean recipe of one fitting pass, and whether every batch's pass reached the budget."""
         totals = [0] * shape.layers
+        reached = True
         for inputs, measure in zip(batches, measures):
-            search = FitPruneSearch(num_layers=shape.layers, alpha=alpha, budget=budget, shape=shape,
-                                    visual_only=visual_only, masses=measure.masses)
-            with prune(model, search):
+            fitting = FitPruneSearch(num_layers=shape.layers, alpha=alpha, budget=budget, shape=shape,
+                                     visual_only=visual_only, masses=measure.masses)
+            with prune(model, fitting):
                 model(**inputs, use_cache=False)
-            for layer, removed in search.removed.items():
+            reached = reached and fitting.reached
+            for layer, removed in fitting.removed.items():
                 totals[layer] += sum(removed)
-        return {layer: total // len(samples) for layer, total in enumerate(totals) if total // len(samples) > 0}
+        counts = {layer: total // len(samples) for layer, total in enumerate(totals) if total // len(samples) > 0}
+        return counts, reached
 
-    lo, hi = 0.0, 1.0
-    best: tuple[float, float, dict[int, int]] | None = None
-    bar = tqdm(total=iterations, desc=f"calibrate flops={budget}", unit="probe", disable=not progress)
-    for _ in range(iterations):
-        alpha = (lo + hi) / 2
-        counts = fit(alpha)
-        ratio = recipe_ratio(shape, counts, samples, visual_only)
-        bar.set_postfix(alpha=f"{alpha:.4f}", ratio=f"{ratio:.4f}")
-        bar.update()
-        if ratio <= budget:
-            if best is None or ratio > best[0]:
-                best = (ratio, alpha, counts)
-            hi = alpha
-        else:
-            lo = alpha
-        if best is not None and budget - best[0] <= tolerance:
-            break
-    bar.total = bar.n  # the search may converge before `iterations` probes; the bar ends full either way
-    bar.close()
-    if best is None:
-        counts = fit(1.0)
-        ratio = recipe_ratio(shape, counts, samples, visual_only)
-        if ratio > budget:
-            raise ValueError(f"no recipe reaches a FLOPs ratio of {budget}: pruning all it can, the fit gives {ratio:.3f}")
-        best = (ratio, 1.0, counts)
-    ratio, alpha, counts = best
-    counts = _repair(shape, counts, samples, visual_only, budget, tolerance)
-    ratio = recipe_ratio(shape, counts, samples, visual_only)
     info = dict(describe or {})
+    if search == "release":
+        counts, alpha, reached = _release_search(fit, budget, progress)
+        info["search"] = "release"
+        info["last_probe_reached_budget"] = reached
+    else:
+        counts, alpha = _feasible_search(fit, shape, samples, visual_only, budget, tolerance, iterations, progress)
+        info["search"] = "feasible"
+    ratio = recipe_ratio(shape, counts, samples, visual_only)
     return Recipe(
         removed=counts,
         visual_tokens=visual_tokens,
@@ -125,6 +118,60 @@ def calibrate(
         seconds=time.perf_counter() - start,
         extra=info,
     )
+
+
+RELEASE_STEP = 0.01
+
+
+def _release_search(fit, budget: float, progress: bool) -> tuple[dict[int, int], float, bool]:
+    """The authors' bisection over alpha: the last probe's recipe, its alpha and whether it reached."""
+    lo, hi = 0.0, 1.0
+    probes = math.ceil(math.log2(1 / RELEASE_STEP))
+    bar = tqdm(total=probes, desc=f"calibrate flops={budget}", unit="probe", disable=not progress)
+    counts, alpha, reached = {}, 0.5, False
+    while hi - lo > RELEASE_STEP + 1e-6:
+        alpha = (lo + hi) / 2
+        counts, reached = fit(alpha)
+        bar.set_postfix(alpha=f"{alpha:.4f}", reached=reached)
+        bar.update()
+        if reached:
+            hi = alpha
+        else:
+            lo = alpha
+    bar.close()
+    return counts, alpha, reached
+
+
+def _feasible_search(fit, shape: Shape, samples, visual_only: bool, budget: float, tolerance: float,
+                     iterations: int, progress: bool) -> tuple[dict[int, int], float]:
+    """tokensieve's search: the best recipe at or under the budget, repaired to within ``tolerance``."""
+    lo, hi = 0.0, 1.0
+    best: tuple[float, float, dict[int, int]] | None = None
+    bar = tqdm(total=iterations, desc=f"calibrate flops={budget}", unit="probe", disable=not progress)
+    for _ in range(iterations):
+        alpha = (lo + hi) / 2
+        counts, _ = fit(alpha)
+        ratio = recipe_ratio(shape, counts, samples, visual_only)
+        bar.set_postfix(alpha=f"{alpha:.4f}", ratio=f"{ratio:.4f}")
+        bar.update()
+        if ratio <= budget:
+            if best is None or ratio > best[0]:
+                best = (ratio, alpha, counts)
+            hi = alpha
+        else:
+            lo = alpha
+        if best is not None and budget - best[0] <= tolerance:
+            break
+    bar.total = bar.n  # the search may converge before `iterations` probes; the bar ends full either way
+    bar.close()
+    if best is None:
+        counts, _ = fit(1.0)
+        ratio = recipe_ratio(shape, counts, samples, visual_only)
+        if ratio > budget:
+            raise ValueError(f"no recipe reaches a FLOPs ratio of {budget}: pruning all it can, the fit gives {ratio:.3f}")
+        best = (ratio, 1.0, counts)
+    _, alpha, counts = best
+    return _repair(shape, counts, samples, visual_only, budget, tolerance), alpha
 
 
 def _repair(shape: Shape, counts: dict[int, int], samples, visual_only: bool, budget: float, tolerance: float) -> dict[int, int]:

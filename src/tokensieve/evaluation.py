@@ -245,16 +245,18 @@ def calibration_examples(task: str, samples: int, seed: int = 0) -> list[Example
 
 
 def calibrate_on_tasks(model: Any, prompting: Prompting, task: str, budget: float, samples: int = 64, seed: int = 0,
-                       batch_size: int = 64, visual_only: bool = False, model_name: str = "", progress: bool = True):
-    """Fit a FitPrune recipe on training-split items of the task suite; the recipe's ``extra`` records
-    the device, dtype, torch and transformers versions."""
+                       batch_size: int = 64, visual_only: bool = False, model_name: str = "", progress: bool = True,
+                       search: str = "release"):
+    """Fit a FitPrune recipe on training-split items of the task suite (``search``: see
+    :func:`tokensieve.calibration.calibrate`); the recipe's ``extra`` records the device, dtype, torch
+    and transformers versions."""
     from .calibration import calibrate
 
     batches = calibration_batches(model, prompting, task, samples, seed, batch_size)
     describe = {"model": model_name, "seed": seed,
                 "calibration": f"tasks={','.join(resolve_tasks(task))} split=train items {seed}*k.. ({samples} samples)",
                 **model_runtime(model)}
-    return calibrate(model, batches, budget, visual_only=visual_only, progress=progress, describe=describe)
+    return calibrate(model, batches, budget, visual_only=visual_only, progress=progress, describe=describe, search=search)
 
 
 def calibration_batches(model: Any, prompting: Prompting, task: str, samples: int, seed: int = 0,

@@ -21,7 +21,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--flops", type=float, required=True, help="target FLOPs ratio in (0, 1)")
     p.add_argument("--seed", type=int, default=0, help="which draw of training items to use")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--visual-only", action="store_true", help="count visual tokens only in FLOPs (the release's convention)")
+    p.add_argument("--visual-only", action="store_true",
+                   help="count visual tokens only in FLOPs (the release's convention); by default all tokens count. "
+                        "The recipe records which (flops_convention)")
+    p.add_argument("--search", default="release", choices=["release", "feasible"],
+                   help="fitprune: the authors' bisection over alpha, judged by each pass's stop rule, returning the last "
+                        "probe's recipe (release), or tokensieve's: the best recipe at or under the budget, repaired to "
+                        "within 0.01 of it (feasible)")
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="recipe (fitprune) or options (vflowopt) JSON to write; its folder is created")
     p.set_defaults(handler=run)
@@ -43,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "vflowopt":
         return _vflowopt(args, model, prompting)
     recipe = evaluation.calibrate_on_tasks(model, prompting, args.task, args.flops, args.samples, args.seed,
-                                           args.batch_size, args.visual_only, model_name=args.model)
+                                           args.batch_size, args.visual_only, model_name=args.model, search=args.search)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     recipe.save(args.output)
     removed = ", ".join(f"{l}:{n}" for l, n in recipe.removed.items())

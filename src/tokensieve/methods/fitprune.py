@@ -25,10 +25,21 @@ sample, one pass for a tolerance alpha goes layer by layer: if the FLOPs already
 remaining layers at the current length meet the budget (mean over the calibration batch), nothing more
 is pruned; otherwise each sample removes the intersection of the longest ascending prefix of cross
 (resp. self) whose removal keeps at least (1 - alpha) of M_cross[l] (resp. M_self[l]); the recipe is
-the floored per-layer mean of the removals. Choices made here, where the release is silent or broken:
-the binary search keeps the recipe that meets the budget (never the last one tried), and a final
-repair step gives tokens back at the deepest pruned layers until the recipe is within 0.01 of the
-budget; FLOPs count all tokens by default (the release counts visual tokens only; both are offered).
+the floored per-layer mean of the removals.
+
+The search over alpha (:func:`tokensieve.calibration.calibrate`), ``search="release"`` (default): the
+release's bisection (``LLaVA_1.5/llava/eval/statistical_analysis.py``, ``statistical_analysis``): alpha
+in [0, 1], halved while ``max - min > 0.01``; a probe whose pass fired its stop rule (``fit_model``'s
+``flops_reach``) lowers ``max``, any other raises ``min``; the recipe is the last probe's scheme
+(``scheme // N``), whether or not it meets the budget (the recipe records what it achieves). This is
+the smallest alpha that still reaches the budget within 0.01, which prunes a little at almost every
+layer. ``search="feasible"`` (tokensieve's alternative): probes are judged by the recipe's own FLOPs
+ratio, the best recipe at or under the budget is kept, and a repair step postpones removals until it
+is within 0.01 of the budget: front-loaded recipes that always meet the budget.
+FLOPs count all tokens by default; the release counts visual tokens only (``visual_only=True``); the
+recipe records its convention. With several calibration batches the stop rule is judged per batch
+(the release runs one pass over all samples; ``calibrate --batch-size`` equal to ``--samples``, the
+default, does the same), and a probe reached the budget when every batch's pass did.
 """
 
 from __future__ import annotations
@@ -137,7 +148,9 @@ class FitPruneSearch(Method):
     """One fitting pass for tolerance ``alpha`` (``None``: measure the unpruned masses and prune nothing).
 
     Fills ``masses`` (per layer, ``(B, 2)`` cross and self mass) when ``alpha`` is None, else
-    ``removed`` (per layer, per-sample counts) using ``masses`` from the measuring pass.
+    ``removed`` (per layer, per-sample counts) using ``masses`` from the measuring pass, and
+    ``reached``: whether the pass's stop rule fired (the budget was met before the last layer: the
+    release's ``flops_reach``).
     """
 
     num_layers: int = 0
@@ -149,6 +162,7 @@ class FitPruneSearch(Method):
     removed: dict[int, list[int]] = field(default_factory=dict)
     spent: list[float] = field(default_factory=list)
     full: list[float] = field(default_factory=list)
+    reached: bool = False
 
     name: ClassVar[str] = "fitprune-search"
     stages: ClassVar[tuple[str, ...]] = ("prefill",)
@@ -172,9 +186,9 @@ class FitPruneSearch(Method):
             self.full = (layer_macs(self.shape, counted) * self.num_layers).tolist()
         spent = torch.tensor(self.spent, dtype=torch.float64)
         rest = layer_macs(self.shape, counted) * (self.num_layers - layer)
-        reached = (spent + rest).sum() <= self.budget * sum(self.full)
+        self.reached = self.reached or bool((spent + rest).sum() <= self.budget * sum(self.full))
         removed = [0] * keep.shape[0]
-        if not reached:
+        if not self.reached:
             base = self.masses[layer]
             for b in range(keep.shape[0]):
                 cand = view.visual[b].nonzero().squeeze(1)
