@@ -41,3 +41,15 @@ def test_fitprune_takes_a_published_name_and_refuses_an_unknown_one():
     assert methods.FitPrune(recipe="fitprune-llava-1.5-7b-50").recipe.budget == 0.5
     with pytest.raises(ValueError, match="tokensieve recipes"):
         methods.FitPrune(recipe="fitprune-llava-1.5-7b-65")
+
+
+def test_the_cli_lists_published_recipes_and_takes_them_by_name(capsys):
+    from tokensieve.cli import main
+
+    assert main(["recipes"]) == 0
+    listing = capsys.readouterr().out
+    assert "fitprune-llava-1.5-7b-70" in listing and "modeling_llama.py" in listing
+    assert main(["flops", "--model", "llava-1.5-7b", "--recipe", "fitprune-llava-1.5-7b-70", "--visual-only"]) == 0
+    assert "ratio 0.303" in capsys.readouterr().out
+    assert main(["flops", "--model", "llava-1.5-7b", "--recipe", "fitprune-llava-1.5-7b-65"]) == 2
+    assert "tokensieve recipes" in capsys.readouterr().err

@@ -42,8 +42,10 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
     shape = load_shape(args.model)
     if args.image_tokens < 0 or args.text_tokens < 0:
         raise ValueError("--image-tokens and --text-tokens must be >= 0")
+    if args.method is None and getattr(args, "recipe", None) is not None:
+        args.method = "fitprune"  # a recipe (file or published name, `tokensieve recipes`) is FitPrune's
     if (args.method is None) == (args.schedule is None):
-        raise ValueError("give exactly one of --method or --schedule")
+        raise ValueError("give exactly one of --method (or --recipe) or --schedule")
     options = method_options(args, args.method)
     if args.schedule is not None:
         vis_in, vis_out = _schedule_file(args.schedule, shape.layers, args.image_tokens)
