@@ -7,17 +7,9 @@ import json
 import pytest
 import torch
 import transformers
+from tiny_models import untrained
 
-from tokensieve import bench, evaluation
-from tokensieve.tiny.build import build_model, build_processor, build_tokenizer
-
-
-def untrained():
-    torch.manual_seed(0)
-    model = build_model(build_tokenizer()).eval()
-    processor = build_processor()
-    processor.tokenizer.padding_side = "left"
-    return model, evaluation.Prompting(processor, tiny=True)
+from tokensieve import bench
 
 
 def test_bench_writes_every_output_and_resumes(tmp_path):
@@ -133,15 +125,8 @@ def test_the_same_settings_resume_without_recomputing_a_cell(tmp_path, monkeypat
     assert runs == ["random"] and grown[:2] == stored and grown[2]["bench"] == {"method": "random", "budget": 0.3}
 
 
-def test_the_bar_ends_at_its_total_when_fastv_falls_back_to_layer_1(tmp_path, monkeypatch):
-    bars = []
-
-    class Recorded(bench.tqdm):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            bars.append(self)
-
-    monkeypatch.setattr(bench, "tqdm", Recorded)
+def test_the_bar_ends_at_its_total_when_fastv_falls_back_to_layer_1(tmp_path, record_bars):
+    bars = record_bars(bench)
     model, prompting = untrained()
     # flops=0.31 on the untrained model: K=2 meets it on the first attribute item, not on the second
     results = bench.run_bench(model, prompting, "attribute", ["fastv"], [0.31], 2, 1, tmp_path, "untrained")

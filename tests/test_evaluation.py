@@ -7,21 +7,13 @@ import types
 
 import torch
 import transformers
+from tiny_models import untrained
 from torch import nn
 
 from tokensieve import calibration, evaluation, timing, vflowopt_search
 from tokensieve.timing import ForwardTimer
-from tokensieve.tiny.build import build_model, build_processor, build_tokenizer
 
 RUNTIME = {"device": "cpu", "dtype": "float32", "torch": torch.__version__, "transformers": transformers.__version__}
-
-
-def untrained():
-    torch.manual_seed(0)
-    model = build_model(build_tokenizer()).eval()
-    processor = build_processor()
-    processor.tokenizer.padding_side = "left"
-    return model, evaluation.Prompting(processor, tiny=True)
 
 
 def test_a_result_records_device_dtype_and_versions():
@@ -69,15 +61,8 @@ def test_the_timer_syncs_cuda_only_for_a_model_on_cuda(monkeypatch):
     assert len(timer.prefill_ms) == 1 and syncs == []
 
 
-def test_the_calibration_bar_ends_full_and_the_recipe_records_the_runtime(monkeypatch):
-    bars = []
-
-    class Recorded(calibration.tqdm):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            bars.append(self)
-
-    monkeypatch.setattr(calibration, "tqdm", Recorded)
+def test_the_calibration_bar_ends_full_and_the_recipe_records_the_runtime(record_bars):
+    bars = record_bars(calibration)
     model, prompting = untrained()
     recipe = evaluation.calibrate_on_tasks(model, prompting, "counting", 0.5, samples=2, batch_size=2, search="feasible")
     assert bars[-1].n == bars[-1].total < 14  # converged early: the bar still ends full

@@ -9,7 +9,7 @@ from transformers import AutoProcessor, AutoTokenizer
 
 from tokensieve.tasks import TASKS, generate, vocabulary
 from tokensieve.tiny import NUM_IMAGE_TOKENS, TINY_DIR, build_inputs, load_tiny, parse_answers
-from tokensieve.tiny.build import build_processor, build_tokenizer
+from tokensieve.tiny.build import build_processor
 from tokensieve.tiny.data import normalize
 from tokensieve.tiny.prompt import prompt_text
 

@@ -175,3 +175,15 @@ def layer_input(model: torch.nn.Module, layer: int, inputs: dict[str, torch.Tens
     finally:
         hook.remove()
     return seen["x"], seen["kwargs"]
+
+
+def untrained():
+    """The shipped model's architecture with fresh random weights, and its prompting: ``(model, Prompting)``."""
+    from tokensieve import evaluation
+    from tokensieve.tiny.build import build_model, build_processor, build_tokenizer
+
+    torch.manual_seed(0)
+    model = build_model(build_tokenizer()).eval()
+    processor = build_processor()
+    processor.tokenizer.padding_side = "left"
+    return model, evaluation.Prompting(processor, tiny=True)

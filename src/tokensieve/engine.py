@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -34,6 +35,7 @@ from .flops import Shape, prefill_flops
 from .ledger import Ledger, Rows
 from .methods.base import AlignedVision, CacheView, Grid, Method, Point, Queries, View
 from .report import Report, SampleReport
+from .shims import shim_forward
 from .tower import TowerResult, TowerStage
 from .vision import VisionTap
 
@@ -121,22 +123,7 @@ class Engine:
                 handle = block.register_forward_hook(self._transition, with_kwargs=True)
                 self._undo.append(handle.remove)
         for idx, layer in enumerate(self.adapter.layers):
-            had = "forward" in layer.__dict__
-            previous = layer.__dict__.get("forward")
-            original = layer.forward
-
-            def shim(hidden_states: torch.Tensor, *args: Any, _l: int = idx, _f: Callable = original, **kwargs: Any):
-                return self._layer(_l, _f, hidden_states, args, kwargs)
-
-            layer.forward = shim
-            self._undo.append(lambda layer=layer, had=had, previous=previous: self._restore(layer, had, previous))
-
-    @staticmethod
-    def _restore(layer: nn.Module, had: bool, previous: Any) -> None:
-        if had:
-            layer.forward = previous
-        else:
-            del layer.forward
+            self._undo.append(shim_forward(layer, functools.partial(self._layer, idx)))
 
     def remove(self) -> None:
         while self._undo:

@@ -37,6 +37,7 @@ each image), ``match(metric, r)`` (``(I, t)`` index of each token in the merged 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -44,6 +45,7 @@ import torch
 from torch import nn
 
 from .methods.base import View
+from .shims import replace_method, shim_forward
 
 if TYPE_CHECKING:
     from .adapters import Adapter
@@ -154,30 +156,20 @@ class TowerStage:
         for idx, layer in enumerate(self.blocks):
             hook = layer.self_attn.k_proj.register_forward_hook(self._grab_keys)
             undo.append(hook.remove)
-            had = "forward" in layer.__dict__
-            previous = layer.__dict__.get("forward")
-            original = layer.forward
+            undo.append(shim_forward(layer, functools.partial(self._layer, idx)))
 
-            def shim(hidden_states: torch.Tensor, *args: Any, _l: int = idx, _f: Callable = original, **kwargs: Any):
-                return self._layer(_l, _f, hidden_states, args, kwargs)
+        def planning(generate: Callable[..., Any]) -> Callable[..., Any]:
+            def planned_generate(*args: Any, **kwargs: Any) -> Any:
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                self._pending = self._plan_prompt(ids, kwargs.get("attention_mask")) if ids is not None else None
+                try:
+                    return generate(*args, **kwargs)
+                finally:
+                    self._pending = None
 
-            layer.forward = shim
-            undo.append(lambda layer=layer, had=had, previous=previous: _restore(layer, had, previous))
+            return planned_generate
 
-        model = self.adapter.model
-        had = "generate" in model.__dict__
-        previous, generate = model.__dict__.get("generate"), model.generate
-
-        def planned_generate(*args: Any, **kwargs: Any) -> Any:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            self._pending = self._plan_prompt(ids, kwargs.get("attention_mask")) if ids is not None else None
-            try:
-                return generate(*args, **kwargs)
-            finally:
-                self._pending = None
-
-        model.generate = planned_generate
-        undo.append(lambda: _restore(model, had, previous, "generate"))
+        undo.append(replace_method(self.adapter.model, "generate", planning))
 
         def remove() -> None:
             while undo:
@@ -382,9 +374,3 @@ class TowerStage:
         self._plans = None  # this prefill's plan is spent; a later tower run plans afresh
         return TowerView(**fields, tower=AlignedTower(representative, group, result))
 
-
-def _restore(module: nn.Module, had: bool, previous: Any, name: str = "forward") -> None:
-    if had:
-        setattr(module, name, previous)
-    else:
-        delattr(module, name)

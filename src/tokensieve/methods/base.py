@@ -245,6 +245,20 @@ def layer_schedule(num_layers: int, n_visual: int, layer: int, keep: float | Non
     return n_in, list(n_in)
 
 
+class OneLayerPruner(Method):
+    """Methods that prune once, before decoder layer ``self.layer`` (>= 1), reading layer ``layer - 1``,
+    keeping ``self.keep`` of the visual tokens (or meeting ``self.flops``): FastV, DART."""
+
+    def bind(self, num_layers: int) -> None:
+        check_layer("layer", self.layer, num_layers, low=1)
+
+    def points(self) -> list[Point]:
+        return [Point(before=self.layer, attention_layer=self.layer - 1)]
+
+    def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
+        return layer_schedule(num_layers, n_visual, self.layer, self.keep)
+
+
 @dataclass
 class EncoderPruner(Method):
     """Common options of single-shot encoder-stage methods: ``keep`` fraction of visual tokens (default

@@ -22,11 +22,11 @@ from typing import ClassVar
 
 import torch
 
-from .base import Method, Point, Selection, View, budget_keep, check_layer, kept_counts, layer_schedule
+from .base import OneLayerPruner, Selection, View, budget_keep, kept_counts
 
 
 @dataclass
-class DART(Method):
+class DART(OneLayerPruner):
     """Options: ``layer`` K (>= 1), ``keep`` (default 0.5) or ``flops``, ``image_pivots``, ``text_pivots``."""
 
     layer: int = 2
@@ -44,15 +44,6 @@ class DART(Method):
         self.keep = budget_keep(self.keep, self.flops)
         if self.image_pivots < 0 or self.text_pivots < 0 or self.image_pivots + self.text_pivots == 0:
             raise ValueError("image_pivots and text_pivots must be >= 0 and not both 0")
-
-    def bind(self, num_layers: int) -> None:
-        check_layer("layer", self.layer, num_layers, low=1)
-
-    def points(self) -> list[Point]:
-        return [Point(before=self.layer, attention_layer=self.layer - 1)]
-
-    def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
-        return layer_schedule(num_layers, n_visual, self.layer, self.keep)
 
     def select(self, view: View) -> Selection:
         norms = view.keys().float().abs().sum(-1)  # (B, n)

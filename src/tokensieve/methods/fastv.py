@@ -21,11 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from .base import Method, Point, Selection, View, budget_keep, check_layer, kept_counts, layer_schedule, top_visual
+from .base import OneLayerPruner, Selection, View, budget_keep, kept_counts, top_visual
 
 
 @dataclass
-class FastV(Method):
+class FastV(OneLayerPruner):
     """Options: ``layer`` K (>= 1), ``keep`` fraction of visual tokens kept (1 - R; default 0.5) or
     ``flops`` target ratio (R chosen per sample to meet it), ``variant``."""
 
@@ -43,15 +43,6 @@ class FastV(Method):
         self.keep = budget_keep(self.keep, self.flops)
         if self.variant not in ("code", "paper"):
             raise ValueError(f"variant must be 'code' or 'paper', got {self.variant!r}")
-
-    def bind(self, num_layers: int) -> None:
-        check_layer("layer", self.layer, num_layers, low=1)
-
-    def points(self) -> list[Point]:
-        return [Point(before=self.layer, attention_layer=self.layer - 1)]
-
-    def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
-        return layer_schedule(num_layers, n_visual, self.layer, self.keep)
 
     def select(self, view: View) -> Selection:
         queries = "last" if self.variant == "code" else "all"

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..tasks import TASKS, Example, generate
+from ..tasks import TASKS, generate
 from ..tasks.questions import scene_questions
 from .auxiliary import box_cells, cell_bits, patch_targets
 from .build import CLIP_MEAN, CLIP_STD, NUM_IMAGE_TOKENS
