@@ -292,6 +292,39 @@ def test_vflowopt_search_meets_its_budget():
     assert all(s.flops / s.flops_unpruned <= 0.6 for s in run.report.samples)
 
 
+def test_vflowopt_searches_the_release_space():
+    """The ranges of the release's optimiser (sihany077/VFlowOpt, src/lmms_eval-0.2.4/lmms_eval/models/
+    llava_ov_opt_all.py, optimize_ratios): t in [0, 50], m in [3, 24] real, alpha in [-1, 1], the first
+    stage's share of the vision keep in [0.2/0.375, 1]; its released optimum (t 39.3, m 17.4) is a valid
+    setting, and m is real."""
+    import optuna
+
+    from tokensieve import vflowopt_search
+
+    model = model_of("llava")
+    inputs = batch("llava", model, [1, 1])
+    seen = []
+    original = optuna.Study.optimize
+
+    def record(study, objective, n_trials, **kwargs):
+        original(study, objective, n_trials=n_trials, **kwargs)
+        seen.extend(t.params for t in study.trials)
+
+    optuna.Study.optimize = record
+    try:
+        vflowopt_search.search(model, [inputs], 0.6, trials=8, progress=False)
+    finally:
+        optuna.Study.optimize = original
+    assert len(seen) == 8
+    for p in seen:
+        assert 0 <= p["t"] <= 50 and 3 <= p["m"] <= 24 and -1 <= p["alpha"] <= 1
+        assert 0.2 / 0.375 <= p["stage_share"] <= 1 and 0.6 <= p["vit_keep"] <= 0.9
+    assert any(p["m"] != int(p["m"]) for p in seen)
+    tokensieve.methods.VFlowOpt(t=39.26, m=17.39, alpha=-0.5).bind(4)
+    with pytest.raises(ValueError, match="the release's ranges"):
+        tokensieve.methods.VFlowOpt(m=0.5).bind(4)
+
+
 @pytest.mark.parametrize("budget", [0.9, 0.75])
 def test_vflowopt_scales_its_whole_schedule_up_to_a_budget_above_its_default_cost(budget):
     model = model_of("llava")

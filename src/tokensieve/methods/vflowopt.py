@@ -19,8 +19,14 @@ release solves it from a layer-averaged budget); where the budget is above what 
 even with its last stage pruning nothing more, every fraction (``vit_keep`` and ``stage_keep``) is first
 scaled up by one common factor, capped at 1 (our choice: the release has no such case). The flow-guided search of (vit_keep, first stage
 keep, t, m, alpha) is ``tokensieve calibrate --method vflowopt`` (:mod:`tokensieve.vflowopt_search`).
-Choices made here: defaults vit_keep 0.5, stage_keep (0.25, 0.125), t 1, m 2, alpha 0 (the released
-optimised configs switch entropy off); grey levels are the channel mean of the tower's input pixels,
+The recycling cell size ``m`` is real, as in the release (``llava_qwen_training_free.py``: a token at
+grid point (r, c) falls in cell (floor(r / m), floor(c / m)); ``int(N / m^2)`` tokens are marked on top
+of the P removed); ``t`` >= 0 and ``alpha`` in [-1, 1] are the release's ranges.
+Defaults (tokensieve's, not a released configuration): vit_keep 0.5, stage_keep (0.25, 0.125), t 1,
+m 2, alpha 0. The released optimised configs (``llava_onevision_training_free.py``: t 28.7 / 34.8 /
+39.3, m 11.8 / 15.6 / 17.4, alpha 0 for the 50% / 25% / 10% budgets) were tuned on LLaVA-OneVision's
+27 x 27 SigLIP grids; on a 12 x 12 or 24 x 24 grid an m of 12-17 makes one or four cells, so they do
+not transfer as defaults: ``tokensieve calibrate --method vflowopt`` searches them per model; grey levels are the channel mean of the tower's input pixels,
 binned over each image's own range; with nothing to remove (``vit_keep`` 1) no token is marked, so
 the vision stage keeps every token unchanged.
 """
@@ -67,7 +73,7 @@ class VFlowOpt(Method):
     stage_keep: tuple[float, ...] = (0.25, 0.125)
     layers: tuple[int, ...] | None = None
     t: float = 1.0
-    m: int = 2
+    m: float = 2.0
     alpha: float = 0.0
     flops: float | None = None
     _maps: dict[int, dict[int, float]] = field(default_factory=dict, repr=False)
@@ -92,8 +98,9 @@ class VFlowOpt(Method):
         fractions = (self.vit_keep, *self.stage_keep)
         if any(not 0 < f <= 1 for f in fractions) or list(fractions) != sorted(fractions, reverse=True):
             raise ValueError(f"vit_keep and stage_keep must be in (0, 1] and non-increasing, got {fractions}")
-        if not isinstance(self.m, int) or self.m < 1 or self.t <= 0 or self.alpha < 0:
-            raise ValueError("need m >= 1 (integer), t > 0, alpha >= 0")
+        if self.m < 1 or self.t < 0 or not -1 <= self.alpha <= 1:
+            raise ValueError(f"need m >= 1, t >= 0 and alpha in [-1, 1] (the release's ranges), got m={self.m}, "
+                             f"t={self.t}, alpha={self.alpha}")
         if self.flops is not None and not 0 < self.flops < 1:
             raise ValueError(f"flops must be in (0, 1), got {self.flops!r}")
 
@@ -142,15 +149,16 @@ class VFlowOpt(Method):
             for cols, image in images:
                 n = cols.numel()
                 side = math.isqrt(n)
-                entropy = patch_entropy(raw.pixels[image], raw.patch) if self.alpha > 0 else torch.zeros(n)
+                entropy = patch_entropy(raw.pixels[image], raw.patch) if self.alpha != 0 else torch.zeros(n)
                 score = importance_map(raw.attention[image], entropy, self.t, self.alpha).cpu()
                 for col, value in zip(cols.tolist(), score.tolist()):
                     self._maps[b][int(view.positions[b, col])] = value
                 removed = n - max(1, round(vit_keep * n))
-                marked = score.argsort()[: min(n, removed + n // (self.m * self.m)) if removed else 0]
+                marked = score.argsort()[: min(n, removed + int(n / (self.m * self.m))) if removed else 0]
                 kept = torch.ones(n, dtype=torch.bool)
                 kept[marked] = False
-                cells = (torch.arange(n) // side // self.m) * side + (torch.arange(n) % side) // self.m
+                rows, cols_in_row = torch.arange(n) // side, torch.arange(n) % side
+                cells = (rows / self.m).floor().long() * side + (cols_in_row / self.m).floor().long()
                 for cell in cells[marked].unique().tolist():
                     group = marked[cells[marked] == cell]
                     weights = score[group] / score[group].sum().clamp(min=1e-12)
