@@ -286,6 +286,19 @@ class EncoderPruner(Method):
         return layer_schedule(num_layers, n_visual, 0, self.keep)
 
 
+def split_budget(total: int, sizes: list[int]) -> list[int]:
+    """``total`` tokens shared over images of ``sizes`` tokens, in proportion (largest remainder)."""
+    whole = sum(sizes)
+    if not whole:
+        return [0] * len(sizes)
+    exact = [total * n / whole for n in sizes]
+    out = [int(e) for e in exact]
+    order = sorted(range(len(sizes)), key=lambda i: (out[i] - exact[i], i))
+    for i in order[: total - sum(out)]:
+        out[i] += 1
+    return [min(o, n) for o, n in zip(out, sizes)]
+
+
 def top_visual(scores: torch.Tensor, visual: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Keep non-visual rows and, per sample, the ``counts[b]`` highest-scoring visual rows.
 

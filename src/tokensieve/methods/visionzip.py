@@ -50,22 +50,9 @@ from typing import ClassVar, Literal
 
 import torch
 
-from .base import EncoderPruner, Selection, View, kept_counts
+from .base import EncoderPruner, Selection, View, kept_counts, split_budget
 
 CONTEXTUAL_SHARE = 10 / 64
-
-
-def split_budget(total: int, sizes: list[int]) -> list[int]:
-    """``total`` tokens shared over images of ``sizes`` tokens, in proportion (largest remainder)."""
-    whole = sum(sizes)
-    if not whole:
-        return [0] * len(sizes)
-    exact = [total * n / whole for n in sizes]
-    out = [int(e) for e in exact]
-    order = sorted(range(len(sizes)), key=lambda i: (out[i] - exact[i], i))
-    for i in order[: total - sum(out)]:
-        out[i] += 1
-    return [min(o, n) for o, n in zip(out, sizes)]
 
 
 def contextual_merge(features: torch.Tensor, metric: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
