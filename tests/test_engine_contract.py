@@ -218,3 +218,18 @@ def test_installed_transformers_lies_in_the_declared_range():
     assert compat.TRANSFORMERS_VERSION in declared[0].specifier
     assert compat.supported_range() == str(declared[0].specifier)
     assert declared[0].specifier.contains("5.2.0")
+
+
+def test_a_failure_while_installing_leaves_the_model_as_it_was(monkeypatch):
+    from tokensieve import vision
+
+    model = model_of("llava")
+
+    def broken(self):
+        raise RuntimeError("tap failed")
+
+    monkeypatch.setattr(vision.VisionTap, "install", broken)
+    with pytest.raises(RuntimeError, match="tap failed"):
+        with tokensieve.prune(model, "fastervlm", keep=0.5):
+            pass
+    assert _is_clean(model) and getattr(model, "_tokensieve_engine", None) is None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers import (
     CLIPVisionConfig,
@@ -21,7 +19,9 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
 )
 
-TAKES_MM_TYPES = "mm_token_type_ids" in inspect.signature(Qwen2VLForConditionalGeneration.forward).parameters
+from tokensieve import compat
+
+TAKES_MM_TYPES = compat.takes_argument(Qwen2VLForConditionalGeneration.forward, "mm_token_type_ids")
 VOCAB = 64
 IMAGE = 60
 VIDEO = 61

@@ -283,7 +283,7 @@ class Engine:
         ||out|| / ||in|| times the softmax over the sample's tokens of 1 - cos(in, out), where ``in`` is
         the normed sublayer input and ``out`` its output before the residual add."""
         state, ledger = self.state, self.ledger
-        if state is None or not state.prefill or ledger is None:
+        if state is None or not state.prefill or ledger is None or not self.selecting:
             return
         before = args[0] if args else kwargs["hidden_states"]
         after = output[0] if isinstance(output, tuple) else output
@@ -607,8 +607,8 @@ def prune(model: nn.Module, method: str | Method, **options: Any) -> Iterator[Ru
             raised before the model is touched.
     """
     engine = Engine(model, method_registry.get(method, **options))
-    engine.install()
     try:
+        engine.install()  # a failure part-way leaves nothing installed: remove() undoes what was done
         yield Run(engine)
     finally:
         engine.remove()

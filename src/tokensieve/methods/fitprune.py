@@ -31,9 +31,9 @@ The search over alpha (:func:`tokensieve.calibration.calibrate`), ``search="rele
 release's bisection (``LLaVA_1.5/llava/eval/statistical_analysis.py``, ``statistical_analysis``): alpha
 in [0, 1], halved while ``max - min > 0.01``; a probe whose pass fired its stop rule (``fit_model``'s
 ``flops_reach``) lowers ``max``, any other raises ``min``; the recipe is the last probe's scheme
-(``scheme // N``), whether or not it meets the budget (the recipe records what it achieves). This is
-the smallest alpha that still reaches the budget within 0.01, which prunes a little at almost every
-layer. ``search="feasible"`` (tokensieve's alternative): probes are judged by the recipe's own FLOPs
+(``scheme // N``), whether or not that probe reached the budget (the recipe records whether it did
+and what it achieves). The last probe lies within 0.01 of the smallest alpha that reaches the budget,
+so the recipe prunes a little at almost every layer. ``search="feasible"`` (tokensieve's alternative): probes are judged by the recipe's own FLOPs
 ratio, the best recipe at or under the budget is kept, and a repair step postpones removals until it
 is within 0.01 of the budget: front-loaded recipes that always meet the budget.
 FLOPs count all tokens by default; the release counts visual tokens only (``visual_only=True``); the
@@ -106,8 +106,6 @@ class FitPrune(Method):
 
     def check_input(self, visual_tokens: list[int]) -> None:
         for n in visual_tokens:
-            if n == 0:
-                raise ValueError("fitprune prunes visual tokens, but a sample of this batch has none")
             if n != self.recipe.visual_tokens and not self.fractions:
                 raise ValueError(f"recipe fitted for {self.recipe.visual_tokens} visual tokens per input; this input has {n}. "
                                  "Use fractions=True to scale it (variable-resolution models) or fit a recipe for this model")
