@@ -33,11 +33,12 @@ from .attention import attention_rows, rotate, take_rows
 from .cache import LedgerCache
 from .flops import Shape, prefill_flops
 from .ledger import Ledger, Rows
-from .methods.base import AlignedVision, CacheView, Grid, Method, Point, Queries, View
+from .methods.base import CacheView, Grid, Method, Point, Queries, View
 from .report import Report, SampleReport
 from .shims import shim_forward
 from .tower import TowerResult, TowerStage
 from .vision import VisionTap
+from .vision_align import align_vision
 
 
 UNPRUNED_NOTE = "no visual tokens: passed through unpruned"
@@ -377,7 +378,8 @@ class Engine:
             shape=self.shape,
             keys=lambda: self._keys(point),
             final_norm=self.adapter.language_model.norm,
-            vision=self._vision(rows) if self.vision_tap is not None else None,
+            vision=(align_vision(self.vision_tap.signals, rows, ledger.image_index, self.method.name)
+                    if self.vision_tap is not None else None),
             project=self._projector(),
             transitions=self.ledger.transitions.gather(1, rows.pos) if self.transition_layers else None,
             attention=lambda queries, temperature=1.0: self._attention(point, queries, temperature),
@@ -416,34 +418,6 @@ class Engine:
             return self.adapter.projector
         except TypeError:
             return None
-
-    def _vision(self, rows: Rows) -> AlignedVision:
-        """The tap's per-image signals placed on the rows of each image's visual tokens."""
-        signals = self.vision_tap.signals
-        if signals is None:
-            raise ValueError(f"{self.method.name} needs the vision tower to run in this forward (pass pixel_values)")
-        batch, n = rows.pos.shape
-        out = AlignedVision(
-            cls_attention=signals.cls_attention.new_zeros(batch, n),
-            keys=signals.keys.new_zeros(batch, n, signals.keys.shape[-1]),
-            features=signals.features.new_zeros(batch, n, signals.features.shape[-1]),
-            images=[[] for _ in range(batch)],
-            raw=signals,
-        )
-        image = 0
-        index = self.ledger.image_index
-        for b in range(batch):
-            for j in range(int(index[b].max().item()) + 1):
-                positions = (index[b] == j).nonzero().squeeze(1)
-                if image >= signals.features.shape[0] or positions.numel() != signals.features.shape[1]:
-                    raise ValueError("the vision tower's patches do not line up with the image tokens of this input")
-                cols = torch.searchsorted(rows.pos[b], positions, right=True) - 1
-                out.cls_attention[b, cols] = signals.cls_attention[image]
-                out.keys[b, cols] = signals.keys[image]
-                out.features[b, cols] = signals.features[image]
-                out.images[b].append((cols, image))
-                image += 1
-        return out
 
     def _keys(self, point: Point) -> torch.Tensor:
         hidden, cos, sin, rows = self.state.saved[point.attention_layer]
