@@ -70,6 +70,8 @@ def test_fastervlm_matches_eager_cls_attention():
 
 
 def test_dart_matches_a_loop_from_the_paper():
+    """Two images in one sample (one pool), ``split="exact"``: 16 of 32 kept, the 14 slots spread over the
+    4 pivots in the release's visiting order (tests/test_reference_fastv_dart.py has the release's counts)."""
     model = model_of("llava", "eager")
     inputs = batch("llava", model, [2])
     lm = model.model.language_model
@@ -92,7 +94,7 @@ def test_dart_matches_a_loop_from_the_paper():
         _, k = apply_rotary_pos_emb(k, k, cos, sin)
         norms = k[0].abs().sum((0, 2))
         h = torch.nn.functional.normalize(lm.norm(seen[2][0])[0], dim=-1)
-        with tokensieve.prune(model, "dart", layer=2, keep=0.5, image_pivots=2, text_pivots=2) as run:
+        with tokensieve.prune(model, "dart", layer=2, keep=0.5, image_pivots=2, text_pivots=2, split="exact") as run:
             model(**inputs)
     ids = inputs["input_ids"][0]
     vis = (ids == IMAGE).nonzero().squeeze(1).tolist()
@@ -103,7 +105,7 @@ def test_dart_matches_a_loop_from_the_paper():
     pool = [i for i in vis if i not in img_piv]
     chosen = list(img_piv)
     slots = kept_total - 2
-    for n, p in enumerate(img_piv + txt_piv):
+    for n, p in enumerate(list(set(img_piv + txt_piv))):  # the release's visiting order
         take = slots // 4 + (1 if n < slots % 4 else 0)
         ranked = sorted(pool, key=lambda i: (h[i] @ h[p]).item())[:take]
         chosen += ranked
@@ -212,15 +214,21 @@ def test_transprune_ttv_matches_its_formula():
 
 
 def test_aim_merge_and_pagerank_follow_their_definitions():
-    from tokensieve.methods.aim import average_merge, pagerank
+    from tokensieve.methods.aim import bipartite_merge, merge_rounds, pagerank
 
-    x = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0], [0.2, 1.0], [-1.0, 0.0]])
-    index, rows = average_merge(x, 3)
-    # sources 0, 2, 4 merge into their most similar destinations 1, 3, 3; destination 5 stays alone
-    assert index.tolist() == [1, 3, 5]
-    assert torch.allclose(rows[0], (x[0] + x[1]) / 2)
-    assert torch.allclose(rows[1], (x[2] + x[3] + x[4]) / 3)
-    assert torch.equal(rows[2], x[5])
+    # the release's rounds: N // 2 then N // 4 (43 of 169 kept, not round(0.25 * 169) = 42); 1/8 adds N // 8
+    assert merge_rounds(169, 0.25) == [84, 42] and merge_rounds(576, 0.125) == [288, 144, 72]
+    assert merge_rounds(576, 0.4375) == [288, 36] and merge_rounds(16, 1.0) == []
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.2], [0.0, 1.0], [0.1, 1.0], [0.2, 1.0], [-1.0, 0.0]])
+    # sources 0, 2, 4 match destinations 1, 3, 3 with similarity .9806, .9950, .9952: one round of r=1 merges
+    # 4 into 3; the output is the unmerged sources by decreasing similarity (2, 0), then destinations 1, 3, 5
+    carrier, rows = bipartite_merge(x, [1])
+    assert carrier.tolist() == [2, 0, 1, 3, 5]
+    assert torch.equal(rows[:3], x[[2, 0, 1]]) and torch.equal(rows[4], x[5])
+    assert torch.allclose(rows[3], (x[3] + x[4]) / 2)
+    carrier, rows = bipartite_merge(x, [3])
+    assert carrier.tolist() == [1, 3, 5]
+    assert torch.allclose(rows[0], (x[0] + x[1]) / 2) and torch.allclose(rows[1], (x[2] + x[3] + x[4]) / 3)
     probs = torch.softmax(torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0)), -1)
     dist = torch.full((2, 1, 4), 0.25)
     for _ in range(5):
@@ -244,7 +252,7 @@ ALL_FAMILIES = ["llava", "llava-next", "qwen2-vl", "qwen2.5-vl"]
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 @pytest.mark.parametrize("name,opts", [
     ("fastv", {"layer": 1, "keep": 0.5}), ("random", {"keep": 0.5}), ("divprune", {"keep": 0.5}),
-    ("dart", {"layer": 1, "keep": 0.5}), ("pdrop", {}), ("transprune", {"layers": (0, 1), "keep": (0.5, 0.25)}),
+    ("dart", {"layer": 1, "keep": 0.5, "image_pivots": 1, "text_pivots": 1}), ("pdrop", {}), ("transprune", {"layers": (0, 1), "keep": (0.5, 0.25)}),
     ("aim", {"start": 1, "stop": 2}),
 ])
 def test_methods_run_on_every_adapter_in_padded_batches(family, name, opts):
