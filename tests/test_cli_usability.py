@@ -207,7 +207,7 @@ def test_a_bool_option_reads_bool_words_as_bools(capsys, stub_run, value, expect
     (["--keep", "True"], "argument --keep: expected a number"),
     (["--layer", "1.5"], "argument --layer: expected an integer, got '1.5'"),
     (["--ttv-only", "maybe"], "argument --ttv-only: expected true or false, got 'maybe'"),
-    (["--positions", "left"], "argument --positions: expected one of (auto, )?keep, renumber(, auto)?, got 'left'"),
+    (["--positions", "left"], "argument --positions: expected one of (auto, )?keep, renumber(, auto)?(, shift)?, got 'left'"),
 ])
 def test_a_value_of_the_wrong_type_is_refused_by_argparse(capsys, monkeypatch, argv, message):
     no_model(monkeypatch)

@@ -176,7 +176,7 @@ def test_streamingllm_keeps_cache_constant_and_positions_true():
         unpruned_positions = list(seen_positions)
         seen_positions.clear()
         cache = DynamicCache()
-        with tokensieve.prune(model, "streamingllm", sinks=2, window=5) as run:
+        with tokensieve.prune(model, "streamingllm", sinks=2, window=5, positions="keep") as run:
             out = model.generate(**inputs, past_key_values=cache, max_new_tokens=6, min_new_tokens=6, do_sample=False)
             lengths = [layer.keys.shape[-2] for layer in cache.layers]
     hook.remove()

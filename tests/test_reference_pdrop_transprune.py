@@ -7,10 +7,12 @@ no padding) that follows the release's control flow: after decoder layer ``layer
 only the kept ones go on into it. The layers themselves are run from their parts (input norm, attention,
 residual, post-attention norm, MLP, residual), as the release's decoder layer does.
 
-One deliberate difference: the releases renumber the rotary positions of the kept tokens after each
-drop (``position_ids = arange(cur_len)``; PyramidDrop ``pdrop_rank_drop`` ~l.1446, TransPrune
-``transprune_rank_drop`` ~l.1575). tokensieve keeps the original positions, so the references here
-keep them too (``pos`` below); everything else is the release's rule.
+Positions as the releases assign them: after each drop the kept rows are renumbered
+(``position_ids = arange(cur_len)``; PyramidDrop ``pdrop_rank_drop`` ~l.1446, TransPrune
+``transprune_rank_drop`` ~l.1575), and while decoding the new token's position moves down at each
+stage layer by the tokens that stage dropped (``pdrop_forward`` ~l.1259-1268, ``transprune_forward``
+the same way). With ``renumber=False`` the references keep the original positions instead
+(tokensieve's ``positions="keep"``).
 
 Nothing here calls tokensieve's own helpers: only ``tokensieve.prune`` is run and its report read.
 """
@@ -127,8 +129,44 @@ def _logits(model, x: torch.Tensor) -> torch.Tensor:
     return model.lm_head(_language_model(model).norm(x[-1]))
 
 
+def _rope(model, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(H, n, D)`` rotated at ``pos`` ``(n,)`` (``apply_rotary_pos_emb``'s formula)."""
+    cos, sin = _rotary(model, x[0], pos)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _kv(model, layer, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys (rotated at ``pos``) and values ``(H_kv, n, D)`` that ``layer`` caches for input ``x``."""
+    attn = layer.self_attn
+    normed = layer.input_layernorm(x)
+    k = attn.k_proj(normed).view(x.shape[0], -1, attn.head_dim).transpose(0, 1)
+    v = attn.v_proj(normed).view(x.shape[0], -1, attn.head_dim).transpose(0, 1)
+    return _rope(model, k, pos), v
+
+
+def decode_reference(model, caches: list, token: int, positions: list[int]) -> torch.Tensor:
+    """Logits of one decoded ``token``: at layer ``l`` rotated at ``positions[l]`` and attending to
+    that layer's prefill cache ``caches[l]`` (keys, values) and itself; layers run from their parts."""
+    lm = _language_model(model)
+    with torch.no_grad():
+        h = lm.embed_tokens(torch.tensor([token]))
+        for layer, (ck, cv), p in zip(lm.layers, caches, positions):
+            attn = layer.self_attn
+            normed = layer.input_layernorm(h)
+            q = _rope(model, attn.q_proj(normed).view(1, -1, attn.head_dim).transpose(0, 1), torch.tensor([p]))
+            k, v = _kv(model, layer, h, torch.tensor([p]))
+            k, v = torch.cat([ck, k], 1), torch.cat([cv, v], 1)
+            groups = q.shape[0] // k.shape[0]
+            k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
+            probs = torch.softmax(q @ k.transpose(1, 2) * attn.scaling, -1)
+            h = h + attn.o_proj((probs @ v).transpose(0, 1).reshape(1, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return model.lm_head(lm.norm(h))[0]
+
+
 # ---------------------------------------------------------------------------------------------- PDrop reference
-def pdrop_reference(model, inputs, layer_list: list[int], ratio_list: list[float]):
+def pdrop_reference(model, inputs, layer_list: list[int], ratio_list: list[float], renumber: bool = True):
     """PyramidDrop inference, from Cooperx521/PyramidDrop ``llava/model/modeling_llama_pdrop.py``,
     ``LlamaModel.pdrop_forward`` (~l.1187-1238) and ``LlamaModel.pdrop_rank_drop`` (~l.1291-1416).
 
@@ -140,16 +178,20 @@ def pdrop_reference(model, inputs, layer_list: list[int], ratio_list: list[float
     hidden states entering it) is averaged over heads, and the top ``int(N * ratio_list[s + 1])`` of the
     image tokens are kept (``N``: the image's tokens in the input; ``int`` floors).
 
-    Returns the kept visual positions per stage (keyed like tokensieve's report) and last-token logits.
+    Returns the kept visual positions per stage (keyed like tokensieve's report), last-token logits, each
+    layer's prefill cache, and the position of the first decoded token at each layer.
     """
     ratios = [1.0] + list(ratio_list)
     lm = _language_model(model)
     start, n_image = _single_image(model, inputs)
     with torch.no_grad():
         x = _embeddings(model, inputs)
-        pos = torch.arange(x.shape[0])
-        kept = {}
+        pos = orig = torch.arange(x.shape[0])
+        kept, caches, decode_pos = {}, [], []
+        next_pos = x.shape[0]  # the first decoded token's position_ids, before any stage moves it
         for layer_idx, layer in enumerate(lm.layers):
+            caches.append(_kv(model, layer, x, pos))
+            decode_pos.append(next_pos)
             x, _ = _run_layer(model, layer, x, pos)
             rank_layer = layer_idx + 1
             if rank_layer not in layer_list:
@@ -161,14 +203,17 @@ def pdrop_reference(model, inputs, layer_list: list[int], ratio_list: list[float
             score = probs[:, last].mean(0)[start:start + image_tokens]
             top = score.topk(keep_length).indices.sort().values + start
             rows = torch.cat([torch.arange(start), top, torch.arange(start + image_tokens, x.shape[0])])
-            x, pos = x[rows], pos[rows]
-            kept[f"prefill:{rank_layer}"] = pos[start:start + keep_length].tolist()
-        return kept, _logits(model, x)
+            x, orig = x[rows], orig[rows]
+            pos = torch.arange(x.shape[0]) if renumber else orig
+            if renumber:
+                next_pos -= image_tokens - keep_length
+            kept[f"prefill:{rank_layer}"] = orig[start:start + keep_length].tolist()
+        return kept, _logits(model, x), caches, decode_pos
 
 
 # ---------------------------------------------------------------------------------------------- TransPrune reference
 def transprune_reference(model, inputs, pruning_layer_list: list[int], ratio_list: list[float],
-                         accumulating_layer_list: list[int] | None = None, iga: bool = True):
+                         accumulating_layer_list: list[int] | None = None, iga: bool = True, renumber: bool = True):
     """TransPrune inference, from liaolea/TransPrune ``llava/model/modeling_llama_transprune.py``,
     ``LlamaModel.transprune_forward`` (~l.1306-1393) and ``LlamaModel.transprune_rank_drop``
     (~l.1425-1545), with ``compute_transf_weight`` (~l.917).
@@ -191,9 +236,12 @@ def transprune_reference(model, inputs, pruning_layer_list: list[int], ratio_lis
     start, n_image = _single_image(model, inputs)
     with torch.no_grad():
         x = _embeddings(model, inputs)
-        pos = torch.arange(x.shape[0])
-        kept, weights = {}, []
+        pos = orig = torch.arange(x.shape[0])
+        kept, weights, caches, decode_pos = {}, [], [], []
+        next_pos = x.shape[0]
         for layer_idx, layer in enumerate(lm.layers):
+            caches.append(_kv(model, layer, x, pos))
+            decode_pos.append(next_pos)
             x, w = _run_layer(model, layer, x, pos, transf=layer_idx + 1 in accumulating_layer_list)
             if w is not None:
                 weights.append(w)
@@ -213,10 +261,13 @@ def transprune_reference(model, inputs, pruning_layer_list: list[int], ratio_lis
                 score = score + attention / (attention.sum() + 1e-8)
             top = score.topk(keep_length).indices.sort().values + start
             rows = torch.cat([torch.arange(start), top, torch.arange(start + image_tokens, x.shape[0])])
-            x, pos = x[rows], pos[rows]
+            x, orig = x[rows], orig[rows]
+            pos = torch.arange(x.shape[0]) if renumber else orig
+            if renumber:
+                next_pos -= image_tokens - keep_length
             weights = [w[rows] for w in weights]
-            kept[f"prefill:{rank_layer}"] = pos[start:start + keep_length].tolist()
-        return kept, _logits(model, x)
+            kept[f"prefill:{rank_layer}"] = orig[start:start + keep_length].tolist()
+        return kept, _logits(model, x), caches, decode_pos
 
 
 def _pruned(model, inputs, method: str, **options):
@@ -226,20 +277,41 @@ def _pruned(model, inputs, method: str, **options):
     return {k: v for k, v in sample.visual_kept.items() if k.startswith("prefill:")}, logits, sample, run
 
 
+def _decoded(model, inputs, token: int, method: str, **options) -> torch.Tensor:
+    """Logits of one forced decoded ``token`` after the pruned prefill, inside one prune() context."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    keyword = tokensieve.compat.cache_keyword(type(model).forward)
+    with torch.no_grad(), tokensieve.prune(model, method, **options):
+        model(**inputs, use_cache=True, **{keyword: cache})
+        mask = torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=inputs["attention_mask"].dtype)], 1)
+        return model(input_ids=torch.tensor([[token]]), attention_mask=mask, use_cache=True,
+                     **{keyword: cache}).logits[0, -1]
+
+
 # ---------------------------------------------------------------------------------------------- PDrop tests
 @pytest.mark.parametrize("layers,ratio,ratio_list", [
     ((1, 2, 3), 0.5, [0.5, 0.25, 0.125]),
     ((1, 2, 3), 0.6, [0.6, 0.36, 0.216]),  # floor: 9, 5, 3 of 16 (rounding would give 10, 6, 4)
     ((2,), 0.25, [0.25]),
 ])
-def test_pdrop_matches_the_release_on_a_tiny_llava(layers, ratio, ratio_list):
+@pytest.mark.parametrize("positions", ["auto", "keep"])
+def test_pdrop_matches_the_release_on_a_tiny_llava(layers, ratio, ratio_list, positions):
+    """Prefill and one decoded token; ``"auto"`` renumbers as the release, ``"keep"`` keeps positions."""
     model = tiny_llava()
     inputs = batch("llava", model, [1])
-    expected, ref_logits = pdrop_reference(model, inputs, list(layers), ratio_list)
-    kept, logits, _, _ = _pruned(model, inputs, "pdrop", layers=layers, ratio=ratio)
+    expected, ref_logits, caches, decode_pos = pdrop_reference(model, inputs, list(layers), ratio_list,
+                                                               renumber=positions == "auto")
+    kept, logits, _, run = _pruned(model, inputs, "pdrop", layers=layers, ratio=ratio, positions=positions)
+    assert run.report.positions == ("renumber" if positions == "auto" else "keep")
     assert kept == expected
     assert [len(v) for v in kept.values()] == [int(16 * r) for r in ratio_list]
     assert torch.allclose(logits, ref_logits, atol=LOGITS_ATOL), (logits - ref_logits).abs().max()
+    token = int(ref_logits.argmax())
+    ref_next = decode_reference(model, caches, token, decode_pos)
+    next_logits = _decoded(model, inputs, token, "pdrop", layers=layers, ratio=ratio, positions=positions)
+    assert torch.allclose(next_logits, ref_next, atol=LOGITS_ATOL), (next_logits - ref_next).abs().max()
 
 
 def test_pdrop_ranks_the_tokens_entering_a_layer_with_that_layers_own_attention():
@@ -272,10 +344,13 @@ def test_pdrop_matches_the_release_on_the_shipped_model():
     model, processor = shipped()
     for example in shipped_items():
         inputs = build_inputs(processor, [example])
-        expected, ref_logits = pdrop_reference(model, inputs, [2, 4, 6], [0.5, 0.25, 0.125])
+        expected, ref_logits, caches, decode_pos = pdrop_reference(model, inputs, [2, 4, 6], [0.5, 0.25, 0.125])
         kept, logits, _, _ = _pruned(model, inputs, "pdrop")  # defaults: stages at 2, 4, 6 of 8, lambda 0.5
         assert kept == expected
         assert torch.allclose(logits, ref_logits, atol=LOGITS_ATOL)
+        token = int(ref_logits.argmax())
+        assert torch.allclose(_decoded(model, inputs, token, "pdrop"), decode_reference(model, caches, token, decode_pos),
+                              atol=LOGITS_ATOL)
 
 
 # ---------------------------------------------------------------------------------------------- TransPrune tests
@@ -284,14 +359,21 @@ def test_pdrop_matches_the_release_on_the_shipped_model():
     ((1, 3), (0.7, 0.3), False),  # floor: 11 and 4 of 16 (rounding would give 11 and 5)
     ((2,), (0.5,), True),
 ])
-def test_transprune_matches_the_release_on_a_tiny_llava(layers, keep, ttv_only):
+@pytest.mark.parametrize("positions", ["auto", "keep"])
+def test_transprune_matches_the_release_on_a_tiny_llava(layers, keep, ttv_only, positions):
     model = tiny_llava()
     inputs = batch("llava", model, [1])
-    expected, ref_logits = transprune_reference(model, inputs, list(layers), list(keep), iga=not ttv_only)
-    kept, logits, _, _ = _pruned(model, inputs, "transprune", layers=layers, keep=keep, ttv_only=ttv_only)
+    expected, ref_logits, caches, decode_pos = transprune_reference(model, inputs, list(layers), list(keep),
+                                                                    iga=not ttv_only, renumber=positions == "auto")
+    options = dict(layers=layers, keep=keep, ttv_only=ttv_only, positions=positions)
+    kept, logits, _, _ = _pruned(model, inputs, "transprune", **options)
     assert kept == expected
     assert [len(v) for v in kept.values()] == [int(16 * k) for k in keep]
     assert torch.allclose(logits, ref_logits, atol=LOGITS_ATOL), (logits - ref_logits).abs().max()
+    token = int(ref_logits.argmax())
+    ref_next = decode_reference(model, caches, token, decode_pos)
+    next_logits = _decoded(model, inputs, token, "transprune", **options)
+    assert torch.allclose(next_logits, ref_next, atol=LOGITS_ATOL), (next_logits - ref_next).abs().max()
 
 
 def test_transprune_iga_is_the_instruction_attention_of_the_layer_the_tokens_enter():
@@ -358,7 +440,7 @@ def test_transprune_matches_the_release_on_the_shipped_model():
     assert layers == [2, 3, 4]  # the published 7, 9, 12 of 32, moved to 8 layers
     for example in shipped_items():
         inputs = build_inputs(processor, [example])
-        expected, ref_logits = transprune_reference(model, inputs, layers, [0.875, 0.625, 0.125])
+        expected, ref_logits, _, _ = transprune_reference(model, inputs, layers, [0.875, 0.625, 0.125])
         kept, logits, _, _ = _pruned(model, inputs, "transprune")
         assert kept == expected
         assert torch.allclose(logits, ref_logits, atol=LOGITS_ATOL)

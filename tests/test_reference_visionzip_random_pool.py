@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import IMAGE, batch, build, collate, samples
+from tiny_models import IMAGE, batch, build, collate, layer_input, samples
 
 import tokensieve
 from tokensieve import vision
@@ -221,6 +221,28 @@ def test_random_draws_per_sample_and_keeps_it_in_any_batch(layer):
     assert len(rel[0]) == len(rel[1]) == 8 and rel[0] != rel[1]
     if layer == 0:
         assert rel[0] != rel[3]
+
+
+@pytest.mark.parametrize("family,expected", [("llava", "renumber"), ("qwen2-vl", "keep")])
+def test_random_before_the_llm_renumbers_like_the_other_encoder_methods(family, expected):
+    """``positions="auto"`` at layer 0: on LLaVA the LLM sees the shorter prompt, numbered 0..m-1 (the
+    plain language model fed the kept embeddings gives the same logits); M-RoPE models keep positions.
+    At a decoder layer, positions stay the original ones and other modes are refused."""
+    model = model_of(family)
+    inputs = batch(family, model, [1])
+    with torch.no_grad(), tokensieve.prune(model, "random", keep=0.5) as run:
+        logits = model(**inputs).logits[0, -1]
+    assert run.report.positions == expected
+    if family == "llava":
+        x, _ = layer_input(model, 0, inputs)
+        vis = set(torch.nonzero(inputs["input_ids"][0] == IMAGE).squeeze(1).tolist())
+        kept = set(run.report.samples[0].visual_kept["encoder:0"])
+        rows = [i for i in range(x.shape[1]) if i not in vis or i in kept]
+        with torch.no_grad():
+            h = model.model.language_model(inputs_embeds=x[:, rows]).last_hidden_state
+            assert torch.allclose(model.lm_head(h)[0, -1], logits, atol=1e-5)
+    with pytest.raises(ValueError, match="applies to layer=0"):
+        tokensieve.methods.RandomDrop(layer=2, positions="renumber")
 
 
 # ---------------------------------------------------------------------------------------------- pool

@@ -10,8 +10,10 @@ still holds. The engine builds every pruned layer's mask itself from the ledger.
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 
+from .attention import rotate
 from .compat import mask_query_length
 
 
@@ -57,3 +59,14 @@ class LedgerCache(DynamicCache):
         idx = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
         layer.keys = layer.keys.gather(2, idx.to(layer.keys.device))
         layer.values = layer.values.gather(2, idx.to(layer.values.device))
+
+    def rotate_keys(self, layer_idx: int, delta: torch.Tensor, rotary: nn.Module, attn: nn.Module) -> None:
+        """Move the rotary position of ``layer_idx``'s cached keys by ``delta`` (``(B, m)`` long, may be
+        negative): rotating a key already rotated at ``p`` by the angle of ``delta`` gives the key at
+        ``p + delta``, for rotary embeddings whose angle is linear in the position. Computed in fp32."""
+        layer = self.layers[layer_idx]
+        keys = layer.keys.float()
+        cos, sin = rotary(keys, position_ids=delta.to(keys.device))
+        scale = getattr(rotary, "attention_scaling", 1.0)  # the tables carry it; a pure rotation must not
+        _, keys = rotate(keys, keys, cos.float() / scale, sin.float() / scale, attn)
+        layer.keys = keys.to(layer.keys.dtype)

@@ -84,7 +84,14 @@ class Engine:
         self.renumber = mode == "renumber" or (mode == "auto" and not self.adapter.mrope)
         if self.renumber and self.adapter.mrope:
             raise ValueError("positions='renumber' is not defined for M-RoPE models (Qwen2-VL); use positions='keep'")
-        self.positions = "renumber" if self.renumber else "keep"
+        cache_mode = method.cache_positions()
+        self.cache_shift = cache_mode == "shift" or (cache_mode == "auto" and not self.adapter.mrope)
+        if cache_mode == "shift" and self.adapter.mrope:
+            raise ValueError("positions='shift' is not defined for M-RoPE models (Qwen2-VL); use positions='keep'")
+        if self.cache_shift and getattr(self.adapter.rotary, "rope_type", "default") == "dynamic":
+            raise ValueError("positions='shift' re-rotates cached keys, which needs rotary angles linear in the "
+                             "position; this model's rope_type 'dynamic' is not: use positions='keep'")
+        self.positions = "shift" if self.cache_shift else "renumber" if self.renumber else "keep"
         self.shape = Shape.from_config(self.adapter.text_config)
         self.vision_tap = None
         if {"cls attention", "vision keys", "vision attention"} & set(method.needs):
@@ -189,9 +196,13 @@ class Engine:
             prompt_length=offset + new,
             cache_identity=[True] * self.num_layers,
             transitions=torch.zeros(batch, offset + new, device=device),
+            layer_shift=[None] * self.num_layers,
+            rope=[None] * self.num_layers,
         )
         if offset:
             ledger.caches = [Rows.full(batch, 0, offset, device) for _ in range(self.num_layers)]
+            if self.cache_shift:
+                ledger.rope = [c.pos.clone() for c in ledger.caches]
         ledger.record_visual("input", ledger.hidden)
         self.method.check_input([len(v) for v in ledger.visual_kept["input"] if v or not self.method.visual])
         return ledger
@@ -226,6 +237,8 @@ class Engine:
                 else:
                     hidden = self._apply_point(point, hidden)
         if state.prefill:
+            if ledger.shift is not None:
+                ledger.layer_shift[idx] = (ledger.shift_version, ledger.shift[:, -1:])
             ledger.hidden_counts.append(self._real_counts(ledger.hidden))
             ledger.visual_counts.append(ledger.is_visual(ledger.hidden).sum(1))
         kwargs = self._layer_kwargs(idx, hidden, kwargs)
@@ -238,7 +251,7 @@ class Engine:
         else:
             out = original(hidden, *args, **kwargs)
         if state.cache is not None:
-            self._track_cache(idx, state.cache, rows_in)
+            self._track_cache(idx, state.cache, rows_in, kwargs.get("position_ids"))
         return out
 
     def _inside(self, idx: int, point: Point, original: Callable, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -312,9 +325,9 @@ class Engine:
         if hidden_identity and ledger.cache_identity[idx] and ledger.shift is None:
             return kwargs
         kw = dict(kwargs)
-        key = ("rows", state.version)
+        key = ("rows", state.version, None if state.prefill else self._decode_positions_key(idx))
         if key not in state.memo:
-            state.memo[key] = self._gather_positions(rows, hidden, kwargs)
+            state.memo[key] = self._gather_positions(idx, rows, hidden, kwargs)
         kw["position_embeddings"], kw["position_ids"] = state.memo[key]
         keys = rows if cache_rows is None or not state.cache else cache_rows.cat(rows)
         mkey = ("mask", state.version, idx if keys is not rows else None)
@@ -323,11 +336,27 @@ class Engine:
         kw["attention_mask"] = state.memo[mkey]
         return kw
 
-    def _gather_positions(self, rows: Rows, hidden: torch.Tensor, kwargs: dict):
+    def _decode_positions_key(self, idx: int) -> Any:
+        """What a decoded token's positions at layer ``idx`` depend on beyond the pass (memo key part)."""
+        if self.cache_shift:
+            return ("cache", idx)
+        entry = self.ledger.layer_shift[idx]
+        return None if entry is None else entry[0]
+
+    def _gather_positions(self, idx: int, rows: Rows, hidden: torch.Tensor, kwargs: dict):
+        """Rotary tables and position ids of ``rows`` at layer ``idx``: the rows' own positions in
+        prefill, less the tokens removed before them where positions are renumbered; while decoding,
+        moved down by the tokens removed before layer ``idx`` at prefill, or (shifted cache positions)
+        placed right after the entries layer ``idx``'s cache holds."""
         state, ledger = self.state, self.ledger
         cos, sin = kwargs["position_embeddings"]
         pids = kwargs.get("position_ids")
         batch = rows.pos.shape[0]
+        if self.cache_shift and not state.prefill:
+            held = ledger.caches[idx]
+            count = (ledger.real.gather(1, held.pos) & held.valid).sum(1, keepdim=True)
+            pids = count + torch.arange(rows.width, device=count.device)
+            return self.adapter.rotary(hidden, position_ids=pids), pids
         if state.prefill and not ledger.identity:
             idx = rows.pos - state.offset
             cos, sin = take_rows(cos, idx), take_rows(sin, idx)
@@ -342,7 +371,8 @@ class Engine:
             if state.prefill:
                 shift = ledger.shift.gather(1, rows.pos.clamp(max=ledger.shift.shape[1] - 1))
             else:
-                shift = ledger.shift[:, -1:]
+                entry = ledger.layer_shift[idx]
+                shift = entry[1] if entry is not None else 0
             pids = pids - shift
             cos, sin = self.adapter.rotary(hidden, position_ids=pids)
         return (cos, sin), pids
@@ -401,12 +431,13 @@ class Engine:
             return hidden
         new_rows, index = rows.select(keep)
         hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-        if self.renumber and point.stage == "encoder":
+        if self.renumber and point.stage in self.method.renumber_at:
             removed = torch.ones_like(ledger.real)
             removed.scatter_(1, new_rows.pos, False)
             removed &= ledger.real
             ledger.shift = removed.long().cumsum(1) - removed.long()
             ledger.shift = torch.cat([ledger.shift, removed.long().sum(1, keepdim=True)], 1)
+            ledger.shift_version += 1
         ledger.hidden = new_rows
         self.state.version += 1
         ledger.identity = False
@@ -470,10 +501,13 @@ class Engine:
             return attention_rows(layer, hidden, cos, sin, qidx, allowed, temperature)
 
     # ------------------------------------------------------------------ cache
-    def _track_cache(self, idx: int, cache: LedgerCache, rows: Rows) -> None:
+    def _track_cache(self, idx: int, cache: LedgerCache, rows: Rows, position_ids: torch.Tensor | None) -> None:
         ledger, state = self.ledger, self.state
         held = ledger.caches[idx]
         ledger.caches[idx] = rows if held is None else held.cat(rows)
+        if self.cache_shift:
+            rope = rows.pos if position_ids is None else position_ids.expand(rows.pos.shape[0], -1)
+            ledger.rope[idx] = rope if ledger.rope[idx] is None else torch.cat([ledger.rope[idx], rope], 1)
         if state.prefill:
             ledger.cache_identity[idx] = ledger.cache_identity[idx] and bool(rows.valid.all()) and rows.width == ledger.prompt_length - state.offset
         if cache.stored_length(idx) != ledger.caches[idx].width:
@@ -489,6 +523,19 @@ class Engine:
         cache.gather(idx, index)
         ledger.caches[idx] = new_rows
         ledger.cache_identity[idx] = False
+        if self.cache_shift:
+            self._shift_cache(idx, cache, new_rows, ledger.rope[idx].gather(1, index))
+
+    def _shift_cache(self, idx: int, cache: LedgerCache, rows: Rows, rope: torch.Tensor) -> None:
+        """Re-rotate layer ``idx``'s cached keys so that each real entry sits at its index among the
+        sample's real entries (StreamingLLM's positions within the cache); ``rope`` ``(B, m)``: the
+        positions they are rotated at now."""
+        real = self.ledger.real.gather(1, rows.pos) & rows.valid
+        target = torch.where(real, real.long().cumsum(1) - 1, rope)
+        delta = target - rope
+        self.ledger.rope[idx] = target
+        if bool(delta.any()):
+            cache.rotate_keys(idx, delta, self.adapter.rotary, self.adapter.layers[idx].self_attn)
 
     # ------------------------------------------------------------------ report
     def _write_report(self, prefill: bool) -> None:

@@ -81,7 +81,13 @@ class Ledger:
         length: the logical sequence length processed so far (prompt plus decoded tokens).
         identity: True while no hidden row has been removed in this prefill.
         shift: ``(B, T + 1)`` with renumbered positions: tokens removed before each prompt position
-            (last column: removed in total), or None.
+            (last column: removed in total), or None. It grows at each renumbering selection.
+        shift_version: incremented each time ``shift`` changes.
+        layer_shift: per decoder layer, ``(shift_version, (B, 1) tokens removed in total)`` as they
+            were when the layer ran at prefill: a decoded token's position at that layer moves down
+            by that many (a method that renumbers inside the LLM shifts it stage by stage).
+        rope: per decoder layer, ``(B, m)`` the rotary position each cache entry's key is rotated at,
+            kept only for methods that shift cache positions (StreamingLLM), else None.
         transitions: ``(B, T)`` accumulated token-transition scores per original position (TransPrune).
         hidden_counts, visual_counts: per decoder layer, ``(B,)`` real and visual tokens entering it at
             prefill (tensors: read once, at the end of the pass, so no device sync per layer).
@@ -98,6 +104,9 @@ class Ledger:
     length: int = 0
     identity: bool = True
     shift: torch.Tensor | None = None
+    shift_version: int = 0
+    layer_shift: list[tuple[int, torch.Tensor] | None] = field(default_factory=list)
+    rope: list[torch.Tensor | None] = field(default_factory=list)
     transitions: torch.Tensor | None = None
     cache_identity: list[bool] = field(default_factory=list)
     hidden_counts: list[torch.Tensor] = field(default_factory=list)

@@ -188,10 +188,20 @@ class Method:
         model (for ``tokensieve flops``). Default: nothing removed."""
         return [n_visual] * num_layers, [n_visual] * num_layers
 
+    renumber_at: ClassVar[tuple[str, ...]] = ("encoder",)
+
     def positions_mode(self) -> Literal["keep", "renumber", "auto"]:
-        """How rotary positions of tokens kept at the encoder stage are assigned: ``"keep"`` the original
-        ones, ``"renumber"`` contiguously (the prompt simply becomes shorter), ``"auto"`` renumber except
-        on M-RoPE models, whose positions encode the image grid."""
+        """How rotary positions of tokens kept at the points of the stages in ``renumber_at`` are
+        assigned: ``"keep"`` the original ones, ``"renumber"`` contiguously (the sequence simply becomes
+        shorter: from the encoder stage on for encoder methods; from each stage layer on, with decoded
+        tokens moved down by the tokens removed before each layer, for ``renumber_at=("prefill",)``),
+        ``"auto"`` renumber except on M-RoPE models, whose positions encode the image grid."""
+        return "keep"
+
+    def cache_positions(self) -> Literal["keep", "shift", "auto"]:
+        """Rotary positions in the KV cache (cache-stage methods): ``"keep"`` each token's own,
+        ``"shift"`` its index in the cache (the keys are re-rotated after each eviction and a new token
+        sits right after the entries held), ``"auto"`` shift except on M-RoPE models."""
         return "keep"
 
     @classmethod

@@ -19,16 +19,18 @@ own attention, ``Point(before=l, attention_layer=l)``. ``ratio`` is lambda: stag
 them), but at least one token where the release would keep none. With ``flops`` lambda is solved per
 sample so that the whole schedule meets the budget.
 
-Positions: kept tokens keep their original rotary positions. The release instead renumbers the prompt
-after each drop (``position_ids = arange(cur_len)`` in ``pdrop_rank_drop``) and, while decoding, moves
-the new token's position down by the tokens dropped before each stage layer (``pdrop_forward``); the
-engine has no option for renumbering inside the LLM, so that part of the release is not reproduced.
+Positions (``positions``): ``"auto"`` (default) as the release: the prompt is renumbered after each drop
+(``position_ids = arange(cur_len)`` in ``pdrop_rank_drop``), so a stage ranks with the positions the
+previous stage left, and while decoding the new token's position moves down at each stage layer by the
+tokens that stage dropped (``pdrop_forward``), except on M-RoPE models (Qwen2-VL), whose positions
+encode the image grid and are kept; ``"keep"``: every token keeps its original position;
+``"renumber"``: as ``"auto"``, refused on M-RoPE models.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from ..flops import Shape, prefill_flops
 from .base import Method, Point, Selection, View, check_budget, check_fraction, top_visual
@@ -53,17 +55,19 @@ def _schedule(n_visual: int, layers: list[int], ratio: float, num_layers: int) -
 @dataclass
 class PDrop(Method):
     """Options: ``layers`` (the stage layers: the tokens entering each are ranked by its attention),
-    ``ratio`` lambda kept per stage, or ``flops`` target."""
+    ``ratio`` lambda kept per stage, or ``flops`` target; ``positions``."""
 
     layers: tuple[int, ...] | None = None
     ratio: float = 0.5
     flops: float | None = None
+    positions: Literal["auto", "keep", "renumber"] = "auto"
     _lambdas: dict[int, float] = field(default_factory=dict, repr=False)
 
     name: ClassVar[str] = "pdrop"
     stages: ClassVar[tuple[str, ...]] = ("prefill",)
     paper: ClassVar[str] = "Xing et al., PyramidDrop: Pyramid Visual Redundancy Reduction, CVPR 2025"
     needs: ClassVar[tuple[str, ...]] = ("attention",)
+    renumber_at: ClassVar[tuple[str, ...]] = ("prefill",)
 
     def bind(self, num_layers: int) -> None:
         if self.layers is None:
@@ -77,6 +81,9 @@ class PDrop(Method):
     def validate(self) -> None:
         check_fraction("ratio", self.ratio)
         check_budget(None, self.flops)
+
+    def positions_mode(self) -> Literal["auto", "keep", "renumber"]:
+        return self.positions
 
     def points(self) -> list[Point]:
         return [Point(before=layer, attention_layer=layer) for layer in self.layers]

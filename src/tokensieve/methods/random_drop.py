@@ -2,6 +2,9 @@
 
 Keeps a seeded uniform random ``keep`` fraction of each sample's visual tokens, either before the LLM
 (``layer=0``, encoder stage) or at the input of decoder layer ``layer``. Text tokens are never dropped.
+Positions: at the encoder stage ``positions`` as for every encoder method (``"auto"``, the default,
+renumbers the shorter prompt except on M-RoPE models; ``"keep"``, ``"renumber"``); at a decoder layer
+tokens keep their original positions (as FastV's release does), and ``positions`` must stay "auto".
 
 Each sample draws its own mask, from a generator seeded with a hash (BLAKE2b) of ``seed`` and the
 sample itself, so two samples keep different relative positions while a sample keeps the same tokens
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
@@ -51,12 +54,13 @@ def sample_seed(seed: int, view: View, b: int, real: torch.Tensor | None = None)
 @dataclass
 class RandomDrop(Method):
     """Options: ``keep`` fraction of visual tokens kept (default 0.5) or ``flops`` target ratio,
-    ``layer`` (0 = before the LLM), ``seed``."""
+    ``layer`` (0 = before the LLM), ``seed``, ``positions`` (encoder stage)."""
 
     keep: float | None = None
     layer: int = 0
     seed: int = 0
     flops: float | None = None
+    positions: Literal["auto", "keep", "renumber"] = "auto"
 
     name: ClassVar[str] = "random"
     stages: ClassVar[tuple[str, ...]] = ("encoder", "prefill")
@@ -64,6 +68,12 @@ class RandomDrop(Method):
 
     def validate(self) -> None:
         self.keep = budget_keep(self.keep, self.flops)
+        if self.layer != 0 and self.positions != "auto":
+            raise ValueError(f"positions={self.positions!r} applies to layer=0 (before the LLM); at layer "
+                             f"{self.layer} kept tokens keep their original positions")
+
+    def positions_mode(self) -> Literal["auto", "keep", "renumber"]:
+        return self.positions if self.layer == 0 else "keep"
 
     def bind(self, num_layers: int) -> None:
         check_layer("layer", self.layer, num_layers)

@@ -29,16 +29,16 @@ proportionally) prunes the tokens entering layers 7, 9 and 12, IGA from those la
 over layers ``layers[0] - 1 .. layers[-1] - 1``; ``keep`` are the per-stage fractions of the input's
 visual tokens (floored, at least one token). A stage at layer 0 (which the release cannot express) sees
 no TTV and ranks by IGA alone. ``flops`` scales the kept fractions by one factor (up to keeping every
-token at the first stage) to meet a budget. Kept tokens keep their original positions; the release
-renumbers the prompt after each drop (``position_ids = arange(cur_len)`` in ``transprune_rank_drop``)
-and shifts the decoded token's position at each stage layer (``transprune_forward``), which the engine
-has no option for inside the LLM.
+token at the first stage) to meet a budget. Positions (``positions``): ``"auto"`` (default) as the
+release: renumbered after each drop (``position_ids = arange(cur_len)`` in ``transprune_rank_drop``),
+the decoded token's position moved down at each stage layer by the tokens it dropped
+(``transprune_forward``), except on M-RoPE models (kept there); ``"keep"``: original positions.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
@@ -52,18 +52,20 @@ PUBLISHED_KEEP = (0.875, 0.625, 0.125)
 @dataclass
 class TransPrune(Method):
     """Options: ``layers`` (the layers whose entering tokens are pruned) and ``keep`` (per stage,
-    fractions of the input's visual tokens), or ``flops``; ``ttv_only``."""
+    fractions of the input's visual tokens), or ``flops``; ``ttv_only``; ``positions``."""
 
     layers: tuple[int, ...] | None = None
     keep: tuple[float, ...] = PUBLISHED_KEEP
     flops: float | None = None
     ttv_only: bool = False
+    positions: Literal["auto", "keep", "renumber"] = "auto"
     _scales: dict[int, float] = field(default_factory=dict, repr=False)
 
     name: ClassVar[str] = "transprune"
     stages: ClassVar[tuple[str, ...]] = ("prefill",)
     paper: ClassVar[str] = "Li et al., TransPrune: Token Transition Variation for Efficient LVLM, CVPR 2026"
     needs: ClassVar[tuple[str, ...]] = ("transitions", "attention", "text tokens")
+    renumber_at: ClassVar[tuple[str, ...]] = ("prefill",)
 
     def bind(self, num_layers: int) -> None:
         self.num_layers = num_layers
@@ -86,6 +88,9 @@ class TransPrune(Method):
         """The release's accumulating span read through ``rank_layer = i + 1``: layers
         ``layers[0] - 1 .. layers[-1] - 1`` (6..11 for stages at 7, 9, 12)."""
         return list(range(max(0, self.layers[0] - 1), self.layers[-1]))
+
+    def positions_mode(self) -> Literal["auto", "keep", "renumber"]:
+        return self.positions
 
     def points(self) -> list[Point]:
         return [Point(before=layer, attention_layer=layer) for layer in self.layers]
