@@ -49,7 +49,8 @@ def test_keeping_everything_is_exact(family, attn, sizes):
 
 
 @pytest.mark.parametrize("family", VISION)
-@pytest.mark.parametrize("method,opts", [("fastv", {"layer": 2, "keep": 0.5}), ("random", {"keep": 0.4, "layer": 1})])
+@pytest.mark.parametrize("method,opts", [("fastv", {"layer": 2, "keep": 0.5}), ("random", {"keep": 0.4, "layer": 1}),
+                                         ("pdrop", {"layers": (1, 2), "ratio": 0.5})])  # renumbers inside the LLM
 def test_batch_equals_each_sample_alone(family, method, opts):
     """Tolerance: last-token logits within 1e-4 (padded batches change float summation order)."""
     model = model_of(family)
