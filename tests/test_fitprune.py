@@ -221,3 +221,43 @@ def test_shipped_model_keeps_98_percent_at_half_the_flops_with_the_fit_score():
     result = evaluation.evaluate(model, prompting, "all", "fitprune", {"recipe": recipe, "score": "fit"}, limit=100)
     assert result["tflops"] / result["tflops_unpruned"] <= 0.5
     assert result["accuracy"] >= 0.98 * result["baseline_accuracy"]
+
+
+@pytest.mark.parametrize("search", ["release", "feasible"])
+def test_the_recipe_does_not_depend_on_the_calibration_batch_size(search):
+    """The release's ``fit_model`` checks the FLOPs of all calibration samples together before each
+    layer, so batching must not change the recipe: 6 samples in one batch, in batches of 4 + 2
+    (ragged) and one by one give the same recipe and alpha, for two budgets (with batches judged one
+    by one, 0.6 used to give {0: 13} or {0: 14} instead of {0: 10, 1: 1})."""
+    model = llava()
+    parts = samples("llava", model, [1] * 6, seed=1)
+    for budget in (0.8, 0.6):
+        recipes = []
+        for size in (6, 4, 1):
+            batches = [collate("llava", parts[i:i + size]) for i in range(0, 6, size)]
+            recipes.append(calibrate(model, batches, budget, progress=False, search=search))
+        assert len({(tuple(r.removed.items()), r.alpha, r.samples) for r in recipes}) == 1, [r.removed for r in recipes]
+        assert len({r.extra.get("last_probe_reached_budget") for r in recipes}) == 1
+
+
+def test_one_batch_judged_afterwards_equals_the_pass_that_stops_itself():
+    """The fitting pass run with its own stop rule (``stop=True``) and the same pass run without it,
+    judged afterwards on its forecasts, remove the same tokens per layer and agree on reaching."""
+    from tokensieve.calibration import _judge
+    from tokensieve.methods.fitprune import FitPruneSearch
+
+    model = llava()
+    inputs = batch("llava", model, [1] * 4, seed=1)
+    shape = Shape.from_config(model.config.text_config)
+    measure = FitPruneSearch(num_layers=4, alpha=None, shape=shape)
+    with torch.no_grad(), tokensieve.prune(model, measure):
+        model(**inputs, use_cache=False)
+    for alpha in (0.3, 0.6, 0.9):
+        stopping = FitPruneSearch(num_layers=4, alpha=alpha, budget=0.7, shape=shape, masses=measure.masses)
+        free = FitPruneSearch(num_layers=4, alpha=alpha, budget=0.7, shape=shape, masses=measure.masses, stop=False)
+        for method in (stopping, free):
+            with torch.no_grad(), tokensieve.prune(model, method):
+                model(**inputs, use_cache=False)
+        counts, reached = _judge([free], 4, 0.7, 4)
+        expected = {l: sum(r) // 4 for l, r in stopping.removed.items() if sum(r) // 4 > 0}
+        assert (counts, reached) == (expected, stopping.reached)

@@ -2,7 +2,9 @@
 
 One measuring pass records each sample's unpruned attention masses per layer; then a binary search
 over the tolerance alpha runs fitting passes (the model, through the engine, prunes layer by layer by
-the fitting rule) and turns each into a recipe (floored mean of the per-sample removals). Two searches
+the fitting rule) and turns each into a recipe (floored mean of the per-sample removals). The stop rule
+of a fitting pass is judged over all calibration samples at once, as in the release, whatever the
+batches they are run in (:func:`_judge`), so the recipe does not depend on the batch size. Two searches
 (see :mod:`tokensieve.methods.fitprune`): ``"release"``, the authors' bisection judged by each pass's
 own stop rule, returning the last probe's recipe; ``"feasible"``, judged by the recipe's FLOPs ratio,
 keeping the best recipe at or under the budget and repairing it to within ``tolerance``.
@@ -80,19 +82,20 @@ def calibrate(
     visual_tokens = round(sum(v for _, v in samples) / len(samples))
 
     def fit(alpha: float) -> tuple[dict[int, int], bool]:
-        """The floored-mean recipe of one fitting pass, and whether every batch's pass reached the budget."""
-        totals = [0] * shape.layers
-        reached = True
+        """The floored-mean recipe of one fitting pass over all samples, and whether its stop rule fired.
+
+        The release's ``fit_model`` checks, before each layer, the FLOPs of all samples together; a
+        sample's removals before that check depend on its own attention only. So each batch runs
+        without stopping (``stop=False``) and the rule is judged here on the forecasts summed over
+        every batch: the first layer that meets the budget ends the removals of all samples."""
+        passes = []
         for inputs, measure in zip(batches, measures):
             fitting = FitPruneSearch(num_layers=shape.layers, alpha=alpha, budget=budget, shape=shape,
-                                     visual_only=visual_only, masses=measure.masses)
+                                     visual_only=visual_only, masses=measure.masses, stop=False)
             with prune(model, fitting):
                 model(**inputs, use_cache=False)
-            reached = reached and fitting.reached
-            for layer, removed in fitting.removed.items():
-                totals[layer] += sum(removed)
-        counts = {layer: total // len(samples) for layer, total in enumerate(totals) if total // len(samples) > 0}
-        return counts, reached
+            passes.append(fitting)
+        return _judge(passes, shape.layers, budget, len(samples))
 
     info = dict(describe or {})
     if search == "release":
@@ -118,6 +121,23 @@ def calibrate(
         seconds=time.perf_counter() - start,
         extra=info,
     )
+
+
+def _judge(passes: list[FitPruneSearch], num_layers: int, budget: float, n_samples: int) -> tuple[dict[int, int], bool]:
+    """The recipe of non-stopping fitting ``passes`` (one per batch) judged as one pass over all their
+    samples: the stop layer is the first whose summed forecast is within ``budget`` of the summed
+    unpruned FLOPs (the release's ``flops_reach``); removals from it on are dropped; the recipe is the
+    floored mean over ``n_samples`` of the rest."""
+    full = sum(sum(p.full) for p in passes)
+    stop = next((layer for layer in range(num_layers)
+                 if sum(sum(p.forecast[layer]) for p in passes) <= budget * full), None)
+    totals = [0] * num_layers
+    for p in passes:
+        for layer, removed in p.removed.items():
+            if stop is None or layer < stop:
+                totals[layer] += sum(removed)
+    counts = {layer: total // n_samples for layer, total in enumerate(totals) if total // n_samples > 0}
+    return counts, stop is not None
 
 
 RELEASE_STEP = 0.01

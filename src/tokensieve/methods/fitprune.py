@@ -37,9 +37,12 @@ so the recipe prunes a little at almost every layer. ``search="feasible"`` (toke
 ratio, the best recipe at or under the budget is kept, and a repair step postpones removals until it
 is within 0.01 of the budget: front-loaded recipes that always meet the budget.
 FLOPs count all tokens by default; the release counts visual tokens only (``visual_only=True``); the
-recipe records its convention. With several calibration batches the stop rule is judged per batch
-(the release runs one pass over all samples; ``calibrate --batch-size`` equal to ``--samples``, the
-default, does the same), and a probe reached the budget when every batch's pass did.
+recipe records its convention. The stop rule is judged over all calibration samples together, as the
+release judges it (``fit_model`` goes layer by layer over every sample, its FLOPs sums run over all of
+them before each check): with several calibration batches (``calibrate --batch-size`` below
+``--samples``) each batch's pass prunes at every layer and records its per-sample FLOPs forecasts; the
+first layer where the forecasts summed over all samples meet the budget ends every sample's removals,
+and the recipe sums the removals before it, so the recipe does not depend on the batch size.
 """
 
 from __future__ import annotations
@@ -146,9 +149,13 @@ class FitPruneSearch(Method):
     """One fitting pass for tolerance ``alpha`` (``None``: measure the unpruned masses and prune nothing).
 
     Fills ``masses`` (per layer, ``(B, 2)`` cross and self mass) when ``alpha`` is None, else
-    ``removed`` (per layer, per-sample counts) using ``masses`` from the measuring pass, and
-    ``reached``: whether the pass's stop rule fired (the budget was met before the last layer: the
-    release's ``flops_reach``).
+    ``removed`` (per layer, per-sample counts) using ``masses`` from the measuring pass, ``forecast``
+    (per layer, per sample: the FLOPs spent before the layer plus the rest of the model at the length
+    entering it), ``full`` (per sample, unpruned FLOPs) and ``reached``: whether the pass's stop rule
+    fired (the budget was met before the last layer: the release's ``flops_reach``). With ``stop=False``
+    the pass never stops (it prunes at every layer) and leaves the rule to the caller, who judges it
+    over several passes' ``forecast`` and ``full`` together (:func:`tokensieve.calibration.calibrate`);
+    a sample's removals before the layer where the rule fires do not depend on the other samples.
     """
 
     num_layers: int = 0
@@ -156,10 +163,12 @@ class FitPruneSearch(Method):
     budget: float = 0.5
     shape: Shape | None = None
     visual_only: bool = False
+    stop: bool = True
     masses: dict[int, torch.Tensor] = field(default_factory=dict)
     removed: dict[int, list[int]] = field(default_factory=dict)
     spent: list[float] = field(default_factory=list)
     full: list[float] = field(default_factory=list)
+    forecast: dict[int, list[float]] = field(default_factory=dict)
     reached: bool = False
 
     name: ClassVar[str] = "fitprune-search"
@@ -184,7 +193,9 @@ class FitPruneSearch(Method):
             self.full = (layer_macs(self.shape, counted) * self.num_layers).tolist()
         spent = torch.tensor(self.spent, dtype=torch.float64)
         rest = layer_macs(self.shape, counted) * (self.num_layers - layer)
-        self.reached = self.reached or bool((spent + rest).sum() <= self.budget * sum(self.full))
+        self.forecast[layer] = (spent + rest).tolist()
+        if self.stop:
+            self.reached = self.reached or bool((spent + rest).sum() <= self.budget * sum(self.full))
         removed = [0] * keep.shape[0]
         if not self.reached:
             base = self.masses[layer]
