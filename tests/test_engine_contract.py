@@ -32,9 +32,10 @@ KEEP_ALL = {
     "aim": {"merge_keep": 1.0, "start": 3, "stop": 3},
     "vflowopt": {"vit_keep": 1.0, "stage_keep": (1.0, 1.0)},
 }
-# Methods that need a CLIP [CLS] tower or a regular grid refuse these adapters at prune().
+# Methods that need a CLIP [CLS] tower, one patch grid per image or a regular grid refuse these adapters
+# at prune() (FasterVLM reads LLaVA-NeXT's crops).
 UNSUPPORTED = {
-    ("llava-next", m) for m in ("pool", "fastervlm", "visionzip", "tome", "vflowopt")
+    ("llava-next", m) for m in ("pool", "visionzip", "tome", "vflowopt")
 } | {(f, m) for f in ("qwen2-vl", "qwen2.5-vl") for m in ("fastervlm", "visionzip", "tome", "vflowopt")}
 
 

@@ -101,9 +101,12 @@ class AlignedVision:
         cls_attention: ``(B, n)`` [CLS] -> patch attention at the feature layer, mean over heads.
         keys: ``(B, n, head_dim)`` patch keys at the feature layer, mean over heads.
         features: ``(B, n, d_vision)`` patch features before the projector.
-        images: per sample, ``(cols, image)`` for each of its images: the row index of each patch
-            (row-major) and the image's index in ``raw``.
-        raw: the per-image signals as the tap captured them.
+        images: per sample, ``(cols, image)`` for each of its crops (an image is one crop, except where
+            the model packs it as several, LLaVA-NeXT: its base image, then its high-res crops): ``cols``
+            ``(N,)`` the row of each of the crop's patches (row-major), -1 for a patch with no row (one
+            the model's packing drops: LLaVA-NeXT's unpadding); ``image`` the crop's index in ``raw``.
+            Images of several crops reach only methods that declare ``"crops"`` in ``needs``.
+        raw: the per-crop signals as the tap captured them.
     """
 
     cls_attention: torch.Tensor
