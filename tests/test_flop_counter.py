@@ -48,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import tokensieve
-from tokensieve import engine as engine_module
+from tokensieve.engine import reporting as engine_reporting
 from tokensieve.flops import Shape, layer_macs, prefill_flops
 from tokensieve.methods.base import Selection
 from tokensieve.methods.fastv import FastV
@@ -207,6 +207,6 @@ def test_the_check_fails_when_the_engine_keeps_every_row(monkeypatch):
 
 def test_the_check_fails_when_the_report_claims_compute_that_was_not_run(monkeypatch):
     """A report that forgot FitPrune's survivors skip the o projection and MLP disagrees with the counter."""
-    monkeypatch.setattr(engine_module, "prefill_flops", lambda shape, n_in, n_out=None: prefill_flops(shape, n_in))
+    monkeypatch.setattr(engine_reporting, "prefill_flops", lambda shape, n_in, n_out=None: prefill_flops(shape, n_in))
     with pytest.raises(AssertionError, match="executed .*, the report claims"):
         check("fitprune")

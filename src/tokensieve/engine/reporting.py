@@ -1,0 +1,65 @@
+"""The per-sample report of a pass: lengths per layer, kept visual positions, FLOPs, KV bytes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..flops import prefill_flops
+from ..report import Report, SampleReport
+
+UNPRUNED_NOTE = "no visual tokens: passed through unpruned"
+from .state import EngineParts
+
+
+class Reporting(EngineParts):
+    """Part of :class:`~tokensieve.engine.core.Engine`."""
+
+    def _new_report(self) -> Report:
+        options = {k: v for k, v in dataclasses.asdict(self.method).items() if not k.startswith("_")}
+        return Report(self.method.name, options, self.positions)
+
+    def _write_report(self, prefill: bool) -> None:
+        ledger, report = self.ledger, self.report
+        batch = ledger.real.shape[0]
+        cache_counts = [self._real_counts(c).tolist() if c is not None else [0] * batch for c in ledger.caches]
+        element = 2 * self.shape.kv_width * self._kv_element_size()
+        if prefill:
+            prompt_real = ledger.real[:, : ledger.prompt_length].sum(1).tolist()
+            hidden = torch.stack(ledger.hidden_counts).tolist() if ledger.hidden_counts else []
+            visual_counts = torch.stack(ledger.visual_counts).tolist() if ledger.visual_counts else []
+            inside = {l: c.tolist() for l, c in ledger.inside_counts.items()}
+            samples = []
+            for b in range(batch):
+                lengths = [counts[b] for counts in hidden]
+                out_lengths = [inside[l][b] if l in inside else n for l, n in enumerate(lengths)]
+                visual = [counts[b] for counts in visual_counts]
+                caches = [c[b] for c in cache_counts]
+                vis_in = len(ledger.visual_kept["input"][b])
+                samples.append(
+                    SampleReport(
+                        hidden_lengths=lengths,
+                        attention_out_lengths=out_lengths,
+                        cache_lengths_prefill=caches,
+                        cache_lengths_end=list(caches),
+                        visual_tokens=vis_in,
+                        visual_lengths=visual,
+                        visual_kept={k: v[b] for k, v in ledger.visual_kept.items()},
+                        flops=prefill_flops(self.shape, lengths, out_lengths),
+                        flops_unpruned=prefill_flops(self.shape, [prompt_real[b]] * self.num_layers),
+                        kv_bytes_prefill=sum(caches) * element,
+                        kv_bytes_end=sum(caches) * element,
+                        note=UNPRUNED_NOTE if self.method.visual and vis_in == 0 else "",
+                    )
+                )
+            report.samples = samples
+        else:
+            report.decode_steps += 1
+            for b, sample in enumerate(report.samples):
+                sample.cache_lengths_end = [c[b] for c in cache_counts]
+                sample.kv_bytes_end = sum(sample.cache_lengths_end) * element
+
+    def _kv_element_size(self) -> int:
+        param = next(self.adapter.layers[0].parameters())
+        return param.element_size()
