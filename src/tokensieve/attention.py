@@ -69,18 +69,54 @@ def attention_rows(
         ``(B, H, q, n)`` float32 probabilities; rows sum to 1 over allowed keys.
     """
     attn = layer.self_attn
-    head_dim = attn.head_dim
     x = layer.input_layernorm(hidden)
     batch, n, _ = x.shape
-    xq = x.gather(1, queries[..., None].expand(-1, -1, x.shape[-1]))
-    q = attn.q_proj(xq).view(batch, queries.shape[1], -1, head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(batch, n, -1, head_dim).transpose(1, 2)
+    q = _rotated_queries(layer, x, cos, sin, queries)
+    k = attn.k_proj(x).view(batch, n, -1, attn.head_dim).transpose(1, 2)
     rows = torch.arange(n, device=x.device).expand(batch, n)
-    cos, sin = take_rows(cos, rows), take_rows(sin, rows)
+    _, k = rotate(k, k, take_rows(cos, rows), take_rows(sin, rows), attn)
+    return _softmax_rows(q, k, allowed, attn.scaling / temperature)
+
+
+def cache_attention(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    allowed: torch.Tensor,
+) -> torch.Tensor:
+    """Softmax attention probabilities of chosen query rows of a pass against a layer's cached keys.
+
+    Args:
+        layer: a Llama-family decoder layer.
+        hidden: ``(B, n, d)`` the layer's input hidden states in this pass (before its input norm).
+        cos, sin: ``(B or 1, n, head_dim)`` rotary tables of those rows.
+        queries: ``(B, q)`` long, row indices of the queries among the ``n``.
+        keys: ``(B, H_kv, m, head_dim)`` the cached keys (post-rotary), this pass's included.
+        allowed: ``(B, q, m)`` bool, which entries each query may attend to.
+
+    Returns:
+        ``(B, H, q, m)`` float32 probabilities.
+    """
+    q = _rotated_queries(layer, layer.input_layernorm(hidden), cos, sin, queries)
+    return _softmax_rows(q, keys, allowed, layer.self_attn.scaling)
+
+
+def _rotated_queries(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     queries: torch.Tensor) -> torch.Tensor:
+    """``(B, H, q, head_dim)`` rotated queries of rows ``queries`` of the normed input ``x``."""
+    attn = layer.self_attn
+    xq = x.gather(1, queries[..., None].expand(-1, -1, x.shape[-1]))
+    q = attn.q_proj(xq).view(x.shape[0], queries.shape[1], -1, attn.head_dim).transpose(1, 2)
     q, _ = rotate(q, q, take_rows(cos, queries), take_rows(sin, queries), attn)
-    _, k = rotate(k, k, cos, sin, attn)
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (attn.scaling / temperature)
+    return q
+
+
+def _softmax_rows(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp32 softmax of ``q k^T * scale`` with GQA key sharing; disallowed entries get 0."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..attention import cache_attention
 from ..cache import LedgerCache
 from ..ledger import Rows
 from ..methods.base import CacheView
@@ -13,12 +14,15 @@ from .state import EngineParts
 class CacheSide(EngineParts):
     """Part of :class:`~tokensieve.engine.core.Engine`: after each layer, record and evict its cache entries."""
 
-    def _track_cache(self, idx: int, cache: LedgerCache, rows: Rows, position_ids: torch.Tensor | None) -> None:
+    def _track_cache(self, idx: int, cache: LedgerCache, rows: Rows, hidden: torch.Tensor, kwargs: dict) -> None:
+        """Record the entries layer ``idx`` appended for ``rows`` (its input ``hidden`` and keyword
+        arguments ``kwargs`` in this pass), then let a cache-stage method evict."""
         ledger, state = self.ledger, self.state
         held = ledger.caches[idx]
         ledger.caches[idx] = rows if held is None else held.cat(rows)
         if self.cache_shift:
-            rope = rows.pos if position_ids is None else position_ids.expand(rows.pos.shape[0], -1)
+            pids = kwargs.get("position_ids")
+            rope = rows.pos if pids is None else pids.expand(rows.pos.shape[0], -1)
             ledger.rope[idx] = rope if ledger.rope[idx] is None else torch.cat([ledger.rope[idx], rope], 1)
         if state.prefill:
             ledger.cache_identity[idx] = ledger.cache_identity[idx] and bool(rows.valid.all()) and rows.width == ledger.prompt_length - state.offset
@@ -27,16 +31,44 @@ class CacheSide(EngineParts):
         if "cache" not in self.method.stages:
             return
         held = ledger.caches[idx]
-        real = ledger.real.gather(1, held.pos) & held.valid
-        keep = self.method.evict(CacheView(idx, held.pos, held.valid, real, state.offset + state.new_tokens))
+        view = self._cache_view(idx, cache, held, rows, hidden, kwargs)
+        keep = self.method.evict(view)
+        ledger.memory[idx] = view.memory
         if keep is None or bool((keep == held.valid).all()):
             return
         new_rows, index = held.select(keep)
         cache.gather(idx, index)
         ledger.caches[idx] = new_rows
         ledger.cache_identity[idx] = False
+        if view.memory is not None:
+            ledger.memory[idx] = view.memory.gather(1, index.view(*index.shape, *[1] * (view.memory.dim() - 2))
+                                                    .expand(*index.shape, *view.memory.shape[2:]))
         if self.cache_shift:
             self._shift_cache(idx, cache, new_rows, ledger.rope[idx].gather(1, index))
+
+    def _cache_view(self, idx: int, cache: LedgerCache, held: Rows, rows: Rows, hidden: torch.Tensor,
+                    kwargs: dict) -> CacheView:
+        """Layer ``idx``'s entries ``held`` as a :class:`CacheView`; ``rows`` are this pass's rows."""
+        ledger, state = self.ledger, self.state
+        real = ledger.real.gather(1, held.pos) & held.valid
+        memory = ledger.memory[idx]
+        if memory is not None and memory.shape[1] < held.width:
+            pad = memory.new_zeros(memory.shape[0], held.width - memory.shape[1], *memory.shape[2:])
+            memory = torch.cat([memory, pad], 1)
+
+        def attention(window: int | None = None) -> torch.Tensor:
+            n = rows.width
+            cols = torch.arange(n - min(window or n, n), n, device=rows.pos.device).expand(rows.pos.shape[0], -1)
+            pos = rows.pos.gather(1, cols)
+            query_real = (ledger.real.gather(1, pos) & rows.valid.gather(1, cols))
+            allowed = self._allowed(Rows(pos, rows.valid.gather(1, cols)), held) & query_real[..., None]
+            cos, sin = kwargs["position_embeddings"]
+            with torch.no_grad():
+                return cache_attention(self.adapter.layers[idx], hidden, cos, sin, cols, cache.layers[idx].keys, allowed)
+
+        return CacheView(idx, held.pos, held.valid, real, state.offset + state.new_tokens, prefill=state.prefill,
+                         new=rows.width, keys=lambda: cache.layers[idx].keys, values=lambda: cache.layers[idx].values,
+                         attention=attention, memory=memory)
 
     def _shift_cache(self, idx: int, cache: LedgerCache, rows: Rows, rope: torch.Tensor) -> None:
         """Re-rotate layer ``idx``'s cached keys so that each real entry sits at its index among the

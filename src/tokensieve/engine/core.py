@@ -163,6 +163,7 @@ class Engine(Selecting, PositionsAndMasks, InsideLayer, Transitions, CacheSide, 
             transitions=torch.zeros(batch, offset + new, device=device),
             layer_shift=[None] * self.num_layers,
             rope=[None] * self.num_layers,
+            memory=[None] * self.num_layers,
         )
         if offset:
             ledger.caches = [Rows.full(batch, 0, offset, device) for _ in range(self.num_layers)]
@@ -215,7 +216,7 @@ class Engine(Selecting, PositionsAndMasks, InsideLayer, Transitions, CacheSide, 
         else:
             out = original(hidden, *args, **kwargs)
         if state.cache is not None:
-            self._track_cache(idx, state.cache, rows_in, kwargs.get("position_ids"))
+            self._track_cache(idx, state.cache, rows_in, hidden, kwargs)
         return out
 
     def _real_counts(self, rows: Rows) -> torch.Tensor:

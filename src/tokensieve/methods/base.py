@@ -131,7 +131,7 @@ class Selection:
 
 @dataclass
 class CacheView:
-    """One layer's KV cache as a cache-stage method sees it.
+    """One layer's KV cache as a cache-stage method sees it, after this pass's entries were appended.
 
     Attributes:
         layer: decoder layer index.
@@ -139,6 +139,16 @@ class CacheView:
         valid: ``(B, m)`` bool, False for padding entries.
         real: ``(B, m)`` bool, valid and not a padding token of the input.
         length: tokens processed so far (prompt plus decoded).
+        prefill: True in the prefill pass.
+        new: entries this pass appended (the last ``new`` columns).
+        keys: ``keys()`` -> ``(B, H_kv, m, D)`` the cached keys (post-rotary), as the cache holds them.
+        values: ``values()`` -> ``(B, H_kv, m, D)`` the cached values.
+        attention: ``attention(window=None)`` -> ``(B, H, q, m)`` float32 softmax attention of this
+            pass's last ``window`` query rows (all of them for None) over the entries held, computed
+            from the layer's own projections (causal, padding masked); rows of padding queries are 0.
+        memory: ``(B, m, ...)`` what the method stored at this layer on earlier passes, one row per
+            entry (zeros for this pass's entries), or None; the method may replace it, and the engine
+            keeps it aligned with the entries through evictions (H2O's accumulated attention).
     """
 
     layer: int
@@ -146,6 +156,12 @@ class CacheView:
     valid: torch.Tensor
     real: torch.Tensor
     length: int
+    prefill: bool = True
+    new: int = 0
+    keys: Callable[[], torch.Tensor] | None = None
+    values: Callable[[], torch.Tensor] | None = None
+    attention: Callable[..., torch.Tensor] | None = None
+    memory: torch.Tensor | None = None
 
 
 class Method:

@@ -1,0 +1,117 @@
+"""What a cache-stage method sees: the entries held, their keys and values, attention over them, memory.
+
+The attention a :class:`CacheView` gives is compared with the model's own eager attention weights
+(``output_attentions``) of the unpruned model, in prefill and in a decode step, in a left-padded batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from tiny_models import PAD, VOCAB, build
+
+import tokensieve
+from tokensieve.methods.base import CacheView, Method
+
+
+@dataclass
+class Recorder(Method):
+    """Keeps everything; records what layer ``layer`` shows, and counts passes in its memory."""
+
+    layer: int = 1
+    window: int | None = None
+    seen: list = field(default_factory=list)
+
+    name: ClassVar[str] = "recorder"
+    stages: ClassVar[tuple[str, ...]] = ("cache",)
+    visual: ClassVar[bool] = False
+
+    def evict(self, view: CacheView) -> torch.Tensor | None:
+        if view.layer == self.layer:
+            memory = view.memory if view.memory is not None else torch.zeros(view.valid.shape)
+            view.memory = memory + view.valid.float()
+            self.seen.append(dict(attention=view.attention(self.window), keys=view.keys().clone(),
+                                  values=view.values().clone(), memory=view.memory.clone(), new=view.new,
+                                  prefill=view.prefill, positions=view.positions.clone()))
+        return None
+
+
+def _padded(gen: torch.Generator, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), PAD)
+    for b, n in enumerate(lengths):
+        ids[b, width - n:] = torch.randint(1, VOCAB, (n,), generator=gen)
+    return ids, (ids != PAD).long()
+
+
+def test_cache_attention_equals_the_models_own_weights_in_prefill_and_decode():
+    model = build("llama", "eager")
+    gen = torch.Generator().manual_seed(0)
+    ids, mask = _padded(gen, [9, 6])
+    with torch.no_grad():
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers a left-padded batch
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_attentions=True, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+        step = model(input_ids=token, attention_mask=step_mask, past_key_values=out.past_key_values,
+                     position_ids=step_mask.cumsum(-1)[:, -1:] - 1, output_attentions=True)
+    recorder = Recorder(layer=1)
+    with torch.no_grad(), tokensieve.prune(model, recorder):
+        pruned = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert torch.equal(pruned[:, ids.shape[1]], token[:, 0])
+    prefill, decode = recorder.seen[:2]
+    assert prefill["prefill"] and not decode["prefill"] and prefill["new"] == 9 and decode["new"] == 1
+    real = mask.bool()
+    expected = out.attentions[1] * real[:, None, :, None]  # padding query rows are zeros in the view
+    assert torch.allclose(prefill["attention"], expected, atol=1e-5)
+    assert torch.allclose(decode["attention"], step.attentions[1], atol=1e-5)
+    full = out.past_key_values.layers[1]  # the plain model's cache, the decode step included
+    assert torch.allclose(prefill["keys"], full.keys[:, :, :9], atol=1e-6)
+    assert torch.allclose(decode["values"], full.values, atol=1e-6)
+    # memory: one row per entry, zeros for the new entries, kept across passes
+    assert torch.equal(decode["memory"][:, :-1], torch.full((2, 9), 2.0)) and torch.equal(decode["memory"][:, -1], torch.ones(2))
+
+
+def test_a_window_of_queries_is_the_last_rows_of_the_pass():
+    model = build("llama", "eager")
+    gen = torch.Generator().manual_seed(1)
+    ids, mask = _padded(gen, [8])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    recorder = Recorder(layer=2, window=3)
+    with torch.no_grad(), tokensieve.prune(model, recorder):
+        model(input_ids=ids, attention_mask=mask, use_cache=True)
+    assert torch.allclose(recorder.seen[0]["attention"], out.attentions[2][:, :, -3:], atol=1e-5)
+
+
+def test_memory_follows_the_entries_through_evictions():
+    """A method that evicts the oldest entry every pass and stores each entry's position in memory:
+    after every pass the memory still names the entries held."""
+
+    @dataclass
+    class DropOldest(Method):
+        seen: list = field(default_factory=list)
+        name: ClassVar[str] = "drop-oldest"
+        stages: ClassVar[tuple[str, ...]] = ("cache",)
+        visual: ClassVar[bool] = False
+
+        def evict(self, view: CacheView) -> torch.Tensor:
+            memory = view.memory if view.memory is not None else torch.zeros(view.valid.shape)
+            memory[:, -view.new:] = view.positions[:, -view.new:].float()
+            view.memory = memory
+            if view.layer == 0:
+                self.seen.append((view.positions.clone(), memory.clone(), view.valid.clone()))
+            first = view.valid.long().cumsum(1) == 1
+            return view.valid & ~first
+
+    model = build("llama")
+    gen = torch.Generator().manual_seed(2)
+    ids, mask = _padded(gen, [7, 5])
+    method = DropOldest()
+    with torch.no_grad(), tokensieve.prune(model, method):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert len(method.seen) == 4
+    for positions, memory, valid in method.seen:
+        assert torch.equal(memory[valid], positions[valid].float())
