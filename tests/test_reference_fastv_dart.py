@@ -343,3 +343,29 @@ def test_dart_meets_a_flops_budget_in_the_release_shape():
     for s in run.report.samples:
         assert s.flops / s.flops_unpruned <= 0.7
         assert (s.visual_lengths[-1] - 2) % 4 == 0 and s.visual_lengths[-1] < s.visual_tokens
+
+
+def test_dart_in_a_padded_batch_keeps_what_each_sample_keeps_alone():
+    """The pivots' visiting order comes from their positions in the sample, not from the padded rows
+    (CPython orders a set of ints by their value modulo its table size, so a shift can reorder it): in
+    a left-padded batch of the shipped model's prompts of different lengths each sample keeps the tokens
+    it keeps alone. Positions from the attention mask, as ``generate`` gives them (the key norms are read
+    after the rotary, so they depend on them)."""
+    from tokensieve.tasks import TASKS, generate
+    from tokensieve.tiny import build_inputs
+
+    model, processor = shipped()
+    examples = [e for task in TASKS for e in generate(task, "test", 2)]
+
+    def with_positions(inputs):
+        return dict(inputs, position_ids=(inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0))
+
+    inputs = with_positions(build_inputs(processor, examples))
+    pads = (inputs["attention_mask"] == 0).sum(1).tolist()
+    assert len(set(pads)) > 2
+    with torch.no_grad(), tokensieve.prune(model, "dart") as run:
+        model(**inputs)
+        together = [s.visual_kept["prefill:2"] for s in run.report.samples]
+        for example, kept, pad in zip(examples, together, pads):
+            model(**with_positions(build_inputs(processor, [example])))
+            assert [p - pad for p in kept] == run.report.samples[0].visual_kept["prefill:2"]

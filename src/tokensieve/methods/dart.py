@@ -26,8 +26,9 @@ Counts, ``split``:
         ones taking one more.
 The pivots are visited in the release's order: Python's iteration order of the set of their sequence
 positions (``list(set(image_indices + query_indices))``, image pivots listed first, each group by
-decreasing key norm); the order matters because each pivot's choice leaves the pool. Positions are the
-original ones, which for a batch-1 LLaVA prompt are the release's sequence indices.
+decreasing key norm); the order matters because each pivot's choice leaves the pool. Positions are
+counted from the sample's first token (padding before it left out), which for a LLaVA prompt are the
+release's sequence indices, so a sample visits its pivots in a padded batch as it does alone.
 Choice made here: fewer text tokens than ``text_pivots`` use them all (the release's ``topk`` fails).
 """
 
@@ -94,6 +95,7 @@ class DART(OneLayerPruner):
     def select(self, view: View) -> Selection:
         norms = view.keys().float().abs().sum(-1)  # (B, n)
         text = view.query_valid("text")
+        real = view.query_valid("all")
         normed = torch.nn.functional.normalize(view.final_norm(view.hidden).float(), dim=-1)
         counts = kept_counts(view, self.layer, self.keep, self.flops)
         keep = ~view.visual
@@ -113,9 +115,10 @@ class DART(OneLayerPruner):
                 k = min(counts[b], cand.numel())
             img_piv = cand[norms[b, cand].topk(min(self.image_pivots, k)).indices]
             txt_piv = txt[norms[b, txt].topk(n_txt).indices]
-            row_of = {int(view.positions[b, r]): int(r) for r in torch.cat([img_piv, txt_piv]).tolist()}
-            order = release_order([int(view.positions[b, r]) for r in img_piv.tolist()],
-                                  [int(view.positions[b, r]) for r in txt_piv.tolist()])
+            # the release's indices: positions in the sample's own sequence (padding before it not counted)
+            index = view.positions[b] - view.positions[b][real[b]].min()
+            row_of = {int(index[r]): int(r) for r in torch.cat([img_piv, txt_piv]).tolist()}
+            order = release_order([int(index[r]) for r in img_piv.tolist()], [int(index[r]) for r in txt_piv.tolist()])
             pivots = [row_of[p] for p in order]
             pool = cand[~torch.isin(cand, img_piv)]
             slots = k - img_piv.numel()
