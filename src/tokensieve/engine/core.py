@@ -66,9 +66,7 @@ class Engine(Selecting, PositionsAndMasks, InsideLayer, Transitions, CacheSide, 
         self.shape = Shape.from_config(self.adapter.text_config)
         self.vision_tap = None
         if {"cls attention", "vision keys", "vision attention"} & set(method.needs):
-            full = "vision attention" in method.needs
-            self.vision_tap = VisionTap(self.adapter.vision_feature_layer(),
-                                        self.adapter.vision_embeddings() if full else None, full=full)
+            self.vision_tap = VisionTap.of(self.adapter, method)
         self.tower = TowerStage(self.adapter, method, self.shape) if "tower" in method.needs else None
         self.transition_layers = set(method.transition_layers()) if "transitions" in method.needs else set()
         self.ledger: Ledger | None = None
