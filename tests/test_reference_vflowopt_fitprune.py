@@ -333,29 +333,21 @@ def _check_vflowopt(model, inputs, vit_r, t, m, llm_k, llm_r, renumber):
     expected, image_rows, ref_logits = vflowopt_reference(model, inputs, vit_r, t, m, llm_k, llm_r, renumber)
     stage_keep = _in_tokensieve_terms(expected, n_image, llm_k)
     kept, rows, logits = _vflowopt(model, inputs, vit_keep=vit_r, stage_keep=stage_keep, layers=tuple(llm_k),
-                                   t=t, m=m, alpha=0.0)
+                                   t=t, m=m, alpha=0.0, positions="auto" if renumber else "keep")
     assert kept == expected
     got = rows[start:start + image_rows.shape[0]]
     assert torch.allclose(got, image_rows, atol=ROWS_ATOL), (got - image_rows).abs().max()
     return logits, ref_logits
 
 
+@pytest.mark.parametrize("renumber", [True, False])
 @pytest.mark.parametrize("index,vit_r,t,m,llm_k,llm_r", VFLOWOPT_TINY)
-def test_vflowopt_matches_the_release_selection_and_recycling_on_a_tiny_llava(index, vit_r, t, m, llm_k, llm_r):
+def test_vflowopt_matches_the_release_on_a_tiny_llava(index, vit_r, t, m, llm_k, llm_r, renumber):
     """Kept positions after the vision stage and each LLM stage, and the recycled rows the LLM receives
-    (to 1e-5); logits to 1e-4 against the release's loop run at the positions tokensieve gives the kept
-    tokens (their original ones)."""
+    (to 1e-5); logits to 1e-4 against the release's loop: the shorter prompt numbered 0..L-1 (the
+    default, ``positions="auto"``), or each kept token at its input position (``positions="keep"``)."""
     model = tiny_llava()
-    logits, ref_logits = _check_vflowopt(model, tiny_inputs(index), vit_r, t, m, llm_k, llm_r, renumber=False)
-    assert torch.allclose(logits, ref_logits, atol=LOGITS_ATOL), (logits - ref_logits).abs().max()
-
-
-@pytest.mark.xfail(strict=True, reason="methods/vflowopt.py keeps the input's positions after its vision stage; the "
-                   "release feeds the LLM the shorter prompt, positions 0..L-1 (VFlowOpt has no positions option)")
-@pytest.mark.parametrize("index,vit_r,t,m,llm_k,llm_r", VFLOWOPT_TINY[:1])
-def test_vflowopt_logits_match_the_release_positions(index, vit_r, t, m, llm_k, llm_r):
-    model = tiny_llava()
-    logits, ref_logits = _check_vflowopt(model, tiny_inputs(index), vit_r, t, m, llm_k, llm_r, renumber=True)
+    logits, ref_logits = _check_vflowopt(model, tiny_inputs(index), vit_r, t, m, llm_k, llm_r, renumber=renumber)
     assert torch.allclose(logits, ref_logits, atol=LOGITS_ATOL), (logits - ref_logits).abs().max()
 
 
@@ -366,5 +358,5 @@ def test_vflowopt_matches_the_release_on_the_shipped_model():
     model, _ = shipped()
     for inputs in shipped_inputs():
         for vit_r, t, m, llm_r in ((0.5, 1.0, 2.0, [0.75, 0.5]), (0.3, 1.2, 3.5, [0.75, 0.6])):
-            logits, ref_logits = _check_vflowopt(model, inputs, vit_r, t, m, [2, 5], llm_r, renumber=False)
+            logits, ref_logits = _check_vflowopt(model, inputs, vit_r, t, m, [2, 5], llm_r, renumber=True)
             assert torch.allclose(logits, ref_logits, atol=LOGITS_ATOL), (logits - ref_logits).abs().max()

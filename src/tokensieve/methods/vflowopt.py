@@ -14,7 +14,10 @@ lowest-map tokens are marked; they are grouped by m x m cells of the patch grid;
 highest-map token takes the map-weighted average of the group's (projected) tokens and stays, the
 rest leave. Inside the LLM, at ``layers`` (published 9 and 18 of 28, moved proportionally), visual
 tokens are ranked by the same map and ``stage_keep`` fractions of the input's visual tokens stay;
-positions are kept. With ``flops`` the last stage's fraction is solved to meet the budget (the
+positions: ``positions="auto"`` (default) feeds the LLM the shorter prompt numbered ``0..L-1`` after the
+vision stage, as the release builds it, and the LLM stages then keep those positions (the release's
+``forward_illava`` gathers ``position_ids`` with its masks), except on M-RoPE models, whose positions are
+kept; ``"keep"``: the input's positions throughout. With ``flops`` the last stage's fraction is solved to meet the budget (the
 release solves it from a layer-averaged budget); where the budget is above what the schedule costs
 even with its last stage pruning nothing more, every fraction (``vit_keep`` and ``stage_keep``) is first
 scaled up by one common factor, capped at 1 (our choice: the release has no such case). The flow-guided search of (vit_keep, first stage
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
@@ -67,7 +70,8 @@ def importance_map(attention: torch.Tensor, entropy: torch.Tensor, t: float, alp
 
 @dataclass
 class VFlowOpt(Method):
-    """Options: ``vit_keep``, ``stage_keep`` (per LLM stage), ``layers``, ``t``, ``m``, ``alpha``, ``flops``."""
+    """Options: ``vit_keep``, ``stage_keep`` (per LLM stage), ``layers``, ``t``, ``m``, ``alpha``, ``flops``,
+    ``positions``."""
 
     vit_keep: float = 0.5
     stage_keep: tuple[float, ...] = (0.25, 0.125)
@@ -76,6 +80,7 @@ class VFlowOpt(Method):
     m: float = 2.0
     alpha: float = 0.0
     flops: float | None = None
+    positions: Literal["auto", "keep", "renumber"] = "auto"
     _maps: dict[int, dict[int, float]] = field(default_factory=dict, repr=False)
     _last: dict[int, float] = field(default_factory=dict, repr=False)
     _scale: dict[int, float] = field(default_factory=dict, repr=False)
@@ -103,6 +108,9 @@ class VFlowOpt(Method):
                              f"t={self.t}, alpha={self.alpha}")
         if self.flops is not None and not 0 < self.flops < 1:
             raise ValueError(f"flops must be in (0, 1), got {self.flops!r}")
+
+    def positions_mode(self) -> Literal["auto", "keep", "renumber"]:
+        return self.positions
 
     def points(self) -> list[Point]:
         return [Point(before=0, stage="encoder")] + [Point(before=layer) for layer in self.layers]
