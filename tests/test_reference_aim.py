@@ -25,6 +25,7 @@ import math
 
 import pytest
 import torch
+from reference_models import shipped, shipped_items, tiny_llava
 from tiny_models import IMAGE, batch, build
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
@@ -32,31 +33,6 @@ import tokensieve
 
 FEATURE_ATOL = 1e-6  # fp32: the same merge arithmetic on the same projected tokens
 LOGITS_ATOL = 1e-4  # fp32: the same layers on the same rows, in another grouping of the matmuls
-_MODELS: dict[str, object] = {}
-
-
-def tiny_llava() -> torch.nn.Module:
-    if "llava" not in _MODELS:
-        _MODELS["llava"] = build("llava", "eager")
-    return _MODELS["llava"]
-
-
-def shipped():
-    """The shipped tiny LLaVA (8 layers, a 12 x 12 grid of visual tokens), switched to eager attention."""
-    if "shipped" not in _MODELS:
-        from tokensieve.tiny import load_tiny
-
-        model, processor = load_tiny()
-        for cfg in (model.config, model.config.text_config, model.config.vision_config):
-            cfg._attn_implementation = "eager"
-        _MODELS["shipped"] = (model, processor)
-    return _MODELS["shipped"]
-
-
-def shipped_items(n_per_task: int = 1) -> list:
-    from tokensieve.tasks import TASKS, generate
-
-    return [e for task in TASKS for e in generate(task, "test", n_per_task)]
 
 
 # ---------------------------------------------------------------------------------------------- common parts

@@ -19,39 +19,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import IMAGE, build, collate, samples
+from reference_models import decoder_input, shipped, shipped_inputs, tiny_llava
+from tiny_models import IMAGE, collate, samples
 
 import tokensieve
 
 ROWS_ATOL = 1e-5
 LOGITS_ATOL = 1e-4
-_MODELS: dict[str, object] = {}
-
-
-def tiny_llava() -> torch.nn.Module:
-    if "llava" not in _MODELS:
-        _MODELS["llava"] = build("llava", "eager")
-    return _MODELS["llava"]
-
-
-def shipped():
-    """The shipped tiny LLaVA (8 layers, 144 visual tokens per image), switched to eager attention."""
-    if "shipped" not in _MODELS:
-        from tokensieve.tiny import load_tiny
-
-        model, processor = load_tiny()
-        for cfg in (model.config, model.config.text_config, model.config.vision_config):
-            cfg._attn_implementation = "eager"
-        _MODELS["shipped"] = (model, processor)
-    return _MODELS["shipped"]
-
-
-def shipped_inputs() -> list:
-    from tokensieve.tasks import TASKS, generate
-    from tokensieve.tiny import build_inputs
-
-    _, processor = shipped()
-    return [build_inputs(processor, [e]) for task in TASKS for e in generate(task, "test", 1)]
 
 
 def tiny_inputs(sizes: list[int], index: int) -> dict:
@@ -67,23 +41,6 @@ def _spans(model, inputs) -> list[torch.Tensor]:
     pos = (ids == model.config.image_token_id).nonzero().squeeze(1)
     cuts = (pos.diff() != 1).nonzero().squeeze(1) + 1
     return list(torch.tensor_split(pos, cuts.tolist()))
-
-
-def _embedded(model, inputs) -> torch.Tensor:
-    """``(T, d)``: the unpruned LLM input (text embeddings with the projected image features in place;
-    the releases' ``new_input_embeds``)."""
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen.setdefault("x", args[0] if args else kwargs["hidden_states"])
-
-    hook = model.model.language_model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        hook.remove()
-    return seen["x"][0]
 
 
 def _release_logits(model, sequence: torch.Tensor) -> torch.Tensor:
@@ -108,7 +65,7 @@ def _pruned(model, inputs, method: str, **options):
 
 def _check(model, inputs, kept_expected: list[int], method: str, **options):
     """tokensieve's run against the release's selection ``kept_expected`` (positions in the input)."""
-    x = _embedded(model, inputs)
+    x = decoder_input(model, inputs)
     ids = inputs["input_ids"][0]
     drop = torch.zeros(ids.numel(), dtype=torch.bool)
     drop[ids == model.config.image_token_id] = True
@@ -147,7 +104,7 @@ def divprune_reference(model, inputs, ratio: float) -> list[int]:
     the release finds them at ``SYS_TOKEN_LEN = 35``, here by the image token id), the picks shifted to
     sequence positions, ``keep_indexs`` sorted. One image per prompt, as the release."""
     (span,) = _spans(model, inputs)
-    x = _embedded(model, inputs)
+    x = decoder_input(model, inputs)
     with torch.no_grad():
         picks = divprune_release(x[span], ratio)
     return sorted((picks + int(span[0])).tolist())

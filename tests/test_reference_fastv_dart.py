@@ -22,39 +22,12 @@ import math
 
 import pytest
 import torch
-from tiny_models import IMAGE, batch, build, collate, samples
+from reference_models import causal, decoder_input, shipped, shipped_inputs, tiny_llava
+from tiny_models import IMAGE, batch, collate, samples
 
 import tokensieve
 
 LOGITS_ATOL = 1e-4  # fp32: the reference and the engine run the same layers on the same rows
-_MODELS: dict[str, object] = {}
-
-
-def tiny_llava() -> torch.nn.Module:
-    if "llava" not in _MODELS:
-        _MODELS["llava"] = build("llava", "eager")
-    return _MODELS["llava"]
-
-
-def shipped():
-    """The shipped tiny LLaVA (8 layers, 144 visual tokens), switched to eager attention."""
-    if "shipped" not in _MODELS:
-        from tokensieve.tiny import load_tiny
-
-        model, processor = load_tiny()
-        for cfg in (model.config, model.config.text_config, model.config.vision_config):
-            cfg._attn_implementation = "eager"
-        _MODELS["shipped"] = (model, processor)
-    return _MODELS["shipped"]
-
-
-def shipped_inputs() -> list:
-    """One test item of each task of the shipped model, as batch-1 inputs."""
-    from tokensieve.tasks import TASKS, generate
-    from tokensieve.tiny import build_inputs
-
-    _, processor = shipped()
-    return [build_inputs(processor, [e]) for task in TASKS for e in generate(task, "test", 1)]
 
 
 def tiny_inputs(index: int) -> dict:
@@ -69,26 +42,6 @@ def _lm(model):
     return model.model.language_model
 
 
-def _embeddings(model, inputs) -> torch.Tensor:
-    """``(T, d)``: what decoder layer 0 receives (text embeddings with the projected image in place)."""
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen.setdefault("x", args[0] if args else kwargs["hidden_states"])
-
-    hook = _lm(model).layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        hook.remove()
-    return seen["x"][0]
-
-
-def _causal(n: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.full((n, n), torch.finfo(dtype).min, dtype=dtype).triu(1)[None, None]
-
-
 def _rotary(model, x: torch.Tensor, pos: torch.Tensor):
     return _lm(model).rotary_emb(x[None], pos[None])
 
@@ -98,7 +51,7 @@ def _layer(model, layer, x: torch.Tensor, pos: torch.Tensor):
     and its softmax attention ``(H, n, n)`` (the release's ``output_attentions`` of that layer)."""
     normed = layer.input_layernorm(x[None])
     attn_out, weights = layer.self_attn(hidden_states=normed, position_embeddings=_rotary(model, x, pos),
-                                        attention_mask=_causal(x.shape[0], x.dtype))
+                                        attention_mask=causal(x.shape[0], x.dtype))
     h = x[None] + attn_out
     out = h + layer.mlp(layer.post_attention_layernorm(h))
     return out[0], weights[0].float()
@@ -138,7 +91,7 @@ def _run_pruned_at(model, inputs, K: int, choose):
     keep_indexs``. Returns the kept image positions and the last-token logits."""
     start, n_image = _image_span(model, inputs)
     with torch.no_grad():
-        x = _embeddings(model, inputs)
+        x = decoder_input(model, inputs)
         pos = torch.arange(x.shape[0])
         kept, probs, before = None, None, None
         for idx, layer in enumerate(_lm(model).layers):

@@ -21,63 +21,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import IMAGE, batch, build
+from reference_models import causal, decoder_input, shipped, shipped_items, tiny_llava
+from tiny_models import IMAGE, batch
 
 import tokensieve
 
 LOGITS_ATOL = 1e-4  # fp32: the reference and the engine compute the same layers on the same rows
-_MODELS: dict[str, torch.nn.Module] = {}
-
-
-def tiny_llava() -> torch.nn.Module:
-    if "llava" not in _MODELS:
-        _MODELS["llava"] = build("llava", "eager")
-    return _MODELS["llava"]
-
-
-def shipped():
-    """The shipped tiny LLaVA (8 layers, 144 visual tokens), switched to eager attention."""
-    if "shipped" not in _MODELS:
-        from tokensieve.tiny import load_tiny
-
-        model, processor = load_tiny()
-        for cfg in (model.config, model.config.text_config, model.config.vision_config):
-            cfg._attn_implementation = "eager"
-        _MODELS["shipped"] = (model, processor)
-    return _MODELS["shipped"]
-
-
-def shipped_items(n_per_task: int = 1) -> list:
-    from tokensieve.tasks import TASKS, generate
-
-    return [e for task in TASKS for e in generate(task, "test", n_per_task)]
 
 
 # ---------------------------------------------------------------------------------------------- common parts
 def _language_model(model):
     return model.model.language_model
-
-
-def _embeddings(model, inputs) -> torch.Tensor:
-    """``(T, d)`` the hidden states entering decoder layer 0 (text embeddings with the projected image)."""
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen.setdefault("x", args[0] if args else kwargs["hidden_states"])
-
-    hook = _language_model(model).layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        hook.remove()
-    return seen["x"][0]
-
-
-def _causal(n: int, dtype: torch.dtype) -> torch.Tensor:
-    """``(1, 1, n, n)`` additive causal mask; rows are kept in position order, so row order is causal order."""
-    mask = torch.full((n, n), torch.finfo(dtype).min, dtype=dtype).triu(1)
-    return mask[None, None]
 
 
 def _rotary(model, x: torch.Tensor, pos: torch.Tensor):
@@ -88,7 +42,7 @@ def _attention(model, layer, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor
     """``(H, n, n)`` softmax attention of ``layer`` on its input ``x``: its input norm, q/k projections,
     rotary at ``pos``, causal mask (the release's ``pdrop_rank_drop`` / ``transprune_rank_drop``)."""
     _, weights = layer.self_attn(hidden_states=layer.input_layernorm(x[None]), position_embeddings=_rotary(model, x, pos),
-                                 attention_mask=_causal(x.shape[0], x.dtype))
+                                 attention_mask=causal(x.shape[0], x.dtype))
     return weights[0].float()
 
 
@@ -106,7 +60,7 @@ def _run_layer(model, layer, x: torch.Tensor, pos: torch.Tensor, transf: bool = 
     residual add), summed."""
     normed = layer.input_layernorm(x[None])
     attn_out = layer.self_attn(hidden_states=normed, position_embeddings=_rotary(model, x, pos),
-                               attention_mask=_causal(x.shape[0], x.dtype))[0]
+                               attention_mask=causal(x.shape[0], x.dtype))[0]
     h = x[None] + attn_out
     normed2 = layer.post_attention_layernorm(h)
     mlp_out = layer.mlp(normed2)
@@ -185,7 +139,7 @@ def pdrop_reference(model, inputs, layer_list: list[int], ratio_list: list[float
     lm = _language_model(model)
     start, n_image = _single_image(model, inputs)
     with torch.no_grad():
-        x = _embeddings(model, inputs)
+        x = decoder_input(model, inputs)
         pos = orig = torch.arange(x.shape[0])
         kept, caches, decode_pos = {}, [], []
         next_pos = x.shape[0]  # the first decoded token's position_ids, before any stage moves it
@@ -235,7 +189,7 @@ def transprune_reference(model, inputs, pruning_layer_list: list[int], ratio_lis
     lm = _language_model(model)
     start, n_image = _single_image(model, inputs)
     with torch.no_grad():
-        x = _embeddings(model, inputs)
+        x = decoder_input(model, inputs)
         pos = orig = torch.arange(x.shape[0])
         kept, weights, caches, decode_pos = {}, [], [], []
         next_pos = x.shape[0]

@@ -30,40 +30,14 @@ import math
 
 import pytest
 import torch
-from tiny_models import build, collate, samples
+from reference_models import causal, decoder_input, shipped, shipped_inputs, tiny_llava
+from tiny_models import collate, samples
 
 import tokensieve
 from tokensieve.recipe import Recipe
 
 ROWS_ATOL = 1e-5
 LOGITS_ATOL = 1e-4
-_MODELS: dict[str, object] = {}
-
-
-def tiny_llava() -> torch.nn.Module:
-    if "llava" not in _MODELS:
-        _MODELS["llava"] = build("llava", "eager")
-    return _MODELS["llava"]
-
-
-def shipped():
-    """The shipped tiny LLaVA (8 layers, 144 visual tokens on a 12 x 12 grid), switched to eager attention."""
-    if "shipped" not in _MODELS:
-        from tokensieve.tiny import load_tiny
-
-        model, processor = load_tiny()
-        for cfg in (model.config, model.config.text_config, model.config.vision_config):
-            cfg._attn_implementation = "eager"
-        _MODELS["shipped"] = (model, processor)
-    return _MODELS["shipped"]
-
-
-def shipped_inputs() -> list:
-    from tokensieve.tasks import TASKS, generate
-    from tokensieve.tiny import build_inputs
-
-    _, processor = shipped()
-    return [build_inputs(processor, [e]) for task in TASKS for e in generate(task, "test", 1)]
 
 
 def tiny_inputs(index: int) -> dict:
@@ -75,32 +49,12 @@ def _lm(model):
     return model.model.language_model
 
 
-def _embeddings(model, inputs) -> torch.Tensor:
-    """``(T, d)``: what decoder layer 0 receives unpruned (text embeddings, projected image features)."""
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen.setdefault("x", args[0] if args else kwargs["hidden_states"])
-
-    hook = _lm(model).layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        hook.remove()
-    return seen["x"][0]
-
-
-def _causal(n: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.full((n, n), torch.finfo(dtype).min, dtype=dtype).triu(1)[None, None]
-
-
 def _attend(model, layer, x: torch.Tensor, pos: torch.Tensor):
     """Layer ``layer``'s attention sublayer on rows ``x`` at positions ``pos``: its output (``(n, d)``,
     after ``o_proj``) and softmax weights ``(H, n, n)``."""
     out, weights = layer.self_attn(hidden_states=layer.input_layernorm(x[None]),
                                    position_embeddings=_lm(model).rotary_emb(x[None], pos[None]),
-                                   attention_mask=_causal(x.shape[0], x.dtype))
+                                   attention_mask=causal(x.shape[0], x.dtype))
     return out[0], weights[0].float()
 
 
@@ -153,7 +107,7 @@ def fitprune_reference(model, inputs, delete_scheme: dict[int, int], score: str 
     left = n_image
     kept = {}
     with torch.no_grad():
-        x = _embeddings(model, inputs)
+        x = decoder_input(model, inputs)
         pos = torch.arange(x.shape[0])
         for idx, layer in enumerate(_lm(model).layers):
             attn_out, attn_weights = _attend(model, layer, x, pos)
@@ -266,7 +220,7 @@ def vflowopt_reference(model, inputs, vit_r: float, t: float, a: float, llm_k: l
     Returns the kept image positions (in the input) after the vision stage and each LLM stage, the LLM's
     input rows of the kept image tokens, and the last-token logits."""
     start, n_image = _image_span(model, inputs)
-    x0 = _embeddings(model, inputs)
+    x0 = decoder_input(model, inputs)
     image_attn_map = vflowopt_map(model, inputs["pixel_values"], t)
     mask, features, image_attn_map = vflowopt_recycle(x0[start:start + n_image], image_attn_map, vit_r, a)
     image_pos = torch.arange(start, start + n_image)[mask]

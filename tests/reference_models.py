@@ -1,0 +1,66 @@
+"""The models and inputs the reference tests share: the tiny random LLaVA and the shipped model, both
+with eager attention (references read attention weights), and the hidden states decoder layer 0 gets."""
+
+from __future__ import annotations
+
+import torch
+from tiny_models import build
+
+_MODELS: dict[str, object] = {}
+
+
+def tiny_llava() -> torch.nn.Module:
+    """The tiny random-weight LLaVA of ``tiny_models`` with eager attention (built once)."""
+    if "llava" not in _MODELS:
+        _MODELS["llava"] = build("llava", "eager")
+    return _MODELS["llava"]
+
+
+def shipped():
+    """``(model, processor)``: the shipped tiny LLaVA (8 layers, a 12 x 12 grid of visual tokens),
+    switched to eager attention (loaded once)."""
+    if "shipped" not in _MODELS:
+        from tokensieve.tiny import load_tiny
+
+        model, processor = load_tiny()
+        for cfg in (model.config, model.config.text_config, model.config.vision_config):
+            cfg._attn_implementation = "eager"
+        _MODELS["shipped"] = (model, processor)
+    return _MODELS["shipped"]
+
+
+def shipped_items(n_per_task: int = 1) -> list:
+    """The first ``n_per_task`` test items of every task."""
+    from tokensieve.tasks import TASKS, generate
+
+    return [e for task in TASKS for e in generate(task, "test", n_per_task)]
+
+
+def shipped_inputs(n_per_task: int = 1) -> list[dict]:
+    """Those items as batch-1 inputs of the shipped model."""
+    from tokensieve.tiny import build_inputs
+
+    _, processor = shipped()
+    return [build_inputs(processor, [e]) for e in shipped_items(n_per_task)]
+
+
+def decoder_input(model, inputs) -> torch.Tensor:
+    """``(T, d)``: what decoder layer 0 receives in a plain forward of a batch-1 ``inputs`` (the text
+    embeddings with the projected image in place: the releases' ``new_input_embeds``)."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.setdefault("x", args[0] if args else kwargs["hidden_states"])
+
+    hook = model.model.language_model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        hook.remove()
+    return seen["x"][0]
+
+
+def causal(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(1, 1, n, n)`` additive causal mask; rows in position order."""
+    return torch.full((n, n), torch.finfo(dtype).min, dtype=dtype).triu(1)[None, None]
