@@ -64,3 +64,17 @@ def decoder_input(model, inputs) -> torch.Tensor:
 def causal(n: int, dtype: torch.dtype) -> torch.Tensor:
     """``(1, 1, n, n)`` additive causal mask; rows in position order."""
     return torch.full((n, n), torch.finfo(dtype).min, dtype=dtype).triu(1)[None, None]
+
+
+def image_span(model, inputs) -> tuple[int, int]:
+    """``(start, count)`` of the one contiguous image of a batch-1, unpadded input (what the releases take)."""
+    ids = inputs["input_ids"][0]
+    assert inputs["input_ids"].shape[0] == 1 and bool(inputs["attention_mask"].bool().all())
+    image = (ids == model.config.image_token_id).nonzero().squeeze(1)
+    assert image.numel() and bool((image.diff() == 1).all()), "the releases handle one contiguous image"
+    return int(image[0]), int(image.numel())
+
+
+def last_logits(model, x: torch.Tensor) -> torch.Tensor:
+    """``(vocab,)`` logits of the last row of the final decoder layer's output ``x`` ``(T, d)``."""
+    return model.lm_head(model.model.language_model.norm(x[-1]))

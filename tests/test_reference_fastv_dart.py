@@ -22,7 +22,15 @@ import math
 
 import pytest
 import torch
-from reference_models import causal, decoder_input, shipped, shipped_inputs, tiny_llava
+from reference_models import (
+    causal,
+    decoder_input,
+    image_span,
+    last_logits,
+    shipped,
+    shipped_inputs,
+    tiny_llava,
+)
 from tiny_models import IMAGE, batch, collate, samples
 
 import tokensieve
@@ -71,25 +79,13 @@ def _keys(model, layer, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return k[0].transpose(0, 1).reshape(x.shape[0], -1)
 
 
-def _image_span(model, inputs) -> tuple[int, int]:
-    ids = inputs["input_ids"][0]
-    assert inputs["input_ids"].shape[0] == 1 and bool(inputs["attention_mask"].bool().all())
-    image = (ids == model.config.image_token_id).nonzero().squeeze(1)
-    assert image.numel() and bool((image.diff() == 1).all()), "the releases handle one contiguous image"
-    return int(image[0]), int(image.numel())
-
-
-def _logits(model, x: torch.Tensor) -> torch.Tensor:
-    return model.lm_head(_lm(model).norm(x[-1]))
-
-
 def _run_pruned_at(model, inputs, K: int, choose):
     """The releases' loop: layers ``0..K-1`` on every row; before layer K, ``choose(x, pos, last_probs,
     before)`` (``x``: the output of layer K-1, ``last_probs``: its attention, ``before``: its input rows
     and positions) returns the image positions to keep;
     ``keep_indexs`` = the rows before the image, those, the rows after it, sorted; ``position_ids =
     keep_indexs``. Returns the kept image positions and the last-token logits."""
-    start, n_image = _image_span(model, inputs)
+    start, n_image = image_span(model, inputs)
     with torch.no_grad():
         x = decoder_input(model, inputs)
         pos = torch.arange(x.shape[0])
@@ -103,7 +99,7 @@ def _run_pruned_at(model, inputs, K: int, choose):
                 kept = sorted(retained.tolist())
             before = (x, pos)
             x, probs = _layer(model, layer, x, pos)
-        return kept, _logits(model, x)
+        return kept, last_logits(model, x)
 
 
 def _pruned(model, inputs, method: str, **options):
@@ -121,7 +117,7 @@ def fastv_reference(model, inputs, agg_layer: int, attention_rank: int):
     (``SYS_LENGTH : SYS_LENGTH + IMAGE_TOKEN_LENGTH``), the ``ATTENTION_RANK`` highest stay; the kept
     rows go on with ``position_ids = keep_indexs``. The image span here comes from the image token id
     (the release hard-codes ``--fast-v-sys-length 36``)."""
-    start, n_image = _image_span(model, inputs)
+    start, n_image = image_span(model, inputs)
 
     def choose(x, pos, last_layer_attention, before):
         last_tok = last_layer_attention.mean(0)[-1]
@@ -186,7 +182,7 @@ def dart_reference(model, inputs, K: int, budget: float, pivot_image_token: int,
 
     ``takes`` (not the release): the count of the i-th pivot visited instead of ``TOKEN_TOPK``, for
     tokensieve's ``split="exact"``."""
-    start, n_image = _image_span(model, inputs)
+    start, n_image = image_span(model, inputs)
     lm = _lm(model)
     token_topk = math.ceil(budget // (pivot_image_token + pivot_text_token))
 

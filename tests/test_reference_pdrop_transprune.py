@@ -21,7 +21,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference_models import causal, decoder_input, shipped, shipped_items, tiny_llava
+from reference_models import (
+    causal,
+    decoder_input,
+    image_span,
+    last_logits,
+    shipped,
+    shipped_items,
+    tiny_llava,
+)
 from tiny_models import IMAGE, batch
 
 import tokensieve
@@ -69,18 +77,6 @@ def _run_layer(model, layer, x: torch.Tensor, pos: torch.Tensor, transf: bool = 
     if transf:
         weight = _transf_weight(normed[0], attn_out[0]) + _transf_weight(normed2[0], mlp_out[0])
     return out, weight
-
-
-def _single_image(model, inputs) -> tuple[int, int]:
-    ids = inputs["input_ids"][0]
-    assert inputs["input_ids"].shape[0] == 1 and bool(inputs["attention_mask"].bool().all())
-    image = (ids == model.config.image_token_id).nonzero().squeeze(1)
-    assert image.numel() and bool((image.diff() == 1).all()), "the releases handle one contiguous image"
-    return int(image[0]), int(image.numel())
-
-
-def _logits(model, x: torch.Tensor) -> torch.Tensor:
-    return model.lm_head(_language_model(model).norm(x[-1]))
 
 
 def _rope(model, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -137,7 +133,7 @@ def pdrop_reference(model, inputs, layer_list: list[int], ratio_list: list[float
     """
     ratios = [1.0] + list(ratio_list)
     lm = _language_model(model)
-    start, n_image = _single_image(model, inputs)
+    start, n_image = image_span(model, inputs)
     with torch.no_grad():
         x = decoder_input(model, inputs)
         pos = orig = torch.arange(x.shape[0])
@@ -162,7 +158,7 @@ def pdrop_reference(model, inputs, layer_list: list[int], ratio_list: list[float
             if renumber:
                 next_pos -= image_tokens - keep_length
             kept[f"prefill:{rank_layer}"] = orig[start:start + keep_length].tolist()
-        return kept, _logits(model, x), caches, decode_pos
+        return kept, last_logits(model, x), caches, decode_pos
 
 
 # ---------------------------------------------------------------------------------------------- TransPrune reference
@@ -187,7 +183,7 @@ def transprune_reference(model, inputs, pruning_layer_list: list[int], ratio_lis
     if accumulating_layer_list is None:
         accumulating_layer_list = list(range(pruning_layer_list[0], pruning_layer_list[-1] + 1))
     lm = _language_model(model)
-    start, n_image = _single_image(model, inputs)
+    start, n_image = image_span(model, inputs)
     with torch.no_grad():
         x = decoder_input(model, inputs)
         pos = orig = torch.arange(x.shape[0])
@@ -221,7 +217,7 @@ def transprune_reference(model, inputs, pruning_layer_list: list[int], ratio_lis
                 next_pos -= image_tokens - keep_length
             weights = [w[rows] for w in weights]
             kept[f"prefill:{rank_layer}"] = orig[start:start + keep_length].tolist()
-        return kept, _logits(model, x), caches, decode_pos
+        return kept, last_logits(model, x), caches, decode_pos
 
 
 def _pruned(model, inputs, method: str, **options):

@@ -30,7 +30,15 @@ import math
 
 import pytest
 import torch
-from reference_models import causal, decoder_input, shipped, shipped_inputs, tiny_llava
+from reference_models import (
+    causal,
+    decoder_input,
+    image_span,
+    last_logits,
+    shipped,
+    shipped_inputs,
+    tiny_llava,
+)
 from tiny_models import collate, samples
 
 import tokensieve
@@ -64,18 +72,6 @@ def _finish(layer, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
     return h + layer.mlp(layer.post_attention_layernorm(h[None]))[0]
 
 
-def _image_span(model, inputs) -> tuple[int, int]:
-    ids = inputs["input_ids"][0]
-    assert inputs["input_ids"].shape[0] == 1 and bool(inputs["attention_mask"].bool().all())
-    image = (ids == model.config.image_token_id).nonzero().squeeze(1)
-    assert image.numel() and bool((image.diff() == 1).all()), "the releases handle one contiguous image"
-    return int(image[0]), int(image.numel())
-
-
-def _logits(model, x: torch.Tensor) -> torch.Tensor:
-    return model.lm_head(_lm(model).norm(x[-1]))
-
-
 # ---------------------------------------------------------------------------------------------- FitPrune
 def fit_order(cross: torch.Tensor, self_: torch.Tensor) -> list[int]:
     """The order in which the fitting rule (``statistical_analysis.py``, ``fit_model``) removes tokens as
@@ -103,7 +99,7 @@ def fitprune_reference(model, inputs, delete_scheme: dict[int, int], score: str 
     rows are dropped before the MLP; ``left_vtoken_num`` shrinks; ``position_ids = position_ids[:,
     topk_idx]``. ``score="fit"`` orders by :func:`fit_order` instead (tokensieve's option).
     Returns the kept image positions after each pruning layer and the last-token logits."""
-    start, n_image = _image_span(model, inputs)
+    start, n_image = image_span(model, inputs)
     left = n_image
     kept = {}
     with torch.no_grad():
@@ -126,7 +122,7 @@ def fitprune_reference(model, inputs, delete_scheme: dict[int, int], score: str 
                 left -= int((~topk_idx).sum())
                 kept[f"inside:{idx}"] = pos[start:start + left].tolist()
             x = _finish(layer, x, attn_out)
-        return kept, _logits(model, x)
+        return kept, last_logits(model, x)
 
 
 def _fitprune(model, inputs, recipe: Recipe, score: str):
@@ -219,7 +215,7 @@ def vflowopt_reference(model, inputs, vit_r: float, t: float, a: float, llm_k: l
 
     Returns the kept image positions (in the input) after the vision stage and each LLM stage, the LLM's
     input rows of the kept image tokens, and the last-token logits."""
-    start, n_image = _image_span(model, inputs)
+    start, n_image = image_span(model, inputs)
     x0 = decoder_input(model, inputs)
     image_attn_map = vflowopt_map(model, inputs["pixel_values"], t)
     mask, features, image_attn_map = vflowopt_recycle(x0[start:start + n_image], image_attn_map, vit_r, a)
@@ -253,7 +249,7 @@ def vflowopt_reference(model, inputs, vit_r: float, t: float, a: float, llm_k: l
                 kept[f"prefill:{layer_idx}"] = orig[start:start + n_left].tolist()
             attn_out, _ = _attend(model, layer, x, pos)
             x = _finish(layer, x, attn_out)
-        return kept, image_rows, _logits(model, x)
+        return kept, image_rows, last_logits(model, x)
 
 
 def _vflowopt(model, inputs, **options):
@@ -283,7 +279,7 @@ VFLOWOPT_TINY = [  # (index, vit_r, t, m, llm_k, llm_r)
 
 
 def _check_vflowopt(model, inputs, vit_r, t, m, llm_k, llm_r, renumber):
-    start, n_image = _image_span(model, inputs)
+    start, n_image = image_span(model, inputs)
     expected, image_rows, ref_logits = vflowopt_reference(model, inputs, vit_r, t, m, llm_k, llm_r, renumber)
     stage_keep = _in_tokensieve_terms(expected, n_image, llm_k)
     kept, rows, logits = _vflowopt(model, inputs, vit_keep=vit_r, stage_keep=stage_keep, layers=tuple(llm_k),
