@@ -120,6 +120,59 @@ def test_shifted_positions_match_the_release(start, recent):
     assert _engine_steps(model, prompt, tokens, sinks=start, window=recent)[-1].equal(got[-1])  # "auto" = shift
 
 
+_SHIPPED: dict[str, tuple] = {}
+
+
+def shipped_model():
+    """The shipped tiny LLaVA (its decoder an 8-layer Llama, 4 query and 2 key-value heads), eager."""
+    if "shipped" not in _SHIPPED:
+        from tokensieve.tiny import load_tiny
+
+        model, processor = load_tiny()
+        for cfg in (model.config, model.config.text_config, model.config.vision_config):
+            cfg._attn_implementation = "eager"
+        _SHIPPED["shipped"] = (model, processor)
+    return _SHIPPED["shipped"]
+
+
+def shipped_prompts() -> list[list[int]]:
+    """Per task, one test item's question as a text-only prompt of the shipped format (its ``<image>``
+    left out), tokenised by the shipped processor's tokenizer: 11 to 15 tokens."""
+    from tokensieve.tasks import TASKS, generate
+    from tokensieve.tiny.prompt import prompt_text
+
+    _, processor = shipped_model()
+    texts = [prompt_text(e.question).replace("<image> ", "") for task in TASKS for e in generate(task, "test", 1)]
+    return [processor.tokenizer(text)["input_ids"] for text in texts]
+
+
+@pytest.mark.parametrize("start,recent", [(4, 6), (2, 3)])
+def test_shifted_positions_match_the_release_on_the_shipped_language_model(start, recent):
+    """The shipped LLaVA on text-only prompts (one per task): the release's pos-shift attention and
+    start+recent cache, run on the LLaVA's inner Llama decoder and its ``lm_head`` (passed to the
+    reference as ``model.model`` and ``model.lm_head``), against ``streamingllm`` (positions "shift")
+    on the LLaVA itself: the prompt's last logits and 8 forced decode steps, to 1e-4. The forced
+    tokens are a second turn: the reference's greedy answer, ``</s>``, then the next task's prompt
+    (its first 6 tokens after ``<s>``). Every prompt is longer than ``start + recent``, so the cache is
+    trimmed from the prefill on."""
+    from types import SimpleNamespace
+
+    model, processor = shipped_model()
+    decoder = SimpleNamespace(model=model.model.language_model, lm_head=model.lm_head)
+    prompts = shipped_prompts()
+    for i, prompt in enumerate(prompts):
+        assert len(prompt) > start + recent and model.config.image_token_id not in prompt
+        ref = ReleaseStreaming(decoder, start, recent)
+        expected = [ref.forward(prompt)[-1]]
+        tokens = [int(expected[0].argmax()), processor.tokenizer.eos_token_id] + prompts[(i + 1) % len(prompts)][1:7]
+        for token in tokens:
+            expected.append(ref.forward([token])[-1])
+        got = _engine_steps(model, prompt, tokens, sinks=start, window=recent, positions="shift")
+        assert len(got) == 9
+        for step, (a, b) in enumerate(zip(got, expected)):
+            assert torch.allclose(a, b, atol=LOGITS_ATOL), f"step {step}: max diff {(a - b).abs().max():.2e}"
+
+
 def test_original_positions_are_a_named_variant_that_differs_from_the_release():
     """``positions="keep"`` (kvpress's StreamingLLMPress): tokens keep their text positions, so the
     decoded logits differ from the release's positions within the cache."""

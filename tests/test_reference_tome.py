@@ -4,8 +4,9 @@ The reference runs the tiny CLIP tower's blocks eagerly, as ``tome/patch/timm.py
 and ``ToMeAttention.forward`` do (attention with ``log(size)`` added to the logits, keys averaged over
 heads as the metric, merging between the attention residual and the MLP), with ``tome/merge.py``
 ``bipartite_soft_matching`` ([CLS] protected), ``merge_wavg`` and ``merge_source``; it calls no
-tokensieve helper. The old rule (repeated bipartite rounds on the LLM inputs) kept the odd positions
-at keep 0.5 whatever the image; every test here fails on it.
+tokensieve helper. It runs on a tiny random LLaVA (64 patches) and on the shipped tiny LLaVA (144
+patches, ToMe in the 3 blocks up to its feature layer). The old rule (repeated bipartite rounds on the
+LLM inputs) kept the odd positions at keep 0.5 whatever the image; every test here fails on it.
 """
 
 from __future__ import annotations
@@ -165,6 +166,80 @@ def test_groups_features_and_llm_tokens_match_the_authors_tome(attn, prop_attn):
         expected.setdefault(int(vis[rep[0, p]]), []).append(int(vis[p]))
     assert tower.merged == [expected]
     assert sum(len(m) for m in expected.values()) == N
+
+
+_SHIPPED: dict[str, tuple] = {}  # the shipped model and its processor
+
+
+def shipped_model():
+    """The shipped tiny LLaVA: a 4-block CLIP tower on 96 x 96 pixels (patch 8: 144 patches), features
+    from layer -2 (ToMe in 3 blocks), an 8-layer Llama decoder."""
+    if "shipped" not in _SHIPPED:
+        from tokensieve.tiny import load_tiny
+
+        _SHIPPED["shipped"] = load_tiny()
+    return _SHIPPED["shipped"]
+
+
+def shipped_inputs() -> list:
+    """One test item of each task of the shipped model, as batch-1 inputs."""
+    from tokensieve.tasks import TASKS, generate
+    from tokensieve.tiny import build_inputs
+
+    _, processor = shipped_model()
+    return [build_inputs(processor, [e]) for task in TASKS for e in generate(task, "test", 1)]
+
+
+@pytest.mark.parametrize("options,schedule", [
+    ({"keep": 0.5}, [24, 24, 24]),  # R = 144 - 72 over the 3 blocks up to the feature layer
+    ({"r": 20}, [20, 20, 20]),      # parse_r(3, 20)
+])
+def test_groups_features_llm_tokens_and_logits_match_the_authors_tome_on_the_shipped_model(options, schedule):
+    """The shipped model, one test item per task: the tower merges in the blocks up to the feature layer
+    (``vision_feature_layer`` -2 of 4 blocks: 3), with the reference's schedule; the groups
+    (representative and size of each patch's group), the features the projector receives (to 1e-5), the
+    LLM's image tokens (one per group, at its representative's row, the group's projected feature, to
+    1e-5) and the last-token logits (to 1e-4) of the unpruned language model fed the reference's shorter
+    sequence at positions 0..L-1 (the prompt renumbered, ``positions="auto"`` on LLaVA)."""
+    model, _ = shipped_model()
+    image_token = model.config.image_token_id
+    layers = clip_transformer(model.model.vision_tower).encoder.layers
+    assert len(layers) == 4 and model.config.vision_feature_layer == -2
+    kept_count = 144 - sum(schedule)
+    tokens = [145]
+    for r in schedule:
+        tokens.append(tokens[-1] - r)
+    for inputs in shipped_inputs():
+        run, seen, logits = run_pruned(model, inputs, **options)
+        features, rep, sizes = reference_tome(model, inputs["pixel_values"], schedule)
+        tower = run.tower
+        assert tower.schedule == [schedule]
+        assert tower.tokens == [tokens]
+        assert torch.equal(tower.representative, rep)
+        assert torch.equal(tower.size, sizes)
+        assert torch.allclose(seen["features"], features, atol=1e-5), (seen["features"] - features).abs().max()
+        vis = (inputs["input_ids"][0] == image_token).nonzero().squeeze(1)
+        assert vis.numel() == 144
+        reps = sorted(set(rep[0].tolist()))
+        assert len(reps) == kept_count
+        s = run.report.samples[0]
+        assert s.visual_kept["encoder:0"] == vis[reps].tolist()
+        assert s.visual_lengths == [kept_count] * len(model.model.language_model.layers)
+        assert run.report.positions == "renumber"
+        # the reference's LLM input: the text's embeddings, the image's place taken by one projected
+        # group feature per group, in the order of the representatives
+        with torch.no_grad():
+            projected = model.model.multi_modal_projector(features)[0]
+            text = model.get_input_embeddings()(inputs["input_ids"][0])
+            first = int(vis[0])
+            sequence = torch.cat([text[:first], projected[reps], text[first + 144:]])
+            out = model.model.language_model(inputs_embeds=sequence[None],
+                                             position_ids=torch.arange(sequence.shape[0])[None])
+            expected = model.lm_head(out.last_hidden_state[:, -1])[0]
+        llm = seen["llm"][0]
+        assert llm.shape == sequence.shape
+        assert torch.allclose(llm, sequence, atol=1e-5), (llm - sequence).abs().max()
+        assert torch.allclose(logits[0, -1], expected, atol=1e-4), (logits[0, -1] - expected).abs().max()
 
 
 def test_proportional_attention_changes_the_features():

@@ -79,7 +79,7 @@ def release_visionzip_tokens(model: torch.nn.Module, pixel_values: torch.Tensor,
     return result
 
 
-def release_llm_inputs(model, inputs, per_image, drop_cls: bool):
+def release_llm_inputs(model, inputs, per_image, drop_cls: bool, image_token: int = IMAGE):
     """Per sample, the release's LLM input sequence (``visionzip/llava_arch.py``
     ``prepare_inputs_labels_for_multimodal_visionzip``: text embeddings with each image's projected
     ``encode_images_visionzip`` tokens in its place), without the padding."""
@@ -91,12 +91,12 @@ def release_llm_inputs(model, inputs, per_image, drop_cls: bool):
         ids = ids[mask.bool()]
         parts, i = [], 0
         while i < ids.numel():
-            if ids[i] == IMAGE:
+            if ids[i] == image_token:
                 tokens = per_image[image][0][1:] if drop_cls else per_image[image][0]
                 with torch.no_grad():
                     parts.append(projector(tokens[None])[0])
                 image += 1
-                while i < ids.numel() and ids[i] == IMAGE:
+                while i < ids.numel() and ids[i] == image_token:
                     i += 1
             else:
                 with torch.no_grad():
@@ -177,6 +177,70 @@ def test_visionzip_feeds_the_release_sequence(monkeypatch, opts, cls_feature):
             image += 1
         assert s.visual_kept["encoder:0"] == kept
     assert run.report.positions == "renumber"
+
+
+_SHIPPED: dict[str, tuple] = {}  # the shipped model and its processor
+
+
+def shipped_model():
+    """The shipped tiny LLaVA (4-layer CLIP tower, 144 patches, 8 decoder layers), eager attention: the
+    VisionZip reference reads the tower's attention weights."""
+    if "shipped" not in _SHIPPED:
+        from tokensieve.tiny import load_tiny
+
+        model, processor = load_tiny()
+        for cfg in (model.config, model.config.text_config, model.config.vision_config):
+            cfg._attn_implementation = "eager"
+        _SHIPPED["shipped"] = (model, processor)
+    return _SHIPPED["shipped"]
+
+
+def shipped_inputs() -> list:
+    """One test item of each task of the shipped model, as batch-1 inputs."""
+    from tokensieve.tasks import TASKS, generate
+    from tokensieve.tiny import build_inputs
+
+    _, processor = shipped_model()
+    return [build_inputs(processor, [e]) for task in TASKS for e in generate(task, "test", 1)]
+
+
+@pytest.mark.parametrize("opts", [{}, {"dominant": 20, "contextual": 8}])
+def test_visionzip_matches_the_release_on_the_shipped_model(opts):
+    """The shipped model, one test item per task, default options (keep 0.5: 72 tokens per image, 61
+    dominant and 11 contextual) and explicit counts: ``visual_kept`` names the release's dominant
+    patches, its contextual targets and the [CLS] carrier (the first other patch); the LLM's input is
+    the release's sequence (``[CLS, dominant in order, contextual]`` projected, in the image's place) to
+    1e-5, and the last-token logits are the unpruned language model's on that sequence at positions
+    0..L-1 to 1e-4."""
+    model, _ = shipped_model()
+    image_token = model.config.image_token_id
+    dominant, contextual = (opts["dominant"], opts["contextual"]) if opts else _split(round(0.5 * 144))
+    layers = len(model.model.language_model.layers)
+    for inputs in shipped_inputs():
+        per_image = release_visionzip_tokens(model, inputs["pixel_values"], dominant, contextual)
+        (expected,) = release_llm_inputs(model, inputs, per_image, drop_cls=False, image_token=image_token)
+        seen = []
+        hook = model.model.language_model.layers[0].input_layernorm.register_forward_pre_hook(
+            lambda m, a, seen=seen: seen.append(a[0]))
+        try:
+            with torch.no_grad(), tokensieve.prune(model, "visionzip", **opts) as run:
+                logits = model(**inputs).logits[0, -1]
+        finally:
+            hook.remove()
+        s = run.report.samples[0]
+        assert s.visual_lengths == [dominant + contextual] * layers
+        rows = seen[0][0]
+        assert rows.shape == expected.shape
+        assert torch.allclose(rows, expected, atol=1e-5), (rows - expected).abs().max()
+        reference = release_last_logits(model, expected)
+        assert torch.allclose(logits, reference, atol=1e-4), (logits - reference).abs().max()
+        vis = (inputs["input_ids"][0] == image_token).nonzero().squeeze(1)
+        assert vis.numel() == 144
+        _, top, targets = per_image[0]
+        chosen = set(top.tolist()) | set(targets.tolist())
+        chosen.add(min(set(range(144)) - chosen))
+        assert s.visual_kept["encoder:0"] == vis[sorted(chosen)].tolist()
+        assert run.report.positions == "renumber"
 
 
 def test_visionzip_counts_dominant_like_the_release():
