@@ -115,3 +115,29 @@ def test_memory_follows_the_entries_through_evictions():
     assert len(method.seen) == 4
     for positions, memory, valid in method.seen:
         assert torch.equal(memory[valid], positions[valid].float())
+
+
+def test_the_report_names_the_entries_held_and_measures_their_storage():
+    """StreamingLLM (2 sinks + a window of 4) on a left-padded batch: ``cache_kept_end`` lists, per layer,
+    each sample's first two real positions and its last four; ``kv_bytes_stored_*`` equal what the
+    cache tensors hold (the batch's padding entries included), and the analytic figure counts real
+    entries only."""
+    from transformers import DynamicCache
+
+    model = build("llama")
+    gen = torch.Generator().manual_seed(4)
+    ids, mask = _padded(gen, [9, 6])
+    cache = DynamicCache()
+    with torch.no_grad(), tokensieve.prune(model, "streamingllm", sinks=2, window=4) as run:
+        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3,
+                             min_new_tokens=3, do_sample=False)
+    total = out.shape[1]
+    stored = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    for b, sample in enumerate(run.report.samples):
+        first = int((mask[b] == 0).sum())  # left padding
+        expected = [first, first + 1] + list(range(total - 1 - 4, total - 1))  # the last token is not cached
+        assert sample.cache_kept_end == [expected] * len(model.model.layers)
+        assert sample.cache_kept_prefill[0] == [first, first + 1] + list(range(ids.shape[1] - 4, ids.shape[1]))
+        assert sample.kv_bytes_stored_end == stored // 2
+        assert sample.kv_bytes_end == 6 * len(model.model.layers) * 2 * 2 * 8 * 4  # entries x layers x K,V x heads x dim x fp32
+    assert run.report.samples[0].kv_bytes_stored_prefill >= run.report.samples[0].kv_bytes_stored_end

@@ -21,7 +21,12 @@ class SampleReport:
         visual_kept: stage name -> original positions of the visual tokens alive after that stage
             (``"input"`` is every visual token).
         flops, flops_unpruned: analytic LLM prefill FLOPs with and without pruning (all tokens).
-        kv_bytes_prefill, kv_bytes_end: KV-cache bytes of this sample's real entries.
+        kv_bytes_prefill, kv_bytes_end: KV-cache bytes of this sample's real entries (analytic).
+        cache_kept_prefill, cache_kept_end: per decoder layer, the original positions of the real
+            entries its KV cache holds after prefill / at the end of the call.
+        kv_bytes_stored_prefill, kv_bytes_stored_end: the bytes the cache's key and value tensors
+            really hold for this sample's rows (measured: the tensors' storage over the batch, padding
+            entries included).
         note: why a sample was left as it was (a text-only sample under a visual-token method), or "".
     """
 
@@ -36,6 +41,10 @@ class SampleReport:
     flops_unpruned: int
     kv_bytes_prefill: int
     kv_bytes_end: int
+    cache_kept_prefill: list[list[int]] = field(default_factory=list)
+    cache_kept_end: list[list[int]] = field(default_factory=list)
+    kv_bytes_stored_prefill: int = 0
+    kv_bytes_stored_end: int = 0
     note: str = ""
 
 

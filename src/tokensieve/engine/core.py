@@ -178,7 +178,7 @@ class Engine(Selecting, PositionsAndMasks, InsideLayer, Transitions, CacheSide, 
         ledger.length = state.offset + state.new_tokens
         if state.cache is not None:
             state.cache.logical_length = ledger.length
-        self._write_report(state.prefill)
+        self._write_report(state.prefill, state.cache)
         self.state = None
         return output
 

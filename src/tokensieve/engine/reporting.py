@@ -6,11 +6,12 @@ import dataclasses
 
 import torch
 
+from ..cache import LedgerCache
 from ..flops import prefill_flops
 from ..report import Report, SampleReport
+from .state import EngineParts
 
 UNPRUNED_NOTE = "no visual tokens: passed through unpruned"
-from .state import EngineParts
 
 
 class Reporting(EngineParts):
@@ -20,11 +21,13 @@ class Reporting(EngineParts):
         options = {k: v for k, v in dataclasses.asdict(self.method).items() if not k.startswith("_")}
         return Report(self.method.name, options, self.positions)
 
-    def _write_report(self, prefill: bool) -> None:
+    def _write_report(self, prefill: bool, cache: LedgerCache | None) -> None:
         ledger, report = self.ledger, self.report
         batch = ledger.real.shape[0]
         cache_counts = [self._real_counts(c).tolist() if c is not None else [0] * batch for c in ledger.caches]
         element = 2 * self.shape.kv_width * self._kv_element_size()
+        kept = self._cache_kept(batch)
+        stored = self._stored_bytes(cache, batch)
         if prefill:
             prompt_real = ledger.real[:, : ledger.prompt_length].sum(1).tolist()
             hidden = torch.stack(ledger.hidden_counts).tolist() if ledger.hidden_counts else []
@@ -50,6 +53,10 @@ class Reporting(EngineParts):
                         flops_unpruned=prefill_flops(self.shape, [prompt_real[b]] * self.num_layers),
                         kv_bytes_prefill=sum(caches) * element,
                         kv_bytes_end=sum(caches) * element,
+                        cache_kept_prefill=kept[b],
+                        cache_kept_end=kept[b],
+                        kv_bytes_stored_prefill=stored[b],
+                        kv_bytes_stored_end=stored[b],
                         note=UNPRUNED_NOTE if self.method.visual and vis_in == 0 else "",
                     )
                 )
@@ -59,6 +66,35 @@ class Reporting(EngineParts):
             for b, sample in enumerate(report.samples):
                 sample.cache_lengths_end = [c[b] for c in cache_counts]
                 sample.kv_bytes_end = sum(sample.cache_lengths_end) * element
+                sample.cache_kept_end = kept[b]
+                sample.kv_bytes_stored_end = stored[b]
+
+    def _cache_kept(self, batch: int) -> list[list[list[int]]]:
+        """Per sample, per decoder layer: the original positions of the real entries its cache holds."""
+        ledger = self.ledger
+        out: list[list[list[int]]] = [[] for _ in range(batch)]
+        for rows in ledger.caches:
+            if rows is None:
+                for b in range(batch):
+                    out[b].append([])
+                continue
+            real = ledger.real.gather(1, rows.pos) & rows.valid
+            for b in range(batch):
+                out[b].append(rows.pos[b][real[b]].tolist())
+        return out
+
+    @staticmethod
+    def _stored_bytes(cache: LedgerCache | None, batch: int) -> list[int]:
+        """Per sample, the bytes its rows of the cache's key and value tensors really occupy, every
+        layer, padding entries of ragged batches and of the input included (measured, not modelled)."""
+        if cache is None:
+            return [0] * batch
+        total = 0
+        for layer in cache.layers:
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor) and t.numel():
+                    total += t.numel() * t.element_size()
+        return [total // batch] * batch
 
     def _kv_element_size(self) -> int:
         param = next(self.adapter.layers[0].parameters())
