@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference_models import shipped
 from tiny_models import VOCAB, build
 
 import tokensieve
@@ -120,28 +121,13 @@ def test_shifted_positions_match_the_release(start, recent):
     assert _engine_steps(model, prompt, tokens, sinks=start, window=recent)[-1].equal(got[-1])  # "auto" = shift
 
 
-_SHIPPED: dict[str, tuple] = {}
-
-
-def shipped_model():
-    """The shipped tiny LLaVA (its decoder an 8-layer Llama, 4 query and 2 key-value heads), eager."""
-    if "shipped" not in _SHIPPED:
-        from tokensieve.tiny import load_tiny
-
-        model, processor = load_tiny()
-        for cfg in (model.config, model.config.text_config, model.config.vision_config):
-            cfg._attn_implementation = "eager"
-        _SHIPPED["shipped"] = (model, processor)
-    return _SHIPPED["shipped"]
-
-
 def shipped_prompts() -> list[list[int]]:
     """Per task, one test item's question as a text-only prompt of the shipped format (its ``<image>``
     left out), tokenised by the shipped processor's tokenizer: 11 to 15 tokens."""
     from tokensieve.tasks import TASKS, generate
     from tokensieve.tiny.prompt import prompt_text
 
-    _, processor = shipped_model()
+    _, processor = shipped()
     texts = [prompt_text(e.question).replace("<image> ", "") for task in TASKS for e in generate(task, "test", 1)]
     return [processor.tokenizer(text)["input_ids"] for text in texts]
 
@@ -157,7 +143,7 @@ def test_shifted_positions_match_the_release_on_the_shipped_language_model(start
     trimmed from the prefill on."""
     from types import SimpleNamespace
 
-    model, processor = shipped_model()
+    model, processor = shipped()
     decoder = SimpleNamespace(model=model.model.language_model, lm_head=model.lm_head)
     prompts = shipped_prompts()
     for i, prompt in enumerate(prompts):

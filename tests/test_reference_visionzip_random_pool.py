@@ -12,6 +12,8 @@ import math
 
 import pytest
 import torch
+from reference_models import shipped as shipped_eager
+from reference_models import shipped_inputs
 from tiny_models import IMAGE, batch, build, collate, layer_input, samples
 
 import tokensieve
@@ -179,31 +181,6 @@ def test_visionzip_feeds_the_release_sequence(monkeypatch, opts, cls_feature):
     assert run.report.positions == "renumber"
 
 
-_SHIPPED: dict[str, tuple] = {}  # the shipped model and its processor
-
-
-def shipped_model():
-    """The shipped tiny LLaVA (4-layer CLIP tower, 144 patches, 8 decoder layers), eager attention: the
-    VisionZip reference reads the tower's attention weights."""
-    if "shipped" not in _SHIPPED:
-        from tokensieve.tiny import load_tiny
-
-        model, processor = load_tiny()
-        for cfg in (model.config, model.config.text_config, model.config.vision_config):
-            cfg._attn_implementation = "eager"
-        _SHIPPED["shipped"] = (model, processor)
-    return _SHIPPED["shipped"]
-
-
-def shipped_inputs() -> list:
-    """One test item of each task of the shipped model, as batch-1 inputs."""
-    from tokensieve.tasks import TASKS, generate
-    from tokensieve.tiny import build_inputs
-
-    _, processor = shipped_model()
-    return [build_inputs(processor, [e]) for task in TASKS for e in generate(task, "test", 1)]
-
-
 @pytest.mark.parametrize("opts", [{}, {"dominant": 20, "contextual": 8}])
 def test_visionzip_matches_the_release_on_the_shipped_model(opts):
     """The shipped model, one test item per task, default options (keep 0.5: 72 tokens per image, 61
@@ -212,7 +189,7 @@ def test_visionzip_matches_the_release_on_the_shipped_model(opts):
     the release's sequence (``[CLS, dominant in order, contextual]`` projected, in the image's place) to
     1e-5, and the last-token logits are the unpruned language model's on that sequence at positions
     0..L-1 to 1e-4."""
-    model, _ = shipped_model()
+    model, _ = shipped_eager()
     image_token = model.config.image_token_id
     dominant, contextual = (opts["dominant"], opts["contextual"]) if opts else _split(round(0.5 * 144))
     layers = len(model.model.language_model.layers)
