@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from . import __version__, methods
 from .compat import TRANSFORMERS_VERSION
 from .engine import prune
-from .tasks import TASKS, Example, generate
+from .tasks import TASKS, TEXT_TASKS, Example, TextExample, generate
 from .timing import ForwardTimer
 
 TEST_ITEMS = 500
@@ -26,18 +26,37 @@ TEST_ITEMS = 500
 
 @dataclass
 class Prompting:
-    """How a model is prompted with task examples and how its answers are read."""
+    """How a model is prompted with task examples and how its answers are read. ``text``: a text
+    model given a bare tokenizer (the shipped ``tiny-text``), prompted with the text tasks' own prompts."""
 
     processor: Any
     tiny: bool
+    text: bool = False
 
     @classmethod
     def for_processor(cls, processor: Any) -> "Prompting":
-        """The shipped model's prompt format for processors without a chat template (the tiny model and
-        checkpoints retrained with ``tokensieve train-tiny``), the chat template otherwise."""
-        return cls(processor, tiny=getattr(processor, "chat_template", None) is None)
+        """The text tasks' prompts for a bare tokenizer (the tiny text model); the shipped model's prompt
+        format for processors without a chat template (the tiny model and checkpoints retrained with
+        ``tokensieve train-tiny``), the chat template otherwise."""
+        from transformers import PreTrainedTokenizerBase
 
-    def inputs(self, examples: list[Example]) -> Any:
+        text = isinstance(processor, PreTrainedTokenizerBase)
+        return cls(processor, tiny=text or getattr(processor, "chat_template", None) is None, text=text)
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Tokens to generate: enough for the longest answer of the suite and its end token."""
+        if self.text:
+            from .tiny_text import MAX_NEW_TOKENS
+
+            return MAX_NEW_TOKENS
+        return 3
+
+    def inputs(self, examples: list[Example] | list[TextExample]) -> Any:
+        if self.text:
+            from .tiny_text import build_inputs
+
+            return build_inputs(self.processor, examples)
         if self.tiny:
             from .tiny import build_inputs
 
@@ -50,7 +69,7 @@ class Prompting:
         return self.processor(images=[e.image for e in examples], text=texts, padding=True, return_tensors="pt")
 
     def answers(self, generated: torch.Tensor, prompt_len: int) -> list[str]:
-        tokenizer = self.processor.tokenizer
+        tokenizer = self.processor if self.text else self.processor.tokenizer
         if self.tiny:
             from .tiny import parse_answers
 
@@ -93,11 +112,15 @@ def model_inputs(inputs: Any, model: Any) -> dict[str, Any]:
     return moved
 
 
-def resolve_tasks(task: str) -> list[str]:
+def resolve_tasks(task: str, text: bool | None = None) -> list[str]:
+    """The task names ``task`` stands for: itself, or for "all" the text tasks when ``text`` is True and
+    the image tasks otherwise. ``text`` None (the model not known yet) accepts a task of either suite."""
+    suites = {False: TASKS, True: TEXT_TASKS}
+    valid = TASKS + TEXT_TASKS if text is None else suites[text]
     if task == "all":
-        return list(TASKS)
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}, all")
+        return list(suites[bool(text)])
+    if task not in valid:
+        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(valid)}, all")
     return [task]
 
 
@@ -115,11 +138,12 @@ def evaluate(
     options: dict[str, Any] | None = None,
     limit: int = TEST_ITEMS,
     batch_size: int = 16,
-    max_new_tokens: int = 3,
+    max_new_tokens: int | None = None,
     progress: bool | Any = True,
     baseline: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``method`` on the first ``limit`` test items of ``task`` ("all" for every task).
+    """Evaluate ``method`` on the first ``limit`` test items of ``task`` ("all" for every task of the
+    model's suite: the text tasks for a text model, the image tasks otherwise).
 
     Returns the JSON-ready result: accuracy, baseline_accuracy, agreement, visual_tokens_kept (mean
     and per layer), tflops, tflops_unpruned (per-sample means), ttft_ms and decode_ms_per_token
@@ -128,7 +152,8 @@ def evaluate(
     and transformers versions).
 
     ``baseline``: an earlier result of method "none" on the same items, reused instead of generating
-    the unpruned answers again. ``progress``: a bool, or a tqdm bar to advance.
+    the unpruned answers again. ``progress``: a bool, or a tqdm bar to advance. ``max_new_tokens``: by
+    default the prompting's (3 for the image tasks, 5 for the text tasks).
 
     Inputs go to the model's device (pixel values in its dtype). Before any timing, one untimed
     generation on the first batch takes the one-off costs of a first call (kernel selection, memory
@@ -140,7 +165,8 @@ def evaluate(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     methods.get(method, **options)  # validate the name and options before any work
-    tasks = resolve_tasks(task)
+    tasks = resolve_tasks(task, prompting.text)
+    max_new_tokens = prompting.max_new_tokens if max_new_tokens is None else max_new_tokens
     examples = [e for t in tasks for e in generate(t, "test", limit)]
     if baseline is not None and len(baseline["items"]) != len(examples):
         raise ValueError("the baseline result covers other items")

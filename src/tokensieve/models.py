@@ -1,5 +1,6 @@
-"""Loading a model by name for the command line: the shipped ``tiny`` model, a local checkpoint
-directory or a hub id (the local cache is used; set ``HF_HUB_OFFLINE=1`` to forbid downloads)."""
+"""Loading a model by name for the command line: the shipped ``tiny`` model (LLaVA) or ``tiny-text``
+model (Llama, text tasks), a local checkpoint directory or a hub id (the local cache is used; set
+``HF_HUB_OFFLINE=1`` to forbid downloads)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from safetensors import SafetensorError
 
 from .adapters import adapter_for
 
-BUILTIN = ("tiny",)
+BUILTIN = ("tiny", "tiny-text")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -50,7 +51,7 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 def load(name: str, device: str = "cpu", dtype: str | None = None) -> tuple[Any, Any]:
     """``(model, processor)`` in eval mode, on ``device`` (see :func:`resolve_device`) in ``dtype``
-    (see :func:`resolve_dtype`).
+    (see :func:`resolve_dtype`); for ``tiny-text`` the processor is its tokenizer.
 
     Raises:
         ValueError: unknown name, device or dtype, a missing path, a directory without a supported
@@ -91,11 +92,12 @@ def _cannot_load(name: str, err: Exception) -> ValueError:
 
 
 def _load(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
-    if name == "tiny":
+    if name in BUILTIN:
         from .tiny import load_tiny
+        from .tiny_text import load_tiny_text
 
         try:
-            return load_tiny(dtype)
+            return (load_tiny if name == "tiny" else load_tiny_text)(dtype)
         except FileNotFoundError as err:
             raise ValueError(str(err)) from None
         except (OSError, SafetensorError) as err:

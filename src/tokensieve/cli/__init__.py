@@ -1,4 +1,4 @@
-"""The ``tokensieve`` command line: ``tokensieve {flops,methods,eval,compare,calibrate,bench,train-tiny} ...``."""
+"""The ``tokensieve`` command line: ``tokensieve {flops,methods,eval,compare,calibrate,bench,train-tiny,train-tiny-text} ...``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from typing import NoReturn
 
 from .. import __version__
-from . import bench_cmd, calibrate_cmd, compare_cmd, eval_cmd, flops_cmd, methods_cmd, recipes_cmd
+from . import bench_cmd, calibrate_cmd, compare_cmd, eval_cmd, flops_cmd, methods_cmd, recipes_cmd, train_tiny_text_cmd
 
 INTERRUPTED = 130
 """Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..tiny import train
 
     train.add_parser(sub)
+    train_tiny_text_cmd.add_parser(sub)
     return parser
 
 

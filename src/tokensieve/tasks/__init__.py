@@ -1,4 +1,5 @@
-"""Procedurally generated image-question tasks with fixed, disjoint train and test splits.
+"""Procedurally generated tasks with fixed, disjoint train and test splits: image questions
+(``TASKS``) and long-context text questions (``TEXT_TASKS``, :mod:`.text`).
 
 Example ``i`` of split ``s`` of task ``t`` is drawn from an RNG seeded by
 (task index, split base + i), so it is always the same bytes. Split bases are
@@ -13,8 +14,12 @@ from .example import Example
 from .generators import COLOUR_NAMES, COUNT_WORDS, GENERATORS
 from .glyphs import GLYPHS
 from .scene import CELL_NAMES, IMAGE_SIZE, SHAPES
+from .text import TEXT_GENERATORS, TEXT_TASKS, TextExample
 
 TASKS: tuple[str, ...] = tuple(GENERATORS)
+"""The image tasks."""
+ALL_TASKS: tuple[str, ...] = TASKS + TEXT_TASKS
+"""Every task; a task's index here seeds its items."""
 SPLITS: dict[str, int] = {"train": 0, "test": 1 << 40}
 """Seed base of each split; a split holds at most 2**40 examples."""
 SPLIT_SIZE = 1 << 40
@@ -22,26 +27,28 @@ SPLIT_SIZE = 1 << 40
 
 def example_seed(task: str, split: str, i: int) -> tuple[int, int]:
     """The RNG seed of example ``i`` of ``split`` of ``task``: (task index, split base + i)."""
-    if task not in GENERATORS:
-        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+    if task not in ALL_TASKS:
+        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(ALL_TASKS)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     if not 0 <= i < SPLIT_SIZE:
         raise ValueError(f"example index {i} out of range [0, 2**40)")
-    return TASKS.index(task), SPLITS[split] + i
+    return ALL_TASKS.index(task), SPLITS[split] + i
 
 
-def generate(task: str, split: str, n: int, start: int = 0) -> list[Example]:
-    """Examples ``start`` .. ``start + n - 1`` of ``split`` ("train" or "test") of ``task``."""
+def generate(task: str, split: str, n: int, start: int = 0) -> list[Example] | list[TextExample]:
+    """Examples ``start`` .. ``start + n - 1`` of ``split`` ("train" or "test") of ``task``
+    (image ``Example`` records for an image task, ``TextExample`` records for a text task)."""
     if n < 0 or start < 0:
         raise ValueError(f"n and start must be non-negative, got n={n}, start={start}")
     example_seed(task, split, start)  # validates names and range
-    gen = GENERATORS[task]
+    gen = GENERATORS[task] if task in GENERATORS else TEXT_GENERATORS[task]
     return [gen(np.random.default_rng(list(example_seed(task, split, i)))) for i in range(start, start + n)]
 
 
 def vocabulary() -> list[str]:
-    """Every word that can occur in any task's questions or answers, sorted."""
+    """Every word that can occur in any image task's questions or answers, sorted
+    (:func:`.text.text_vocabulary` for the text tasks)."""
     words: set[str] = {"what", "colour", "shape", "is", "the", "object", "at", "?", "there", "a", "how", "many",
                        "are", "left", "of", "above", "character", "yes", "no"}
     words.update(COLOUR_NAMES, SHAPES, (s + "s" for s in SHAPES), COUNT_WORDS, GLYPHS)
@@ -50,4 +57,4 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-__all__ = ["TASKS", "SPLITS", "Example", "IMAGE_SIZE", "generate", "example_seed", "vocabulary"]
+__all__ = ["TASKS", "TEXT_TASKS", "ALL_TASKS", "SPLITS", "Example", "TextExample", "IMAGE_SIZE", "generate", "example_seed", "vocabulary"]
