@@ -6,23 +6,27 @@ import difflib
 from typing import Any
 
 from .base import CacheView, Grid, Method, Point, Selection, View
+from .a2sf import A2SF
 from .aim import AIM
+from .cache_base import CacheScorer
 from .dart import DART
 from .divprune import DivPrune
 from .fastervlm import FasterVLM
 from .fastv import FastV
 from .fitprune import FitPrune, FitPruneSearch
+from .h2o import H2O
 from .none import Unpruned
 from .pdrop import PDrop
 from .pool import Pool
 from .random_drop import RandomDrop
+from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
 from .tome import ToMe
 from .transprune import TransPrune
 from .vflowopt import VFlowOpt
 from .visionzip import VisionZip
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Unpruned, FastV, FitPrune, RandomDrop, Pool, StreamingLLM, DivPrune, FasterVLM, DART, PDrop, VisionZip, ToMe, TransPrune, AIM, VFlowOpt)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Unpruned, FastV, FitPrune, RandomDrop, Pool, StreamingLLM, H2O, SnapKV, A2SF, DivPrune, FasterVLM, DART, PDrop, VisionZip, ToMe, TransPrune, AIM, VFlowOpt)}
 
 
 def get(name: str | Method, **options: Any) -> Method:
@@ -49,4 +53,5 @@ def get(name: str | Method, **options: Any) -> Method:
 
 
 __all__ = ["REGISTRY", "get", "Method", "Point", "View", "Selection", "CacheView", "Grid",
-           "Unpruned", "FastV", "FitPrune", "FitPruneSearch", "DivPrune", "FasterVLM", "DART", "PDrop", "VisionZip", "ToMe", "TransPrune", "AIM", "VFlowOpt", "RandomDrop", "Pool", "StreamingLLM"]
+           "Unpruned", "FastV", "FitPrune", "FitPruneSearch", "DivPrune", "FasterVLM", "DART", "PDrop", "VisionZip", "ToMe", "TransPrune", "AIM", "VFlowOpt", "RandomDrop", "Pool", "StreamingLLM",
+           "CacheScorer", "H2O", "SnapKV", "A2SF"]
