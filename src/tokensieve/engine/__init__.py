@@ -13,6 +13,12 @@ model (raising before anything is touched), then installs, on this model instanc
   encoder layer up to the feature layer (:mod:`tokensieve.tower`).
 
 Leaving the context removes all of it, also when the body raises.
+
+One concern per module: :mod:`.context` (``prune()``, ``Run``), :mod:`.core` (checks, install/remove,
+passes, the layer shim), :mod:`.selection` (views and selections), :mod:`.positions` (rotary rows,
+position ids, masks), :mod:`.inside` (tokens leaving inside a layer), :mod:`.transitions` (TransPrune's
+accumulated transitions), :mod:`.cache_side` (cache rows, eviction, shifted cache positions),
+:mod:`.reporting` (the per-sample report), :mod:`.state` (what the parts share).
 """
 
 from .context import Run, prune
