@@ -76,7 +76,15 @@ class PositionsAndMasks(EngineParts):
 
     def _mask(self, rows: Rows, keys: Rows, like: Any, dtype: torch.dtype) -> torch.Tensor:
         """``(B, 1, n, m)`` mask of ``rows`` (queries) against ``keys``: causal in original positions,
-        padding and ragged entries masked, each row allowed to see itself (no empty softmax rows)."""
+        padding and ragged entries masked, each row allowed to see itself (no empty softmax rows).
+
+        None where the model passed none (it lets SDPA apply causality itself) and the mask would add
+        nothing: every entry valid and real, and either the rows are their own keys (prefill: ascending
+        positions, so plain causality) or one query sees every key (a decode step); the attention
+        backend then keeps its causal fast path."""
+        if like is None and bool(keys.valid.all()) and bool(rows.valid.all()) \
+                and bool(self.ledger.real.gather(1, keys.pos).all()) and (keys is rows or rows.width == 1):
+            return None
         allowed = self._allowed(rows, keys)[:, None]
         floating = isinstance(like, torch.Tensor) and like.is_floating_point()
         if like is None:
