@@ -25,6 +25,7 @@ KEEP_ALL = {
     "h2o": {"budget": 10_000},
     "snapkv": {"budget": 10_000},
     "a2sf": {"budget": 10_000},
+    "pagedeviction": {"budget": 10_000},
     "divprune": {"keep": 1.0},
     "fastervlm": {"keep": 1.0},
     "dart": {"keep": 1.0},

@@ -14,6 +14,7 @@ from ..cache import LedgerCache
 from ..flops import Shape
 from ..ledger import Ledger, Rows
 from ..methods.base import Method, Point
+from ..paged_cache import PagedCache
 from ..report import Report
 from ..shims import shim_forward
 from ..tower import TowerStage
@@ -113,10 +114,14 @@ class Engine(Selecting, PositionsAndMasks, InsideLayer, Transitions, CacheSide, 
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(self.adapter.text_config, "use_cache", True)
+        # a method that evicts whole blocks ("paged cache" in its needs, with a block_size) gets a
+        # PagedCache: an empty DynamicCache (generate()'s) is turned into one; any other cache is refused
+        paged = "paged cache" in self.method.needs
         if cache is not None:
-            cache = LedgerCache.adopt(cache)
+            cache = PagedCache.adopt(cache, self.method.block_size) if paged else LedgerCache.adopt(cache)
         elif use_cache:
-            cache = LedgerCache(config=self.adapter.text_config)
+            text = self.adapter.text_config
+            cache = PagedCache(self.method.block_size, config=text) if paged else LedgerCache(config=text)
         if cache is not None:
             kwargs[self.cache_keyword] = cache
         offset = cache.logical_length if cache is not None else 0

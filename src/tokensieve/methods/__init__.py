@@ -16,6 +16,7 @@ from .fastv import FastV
 from .fitprune import FitPrune, FitPruneSearch
 from .h2o import H2O
 from .none import Unpruned
+from .pagedeviction import PagedEviction
 from .pdrop import PDrop
 from .pool import Pool
 from .random_drop import RandomDrop
@@ -26,7 +27,7 @@ from .transprune import TransPrune
 from .vflowopt import VFlowOpt
 from .visionzip import VisionZip
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Unpruned, FastV, FitPrune, RandomDrop, Pool, StreamingLLM, H2O, SnapKV, A2SF, DivPrune, FasterVLM, DART, PDrop, VisionZip, ToMe, TransPrune, AIM, VFlowOpt)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Unpruned, FastV, FitPrune, RandomDrop, Pool, StreamingLLM, H2O, SnapKV, A2SF, PagedEviction, DivPrune, FasterVLM, DART, PDrop, VisionZip, ToMe, TransPrune, AIM, VFlowOpt)}
 
 
 def get(name: str | Method, **options: Any) -> Method:
@@ -54,4 +55,4 @@ def get(name: str | Method, **options: Any) -> Method:
 
 __all__ = ["REGISTRY", "get", "Method", "Point", "View", "Selection", "CacheView", "Grid",
            "Unpruned", "FastV", "FitPrune", "FitPruneSearch", "DivPrune", "FasterVLM", "DART", "PDrop", "VisionZip", "ToMe", "TransPrune", "AIM", "VFlowOpt", "RandomDrop", "Pool", "StreamingLLM",
-           "CacheScorer", "H2O", "SnapKV", "A2SF"]
+           "CacheScorer", "H2O", "SnapKV", "A2SF", "PagedEviction"]
