@@ -86,9 +86,12 @@ class Reporting(EngineParts):
     @staticmethod
     def _stored_bytes(cache: LedgerCache | None, batch: int) -> list[int]:
         """Per sample, the bytes its rows of the cache's key and value tensors really occupy, every
-        layer, padding entries of ragged batches and of the input included (measured, not modelled)."""
+        layer, padding entries of ragged batches and of the input included (measured, not modelled);
+        for a paged cache, its share of the block pools (free blocks included)."""
         if cache is None:
             return [0] * batch
+        if hasattr(cache, "stored_bytes"):  # a paged cache: its block pools are the storage
+            return [cache.stored_bytes() // batch] * batch
         total = 0
         for layer in cache.layers:
             for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
