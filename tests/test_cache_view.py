@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import pytest
 import torch
 from tiny_models import PAD, VOCAB, build
 
@@ -141,3 +142,37 @@ def test_the_report_names_the_entries_held_and_measures_their_storage():
         assert sample.kv_bytes_stored_end == stored // 2
         assert sample.kv_bytes_end == 6 * len(model.model.layers) * 2 * 2 * 8 * 4  # entries x layers x K,V x heads x dim x fp32
     assert run.report.samples[0].kv_bytes_stored_prefill >= run.report.samples[0].kv_bytes_stored_end
+
+
+@pytest.mark.parametrize("name", ["h2o", "a2sf", "pagedeviction", "snapkv"])
+def test_keep_one_keeps_every_entry_through_decoding(name):
+    """``keep=1`` (kvpress's ``compression_ratio=0``) evicts nothing, also while decoding: logits and
+    ids equal the plain model's."""
+    model = build("llama")
+    gen = torch.Generator().manual_seed(5)
+    ids, mask = _padded(gen, [20, 14])
+    options = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        plain = model.generate(input_ids=ids, attention_mask=mask, **options)
+        with tokensieve.prune(model, name, keep=1.0):
+            pruned = model.generate(input_ids=ids, attention_mask=mask, **options)
+    assert torch.equal(plain.sequences, pruned.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(plain.logits, pruned.logits))
+
+
+def test_a_ragged_batch_without_padding_keeps_its_masks():
+    """Two unpadded prompts of equal length whose images differ (16 and 32 tokens) under FastV: after
+    the drop the rows are ragged, so the engine must pass its own mask (not leave causality to SDPA);
+    each sample's logits equal its logits alone."""
+    from tiny_models import collate, samples
+
+    model = build("llava")
+    parts = samples("llava", model, [1, 2])
+    width = max(len(p["ids"]) for p in parts)
+    for p in parts:  # pad the text, not the batch: equal lengths, no padding tokens
+        p["ids"] = p["ids"][:1] + [5] * (width - len(p["ids"])) + p["ids"][1:]
+    with torch.no_grad(), tokensieve.prune(model, "fastv", layer=1, keep=0.5):
+        together = model(**collate("llava", parts)).logits[:, -1]
+        for i, part in enumerate(parts):
+            alone = model(**collate("llava", [part])).logits[0, -1]
+            assert torch.allclose(together[i], alone, atol=1e-4), (i, (together[i] - alone).abs().max())

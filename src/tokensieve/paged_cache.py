@@ -261,10 +261,11 @@ class PagedCache(LedgerCache):
             if cache.block_size != block_size:
                 raise ValueError(f"this PagedCache has blocks of {cache.block_size} entries, the method {block_size}")
             return cache
-        cache = LedgerCache.adopt(cache)
-        if any(cache.stored_length(i) for i in range(len(cache.layers))):
+        held = DynamicCache.get_seq_length(cache) if isinstance(cache, DynamicCache) else 0
+        if held:  # refuse before adopting: the caller's cache stays as it was
             raise ValueError("a paged KV cache stores the entries in blocks from the first token: pass no cache, or "
-                             f"an empty DynamicCache (this one holds {cache.logical_length} tokens)")
+                             f"an empty DynamicCache (this one holds {held} tokens)")
+        cache = LedgerCache.adopt(cache)
         cache.__class__ = cls
         cache._into_blocks(block_size)
         return cache

@@ -60,9 +60,9 @@ class Engine(Selecting, PositionsAndMasks, InsideLayer, Transitions, CacheSide, 
         self.cache_shift = cache_mode == "shift" or (cache_mode == "auto" and not self.adapter.mrope)
         if cache_mode == "shift" and self.adapter.mrope:
             raise ValueError("positions='shift' is not defined for M-RoPE models (Qwen2-VL); use positions='keep'")
-        if self.cache_shift and getattr(self.adapter.rotary, "rope_type", "default") == "dynamic":
+        if self.cache_shift and getattr(self.adapter.rotary, "rope_type", "default") in ("dynamic", "longrope"):
             raise ValueError("positions='shift' re-rotates cached keys, which needs rotary angles linear in the "
-                             "position; this model's rope_type 'dynamic' is not: use positions='keep'")
+                             f"position; this model's rope_type {self.adapter.rotary.rope_type!r} is not: use positions='keep'")
         self.positions = "shift" if self.cache_shift else "renumber" if self.renumber else "keep"
         self.shape = Shape.from_config(self.adapter.text_config)
         self.vision_tap = None

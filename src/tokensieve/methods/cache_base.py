@@ -72,7 +72,7 @@ class CacheScorer(Method):
         raise NotImplementedError
 
     def evict(self, view: CacheView) -> torch.Tensor | None:
-        if not self.evicts(view):
+        if not self.evicts(view) or self.keep == 1:  # keep=1 (kvpress's compression_ratio 0): nothing leaves
             return None
         return self.select(view, self.score(view), self.budgets(view))
 

@@ -44,7 +44,8 @@ Details the paper leaves open, chosen here:
   that fills a block attends, ``C - r`` after its eviction): ``floor(C / B) + 1`` blocks at most.
   ``budget`` must therefore be at least two blocks (the first and the newest are kept).
 * **budget**: ``budget`` entries per layer (default 1024) or ``keep``, a fraction of each sample's
-  prompt, fixed at the prefill for the decode steps; ``block_size`` 16, vLLM's default.
+  prompt (at least two blocks; ``keep=1``: nothing evicted), fixed at the prefill for the decode
+  steps; ``block_size`` 16, vLLM's default.
 * scores in fp32, ``1e-6`` added to the key norm wherever it divides; equal scores: the earlier
   token stays, the earlier block goes. Batches: each sample its own scores, budget and block table.
 """
@@ -107,8 +108,10 @@ class PagedEviction(CacheScorer):
         self._budgets: list[torch.Tensor | None] = [None] * num_layers
 
     def evict(self, view: CacheView) -> torch.Tensor | None:
+        if self.keep == 1:  # kvpress's compression_ratio 0: nothing leaves
+            return None
         if view.prefill:
-            budget = self.budgets(view)
+            budget = self.budgets(view).clamp(min=2 * self.block_size)  # never below two blocks, with keep too
             self._budgets[view.layer] = budget
             return self.select(view, token_scores(view.keys(), view.values(), self.score), budget)
         return self._evict_blocks(view, self._budgets[view.layer])
