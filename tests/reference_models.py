@@ -78,3 +78,11 @@ def image_span(model, inputs) -> tuple[int, int]:
 def last_logits(model, x: torch.Tensor) -> torch.Tensor:
     """``(vocab,)`` logits of the last row of the final decoder layer's output ``x`` ``(T, d)``."""
     return model.lm_head(model.model.language_model.norm(x[-1]))
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, model) -> torch.Tensor:
+    """``x`` ``(H, n, D)`` rotated at ``positions`` ``(n,)`` with a Llama causal LM's own frequency table
+    (``apply_rotary_pos_emb``'s formula: ``x cos + rotate_half(x) sin``)."""
+    cos, sin = model.model.rotary_emb(x, position_ids=positions[None])
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin

@@ -22,6 +22,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_models import rope
 from tiny_models import PAD, VOCAB, build
 
 import tokensieve
@@ -49,17 +50,6 @@ def _model() -> torch.nn.Module:
 
 def _prompt(seed: int, n: int) -> list[int]:
     return torch.randint(1, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _rope(x: torch.Tensor, positions: torch.Tensor, model) -> torch.Tensor:
-    """``x`` ``(H, n, D)`` rotated at ``positions`` ``(n,)``, with the model's own frequency table."""
-    cos, sin = model.model.rotary_emb(x, position_ids=positions[None])
-    return x * cos + _rotate_half(x) * sin
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -101,15 +91,15 @@ class LayerLoop:
         v = attn.v_proj(x).view(n, -1, d).transpose(0, 1)
         past = 0 if self.keys[i] is None else self.keys[i].shape[1]
         text = torch.arange(self.seen, self.seen + n)
-        q = _rope(q, torch.arange(past, past + n) if self.shift else text, self.model)
+        q = rope(q, torch.arange(past, past + n) if self.shift else text, self.model)
         if not self.shift:
-            k = _rope(k, text, self.model)
+            k = rope(k, text, self.model)
         if self.keys[i] is not None:
             k, v = torch.cat([self.keys[i], k], 1), torch.cat([self.values[i], v], 1)
         self.keys[i], self.values[i] = k, v
         self.positions[i] = torch.cat([self.positions[i], text])
         if self.shift:
-            k = _rope(k, torch.arange(k.shape[1]), self.model)
+            k = rope(k, torch.arange(k.shape[1]), self.model)
         groups = q.shape[0] // k.shape[0]
         k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
         scores = q @ k.transpose(1, 2) / math.sqrt(d)

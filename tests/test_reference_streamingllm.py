@@ -17,24 +17,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference_models import shipped
+from reference_models import rope, shipped
 from tiny_models import VOCAB, build
 
 import tokensieve
 from tokensieve import compat
 
 LOGITS_ATOL = 1e-4  # fp32; the engine re-rotates rotated keys, the release rotates raw keys: rounding only
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _rope(x: torch.Tensor, positions: torch.Tensor, model) -> torch.Tensor:
-    """``x`` ``(H, n, D)`` rotated at ``positions`` ``(n,)``, with the model's own frequency table."""
-    cos, sin = model.model.rotary_emb(x, position_ids=positions[None])
-    return x * cos + _rotate_half(x) * sin
 
 
 class ReleaseStreaming:
@@ -54,12 +43,12 @@ class ReleaseStreaming:
         k = attn.k_proj(x).view(n, -1, d).transpose(0, 1)
         v = attn.v_proj(x).view(n, -1, d).transpose(0, 1)
         past = 0 if self.keys[i] is None else self.keys[i].shape[1]
-        q = _rope(q, torch.arange(past, past + n), self.model)  # position_ids: the cache's length on
+        q = rope(q, torch.arange(past, past + n), self.model)  # position_ids: the cache's length on
         if self.keys[i] is not None:
             k = torch.cat([self.keys[i], k], 1)
             v = torch.cat([self.values[i], v], 1)
         self.keys[i], self.values[i] = k, v
-        k = _rope(k, torch.arange(k.shape[1]), self.model)  # every key at its index in the cache
+        k = rope(k, torch.arange(k.shape[1]), self.model)  # every key at its index in the cache
         groups = q.shape[0] // k.shape[0]
         k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
         scores = q @ k.transpose(1, 2) * d**-0.5
