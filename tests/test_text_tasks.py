@@ -17,7 +17,8 @@ from tokensieve.tasks import ALL_TASKS, TASKS, TEXT_TASKS, example_seed, generat
 from tokensieve.tasks.text import KEYS, NUMBERS, SLACK, TEXT_LENGTHS, TextExample
 from tokensieve.tiny_text import TINY_TEXT_DIR, load_tiny_text
 from tokensieve.tiny_text.build import build_config, build_model, build_tokenizer
-from tokensieve.tiny_text.data import encode
+from tokensieve.tiny_text.data import encode, training_text
+from tokensieve.tiny_text.retrieval import COPIED_BACK, QUESTION_KEY_BACK, lookups
 from tokensieve.tiny_text.evaluate import greedy_accuracy, teacher_forced_correct
 
 N = 30
@@ -120,7 +121,7 @@ def test_answers_and_evidence_solve_from_the_prompt(task):
         answer, spans = solve(e, e.question)
         assert answer == e.answer and tuple(spans) == e.evidence
         assert e.evidence_positions == tuple(p for s, t in spans for p in range(s, t))
-        assert e.more and all(solve(e, q)[0] == a for q, a in e.more)
+        assert e.more and all(solve(e, q) == (a, list(ev)) for q, a, ev in e.more)
 
 
 def test_task_shapes():
@@ -138,9 +139,33 @@ def test_training_batches_supervise_every_answer_and_its_end():
     batch = encode(tokenizer, examples, turns=2)
     words = [tokenizer.convert_ids_to_tokens(batch.labels[batch.rows == r].tolist()) for r in range(4)]
     for e, labelled in zip(examples, words):
-        expected = [w for _, a in [(e.question, e.answer), *e.more[:2]] for w in (*a.split(), "</s>")]
+        expected = [w for a in [e.answer, *(m.answer for m in e.more[:2])] for w in (*a.split(), "</s>")]
         assert labelled == expected
     assert (batch.input_ids[batch.rows, batch.cols - 1] == tokenizer.convert_tokens_to_ids(":")).sum() >= 4 * 2
+
+
+@pytest.mark.parametrize("task", ["kv_recall_128", "multikey_256", "multihop_512", "vartrack_512"])
+def test_retrieval_aid_targets_the_tokens_each_answer_is_read_from(task):
+    tokenizer = build_tokenizer()
+    kind = task.rsplit("_", 1)[0]
+    for e in generate(task, "train", 20):
+        plan, words = lookups(e, 3), training_text(e, 3).split()
+        batch = encode(tokenizer, [e], 3)
+        assert len(plan.words) == len(batch.cols)
+        for (hops, first), q, label in zip(plan.words, batch.cols.tolist(), batch.labels.tolist()):
+            word = tokenizer.convert_ids_to_tokens(label)
+            if word == "</s>":
+                assert not hops and not first
+                continue
+            copied = [words[h - COPIED_BACK[kind]] for h in hops]
+            assert copied[-1] == word and all(h < q for h in hops)
+            if kind == "multihop":  # each hop reads the key the next link starts from
+                assert all(words[h] == words[n - 3] for h, n in zip(hops, hops[1:]))
+            if first:
+                key = words[q - QUESTION_KEY_BACK[kind]]
+                assert key in (w for w in words[q - 8 : q]) and (key in KEYS or key in NUMBERS)
+        names = [words[n] for _, n in plan.statements]
+        assert all(r - n in (2, 3) for r, n in plan.statements) and set(names) <= set(KEYS)
 
 
 @pytest.fixture(scope="module")
@@ -164,10 +189,50 @@ def test_evaluation_runs_a_text_model_with_a_cache_method(untrained):
 def test_train_tiny_text_smoke(tmp_path):
     out = tmp_path / "run"
     status = cli_main(["train-tiny-text", "--out", str(out), "--steps", "2", "--tokens-per-step", "512",
-                       "--hidden", "32", "--layers", "2", "--mlp", "64", "--eval-every", "1", "--eval-items", "1",
+                       "--hidden", "32", "--layers", "5", "--mlp", "64", "--eval-every", "1", "--eval-items", "1",
                        "--final-items", "1", "--curriculum", "512@0"])
     assert status == 0
     summary = json.loads((out / "training_summary.json").read_text())
-    assert summary["steps_done"] == 2 and len(summary["history"]) == 2 and set(summary["final_greedy_accuracy"]) == set(TEXT_TASKS)
+    assert summary["steps_done"] == 2 and len(summary["history"]) == 2
+    assert {"aid_statement", "aid_question", "aid_hop1", "aid_copy1"} <= set(summary["history"][-1]["losses"]) and set(summary["final_greedy_accuracy"]) == set(TEXT_TASKS)
     model, tokenizer = load_tiny_text(path=out)
     assert model.config.max_position_embeddings >= 2048 and tokenizer.padding_side == "left"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_tiny_text()
+
+
+FIXED_ITEMS = 8
+FIXED_BAR = 0.875
+"""The shipped model answers at least 7 of test items 0..7 of every task exactly (greedy)."""
+
+
+@needs_checkpoint
+@pytest.mark.parametrize("task", TEXT_TASKS)
+def test_the_shipped_model_answers_a_fixed_set_of_test_items(shipped, task):
+    model, tokenizer = shipped
+    examples = generate(task, "test", FIXED_ITEMS)
+    prompting = evaluation.Prompting.for_processor(tokenizer)
+    inputs = prompting.inputs(examples)
+    out = model.generate(**inputs, max_new_tokens=prompting.max_new_tokens, do_sample=False)
+    greedy = [a == e.answer for a, e in zip(prompting.answers(out, inputs["input_ids"].shape[1]), examples)]
+    assert sum(greedy) / FIXED_ITEMS >= FIXED_BAR, greedy
+    assert teacher_forced_correct(model, tokenizer, examples).tolist() == greedy
+
+
+@needs_checkpoint
+def test_eval_runs_the_shipped_text_model_under_streamingllm(capsys):
+    assert cli_main(["eval", "--model", "tiny-text", "--task", "multikey_512", "--limit", "4", "--batch-size", "4",
+                     "--method", "streamingllm", "--window", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "multikey_512" in out and "unpruned 1.000" in out
+
+
+@needs_checkpoint
+@pytest.mark.slow
+@pytest.mark.parametrize("task", TEXT_TASKS)
+def test_the_shipped_model_reaches_95_percent_on_100_test_items(shipped, task):
+    model, tokenizer = shipped
+    assert greedy_accuracy(model, tokenizer, task, 100) >= 0.95

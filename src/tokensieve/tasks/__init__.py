@@ -14,12 +14,12 @@ from .example import Example
 from .generators import COLOUR_NAMES, COUNT_WORDS, GENERATORS
 from .glyphs import GLYPHS
 from .scene import CELL_NAMES, IMAGE_SIZE, SHAPES
-from .text import TEXT_GENERATORS, TEXT_TASKS, TextExample
+from .text import TEXT_GENERATORS, TEXT_TASKS, WARMUP_TASKS, TextExample
 
 TASKS: tuple[str, ...] = tuple(GENERATORS)
 """The image tasks."""
-ALL_TASKS: tuple[str, ...] = TASKS + TEXT_TASKS
-"""Every task; a task's index here seeds its items."""
+ALL_TASKS: tuple[str, ...] = TASKS + TEXT_TASKS + WARMUP_TASKS
+"""Every task (the text tasks' training-only warm-up lengths included); a task's index here seeds its items."""
 SPLITS: dict[str, int] = {"train": 0, "test": 1 << 40}
 """Seed base of each split; a split holds at most 2**40 examples."""
 SPLIT_SIZE = 1 << 40

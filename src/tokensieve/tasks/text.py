@@ -12,7 +12,8 @@ so that a model trained by the project can solve them.
 | ``multihop`` | noise with 3 chains ``the K1 points to K2 .`` ... ``the Kh points to V .`` of 2-3 keys, links in random order | ``where does K1 lead ?`` | V |
 | ``vartrack`` | noise with 3 chains ``var X1 = V .`` ``var X2 = X1 .`` ... of 2-4 variables, each in order (RULER's variable tracking) | ``which variables hold V ?`` | ``X1 X2 ...`` in assignment order |
 
-Each kind exists at prompt lengths 512, 1024 and 2048 tokens (``kv_recall_512`` ...): the prompt
+Each kind exists at prompt lengths 512, 1024 and 2048 tokens (``kv_recall_512`` ...; the evaluated
+``TEXT_TASKS``), and at 128 and 256 for a training curriculum (``WARMUP_TASKS``): the prompt
 ``<s> USER : {context} {question} ASSISTANT :`` has at most that many tokens and at least that
 many minus ``SLACK``. Text is words separated by single spaces, punctuation included, so a word-level
 tokenizer gives exactly one token per word: ``prompt.split()[p]`` is the token at position ``p``.
@@ -30,11 +31,14 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 
 TEXT_LENGTHS: tuple[int, ...] = (512, 1024, 2048)
 """Target prompt lengths in tokens."""
+WARMUP_LENGTHS: tuple[int, ...] = (128, 256)
+"""Shorter prompts of the same tasks, for a training curriculum only (never evaluated)."""
 KINDS: tuple[str, ...] = ("kv_recall", "multikey", "multihop", "vartrack")
 SLACK = 7
 """A prompt of target length T has between T - SLACK + 1 and T tokens."""
@@ -67,6 +71,15 @@ PAIR_TOKENS = 7
 """Tokens of one ``the code of K is V .`` pair."""
 
 
+class Ask(NamedTuple):
+    """A question about a context, its answer, and the (start, end) token spans (end exclusive) of the
+    statements the answer depends on, in text order."""
+
+    question: str
+    answer: str
+    evidence: tuple[tuple[int, int], ...]
+
+
 @dataclass(frozen=True)
 class TextExample:
     """One long-context question.
@@ -75,8 +88,8 @@ class TextExample:
     separated by single spaces: one token each); ``answer`` one word, or for ``vartrack`` several
     separated by spaces; ``evidence`` the (start, end) token spans, end exclusive, of the statements
     the answer depends on, in text order (the needle, or every link of the asked chain); ``more``
-    further (question, answer) pairs about the same context, for training on several questions
-    per context.
+    further questions about the same context with their answers and evidence, for training on
+    several questions per context.
     """
 
     task: str
@@ -84,7 +97,7 @@ class TextExample:
     question: str
     answer: str
     evidence: tuple[tuple[int, int], ...]
-    more: tuple[tuple[str, str], ...] = ()
+    more: tuple[Ask, ...] = ()
 
     @property
     def length(self) -> int:
@@ -113,31 +126,31 @@ def _noise(rng: np.random.Generator, budget: int) -> list[str]:
         sentences.append(sentence)
 
 
-def _build(task: str, length: int, rng: np.random.Generator, statements: list[str], asked: list[int],
-           question: str, answer: str, more: list[tuple[str, str]], noise: bool) -> TextExample:
+_Draft = tuple[str, str, list[int]]
+"""A question, its answer and the indices of the statements it depends on."""
+
+
+def _build(task: str, length: int, rng: np.random.Generator, statements: list[str], asks: list[_Draft],
+           noise: bool) -> TextExample:
     """The example whose context holds ``statements`` in this order, spread over noise sentences at
-    random slots when ``noise`` (else back to back); ``asked`` indexes the statements that are evidence."""
-    tail = question.split() + list(SUFFIX)
+    random slots when ``noise`` (else back to back). ``asks[0]`` is the prompt's question, the rest
+    become ``more``; each names its evidence by statement index."""
+    tail = asks[0][0].split() + list(SUFFIX)
     budget = length - len(PREFIX) - len(tail) - sum(len(s.split()) for s in statements)
     if budget < 0:
         raise ValueError(f"{task}: the statements do not fit in {length} tokens")
     fillers = _noise(rng, budget) if noise else []
     slots = np.sort(rng.integers(0, len(fillers) + 1, size=len(statements)))
-    chosen = set(asked)
-    pieces: list[tuple[str, bool]] = []  # (sentence, is evidence) in text order
-    cut = 0
-    for i, slot in enumerate(slots):
-        pieces += [(f, False) for f in fillers[cut:slot]]
-        pieces.append((statements[i], i in chosen))
-        cut = slot
-    pieces += [(f, False) for f in fillers[cut:]]
     words, spans = list(PREFIX), []
-    for sentence, evidence in pieces:
-        if evidence:
-            spans.append((len(words), len(words) + len(sentence.split())))
-        words += sentence.split()
-    words += tail
-    return TextExample(task, " ".join(words), question, answer, tuple(spans), tuple(more))
+    cut = 0
+    for statement, slot in zip(statements, slots):
+        words += " ".join(fillers[cut:slot]).split()
+        spans.append((len(words), len(words) + len(statement.split())))
+        words += statement.split()
+        cut = slot
+    words += " ".join(fillers[cut:]).split() + tail
+    done = [Ask(q, a, tuple(spans[i] for i in sorted(indices))) for q, a, indices in asks]
+    return TextExample(task, " ".join(words), *done[0], more=tuple(done[1:]))
 
 
 def _pair(key: str, value: str) -> str:
@@ -149,28 +162,26 @@ def _recall_question(key: str) -> str:
 
 
 def kv_recall(rng: np.random.Generator, length: int) -> TextExample:
-    """A context of nothing but key-value pairs (distinct keys, values may repeat); ask one key."""
-    task = f"kv_recall_{length}"
+    """A context of nothing but key-value pairs (distinct keys, values may repeat); ask one key.
+    ``more`` asks every other key, in random order."""
     tail = len(PREFIX) + len(_recall_question(KEYS[0]).split()) + len(SUFFIX)
     n = (length - tail) // PAIR_TOKENS
     keys = _draw(rng, KEYS, n)
     values = [NUMBERS[int(i)] for i in rng.integers(len(NUMBERS), size=n)]
     target = int(rng.integers(n))
-    more = [(_recall_question(keys[i]), values[i]) for i in rng.permutation(n) if i != target]
-    statements = [_pair(k, v) for k, v in zip(keys, values)]
-    return _build(task, length, rng, statements, [target], _recall_question(keys[target]), values[target], more,
-                  noise=False)
+    order = [target] + [int(i) for i in rng.permutation(n) if i != target]
+    asks = [(_recall_question(keys[i]), values[i], [i]) for i in order]
+    return _build(f"kv_recall_{length}", length, rng, [_pair(k, v) for k, v in zip(keys, values)], asks, noise=False)
 
 
 def multikey(rng: np.random.Generator, length: int) -> TextExample:
-    """3-8 key-value needles (distinct keys and values) at random depths in noise; ask one key."""
+    """3-8 key-value needles (distinct keys and values) at random depths in noise; ask the first key.
+    ``more`` asks the others."""
     n = int(rng.integers(3, 9))
     keys, values = _draw(rng, KEYS, n), _draw(rng, NUMBERS, n)
-    more = [(_recall_question(k), v) for k, v in zip(keys[1:], values[1:])]
-    statements = [_pair(k, v) for k, v in zip(keys, values)]
-    order = [int(i) for i in rng.permutation(n)]
-    return _build(f"multikey_{length}", length, rng, [statements[i] for i in order], [order.index(0)],
-                  _recall_question(keys[0]), values[0], more, noise=True)
+    order = [int(i) for i in rng.permutation(n)]  # text order of the needles
+    asks = [(_recall_question(k), v, [order.index(j)]) for j, (k, v) in enumerate(zip(keys, values))]
+    return _build(f"multikey_{length}", length, rng, [_pair(keys[i], values[i]) for i in order], asks, noise=True)
 
 
 def _hop_question(key: str) -> str:
@@ -180,19 +191,19 @@ def _hop_question(key: str) -> str:
 def multihop(rng: np.random.Generator, length: int) -> TextExample:
     """Three chains ``K1 -> K2 (-> K3) -> V`` of 2-3 keys, their links in random order at random
     depths in noise; ask where the first chain's first key leads. ``more`` asks every other key of
-    every chain (where each leads: its chain's value), the asked chain's later keys included."""
+    every chain (where each leads: its chain's value, through the chain's links from that key on),
+    the asked chain's later keys included, in random order."""
     sizes = [int(s) for s in rng.integers(2, 4, size=3)]
     keys, values = _draw(rng, KEYS, sum(sizes)), _draw(rng, NUMBERS, 3)
     chains = [keys[sum(sizes[:c]) : sum(sizes[: c + 1])] for c in range(3)]
-    links = [(c, f"the {chain[i]} points to {(chain + [values[c]])[i + 1]} .")
+    links = [(c, i, f"the {chain[i]} points to {(chain + [values[c]])[i + 1]} .")
              for c, chain in enumerate(chains) for i in range(len(chain))]
-    order = [int(i) for i in rng.permutation(len(links))]
-    statements = [links[i][1] for i in order]
-    asked = [j for j, i in enumerate(order) if links[i][0] == 0]
-    more = [(_hop_question(k), values[c]) for c, chain in enumerate(chains) for k in chain if k != chains[0][0]]
-    more = [more[int(i)] for i in rng.permutation(len(more))]
-    return _build(f"multihop_{length}", length, rng, statements, asked, _hop_question(chains[0][0]), values[0],
-                  more, noise=True)
+    order = [int(i) for i in rng.permutation(len(links))]  # text order of the links
+    place = {links[i][:2]: j for j, i in enumerate(order)}
+    asks = [(_hop_question(chain[i]), values[c], [place[c, h] for h in range(i, len(chain))])
+            for c, chain in enumerate(chains) for i in range(len(chain))]
+    asks = asks[:1] + [asks[1:][int(i)] for i in rng.permutation(len(asks) - 1)]
+    return _build(f"multihop_{length}", length, rng, [links[i][2] for i in order], asks, noise=True)
 
 
 def _track_question(value: str) -> str:
@@ -202,22 +213,19 @@ def _track_question(value: str) -> str:
 def vartrack(rng: np.random.Generator, length: int) -> TextExample:
     """Three chains ``var X1 = V .`` ``var X2 = X1 .`` ... of 2-4 variables, interleaved at random
     with each chain in order, at random depths in noise; ask which variables hold the first chain's
-    value (answer: its variables in assignment order)."""
+    value (answer: its variables in assignment order). ``more`` asks the other two values."""
     sizes = [int(s) for s in rng.integers(2, 5, size=3)]
     names, values = _draw(rng, KEYS, sum(sizes)), _draw(rng, NUMBERS, 3)
     chains = [names[sum(sizes[:c]) : sum(sizes[: c + 1])] for c in range(3)]
     turns = [int(c) for c in rng.permutation([c for c in range(3) for _ in range(sizes[c])])]
-    statements, asked, done = [], [], [0, 0, 0]
+    statements: list[str] = []
+    owned: list[list[int]] = [[], [], []]
     for c in turns:
-        i = done[c]
-        source = values[c] if i == 0 else chains[c][i - 1]
-        if c == 0:
-            asked.append(len(statements))
-        statements.append(f"var {chains[c][i]} = {source} .")
-        done[c] += 1
-    more = [(_track_question(values[c]), " ".join(chains[c])) for c in (1, 2)]
-    return _build(f"vartrack_{length}", length, rng, statements, asked, _track_question(values[0]),
-                  " ".join(chains[0]), more, noise=True)
+        i = len(owned[c])
+        owned[c].append(len(statements))
+        statements.append(f"var {chains[c][i]} = {values[c] if i == 0 else chains[c][i - 1]} .")
+    asks = [(_track_question(values[c]), " ".join(chains[c]), owned[c]) for c in range(3)]
+    return _build(f"vartrack_{length}", length, rng, statements, asks, noise=True)
 
 
 _KIND_FUNCTIONS: dict[str, Callable[[np.random.Generator, int], TextExample]] = {
@@ -227,10 +235,14 @@ _KIND_FUNCTIONS: dict[str, Callable[[np.random.Generator, int], TextExample]] = 
     "vartrack": vartrack,
 }
 TEXT_GENERATORS: dict[str, Callable[[np.random.Generator], TextExample]] = {
-    f"{kind}_{length}": partial(fn, length=length) for kind, fn in _KIND_FUNCTIONS.items() for length in TEXT_LENGTHS
+    f"{kind}_{length}": partial(fn, length=length)
+    for lengths in (TEXT_LENGTHS, WARMUP_LENGTHS) for kind, fn in _KIND_FUNCTIONS.items() for length in lengths
 }
 """Task name (kind and prompt length, e.g. ``multihop_1024``) -> generator of one example from a seeded RNG."""
-TEXT_TASKS: tuple[str, ...] = tuple(TEXT_GENERATORS)
+TEXT_TASKS: tuple[str, ...] = tuple(f"{kind}_{n}" for kind in KINDS for n in TEXT_LENGTHS)
+"""The text tasks that are evaluated."""
+WARMUP_TASKS: tuple[str, ...] = tuple(f"{kind}_{n}" for kind in KINDS for n in WARMUP_LENGTHS)
+"""The same kinds at the warm-up lengths: training curricula only."""
 
 
 def text_vocabulary() -> list[str]:

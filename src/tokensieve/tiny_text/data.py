@@ -28,7 +28,7 @@ class Batch:
 def training_text(example: TextExample, turns: int) -> str:
     """The prompt, its answer and ``</s>``, then the first ``turns`` of ``example.more`` as further
     turns ``USER : q ASSISTANT : a </s>`` about the same context."""
-    extra = "".join(f" USER : {q} {' '.join(SUFFIX)} {a} </s>" for q, a in example.more[:turns])
+    extra = "".join(f" USER : {q} {' '.join(SUFFIX)} {a} </s>" for q, a, _ in example.more[:turns])
     return f"{example.prompt} {example.answer} </s>{extra}"
 
 

@@ -4,7 +4,8 @@ Every step holds about ``--tokens-per-step`` tokens of training-split contexts o
 length, drawn among the lengths the curriculum has opened by then (``--curriculum``: each length
 and the step it opens at), the four task kinds equally often. Each context carries its own
 question and up to ``--turns`` further ones (``TextExample.more``) as extra turns; the loss is on
-the answer tokens and their ``</s>`` only. The schedule depends on steps alone, so a run replays.
+the answer tokens and their ``</s>`` only, plus (``--aid-weight``) the training-only retrieval
+circuit losses of :mod:`.retrieval`. The schedule depends on steps alone, so a run replays.
 Defaults are the settings of the checkpoint in ``tokensieve/tiny_text/checkpoint``.
 """
 
@@ -24,11 +25,12 @@ from transformers import LlamaForCausalLM
 
 from ..cli.options import check_output_dir
 from ..tasks import generate
-from ..tasks.text import KINDS, TEXT_LENGTHS, TEXT_TASKS
+from ..tasks.text import KINDS, TEXT_LENGTHS, TEXT_TASKS, WARMUP_LENGTHS
 from ..tiny.train import uninterrupted
 from .build import build_config, build_model, build_tokenizer
 from .data import encode
 from .evaluate import greedy_accuracy, teacher_forced_correct
+from .retrieval import HOP_HEADS, QUESTION_HEAD, circuit_loss, lookups
 
 EVAL_START = 100_000
 """Training-time checks use test items from here on, leaving items 0.. for the final evaluation."""
@@ -53,20 +55,23 @@ def curriculum(text: str) -> dict[int, int]:
             opens[int(length)] = int(step)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected length@step pairs, got {text!r}") from None
-    if not set(opens) <= set(TEXT_LENGTHS) or min(opens.values()) != 0:
-        raise argparse.ArgumentTypeError(f"lengths must be among {TEXT_LENGTHS} and one must open at step 0; got {text!r}")
+    if not set(opens) <= set(WARMUP_LENGTHS + TEXT_LENGTHS) or min(opens.values()) != 0:
+        raise argparse.ArgumentTypeError(f"lengths must be among {WARMUP_LENGTHS + TEXT_LENGTHS} and one must open at "
+                                         f"step 0; got {text!r}")
     return opens
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The training options (defaults = the shipped checkpoint's settings)."""
     parser.add_argument("--out", type=Path, default=Path("runs/tiny_text"), help="output checkpoint directory")
-    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps")
-    parser.add_argument("--tokens-per-step", type=int, default=8192,
-                        help="context tokens per batch: 16 contexts of 512 tokens, 8 of 1024, 4 of 2048")
-    parser.add_argument("--curriculum", type=curriculum, default=curriculum("512@0,1024@500,2048@900"),
+    parser.add_argument("--steps", type=int, default=2800, help="optimizer steps")
+    parser.add_argument("--tokens-per-step", type=int, default=4096,
+                        help="context tokens per batch: 32 contexts of 128 tokens ... 8 of 512, 2 of 2048")
+    parser.add_argument("--curriculum", type=curriculum, default=curriculum("128@0,256@500,512@1000,1024@1500,2048@1900"),
                         help="prompt lengths and the step each opens at; a step draws its length uniformly among the open ones")
     parser.add_argument("--turns", type=int, default=8, help="further questions about the same context per sequence")
+    parser.add_argument("--aid-weight", type=float, default=1.0,
+                        help="weight of the mean retrieval-circuit loss (0 = answers only); see tiny_text/retrieval.py")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     parser.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
     parser.add_argument("--weight-decay", type=float, default=0.05)
@@ -78,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--mlp", type=int, default=384)
     parser.add_argument("--init-from", type=Path, default=None, help="start from this checkpoint instead of fresh weights")
-    parser.add_argument("--eval-every", type=int, default=100, help="steps between held-out checks")
+    parser.add_argument("--eval-every", type=int, default=200, help="steps between held-out checks")
     parser.add_argument("--eval-items", type=int, default=16, help="held-out items per task in those checks")
     parser.add_argument("--final-items", type=int, default=100,
                         help="test items 0..N-1 per task for the final greedy accuracy (0 = skip)")
@@ -121,27 +126,40 @@ class Sampler:
 
     def __init__(self, seed: int, opens: dict[int, int], tokens_per_step: int):
         self.generator = torch.Generator().manual_seed(seed)
-        self.next_item = {task: seed * ITEMS_PER_SEED for task in TEXT_TASKS}
+        self.next_item = {f"{kind}_{n}": seed * ITEMS_PER_SEED for kind in KINDS for n in opens}
         self.opens = opens
         self.tokens_per_step = tokens_per_step
+        self.drawn = 0
 
     def draw(self, step: int) -> tuple[int, list]:
         """(prompt length, examples) for ``step``: ``tokens_per_step // length`` examples (at least 1),
-        task kinds in turn."""
+        task kinds in turn across examples and steps."""
         open_lengths = sorted(n for n, at in self.opens.items() if at <= step)
         length = open_lengths[int(torch.randint(len(open_lengths), (1,), generator=self.generator))]
         examples = []
-        for i in range(max(1, self.tokens_per_step // length)):
-            task = f"{KINDS[i % len(KINDS)]}_{length}"
+        for _ in range(max(1, self.tokens_per_step // length)):
+            task = f"{KINDS[self.drawn % len(KINDS)]}_{length}"
             examples += generate(task, "train", 1, start=self.next_item[task])
             self.next_item[task] += 1
+            self.drawn += 1
         return length, examples
 
 
-def answer_loss(model: LlamaForCausalLM, batch) -> torch.Tensor:
-    """Mean cross-entropy over the batch's supervised tokens; logits are computed there only."""
-    hidden = model.model(input_ids=batch.input_ids).last_hidden_state
-    return F.cross_entropy(model.lm_head(hidden[batch.rows, batch.cols]), batch.labels)
+def step_losses(model: LlamaForCausalLM, tokenizer, examples: list, turns: int, aid: bool) -> dict[str, torch.Tensor]:
+    """The answer loss of each task kind present (mean cross-entropy over its supervised tokens; logits
+    are computed there only) and, when ``aid``, the retrieval-circuit losses (:func:`.retrieval.circuit_loss`)."""
+    batch = encode(tokenizer, examples, turns)
+    out = model.model(input_ids=batch.input_ids, output_hidden_states=aid)
+    tokens = F.cross_entropy(model.lm_head(out.last_hidden_state[batch.rows, batch.cols]), batch.labels, reduction="none")
+    kinds = [e.task.rsplit("_", 1)[0] for e in examples]
+    row_kind = [kinds[r] for r in batch.rows.tolist()]
+    losses = {kind: tokens[torch.tensor([k == kind for k in row_kind])].mean() for kind in KINDS if kind in kinds}
+    if aid:
+        plans = [lookups(e, turns) for e in examples]
+        aids = circuit_loss(model, out.hidden_states, batch.input_ids, plans, batch.rows, batch.cols, kinds)
+        losses.update({f"aid_{k}": v for k, v in aids.items()})
+    losses["answer"] = tokens.mean()
+    return losses
 
 
 def check(model, tokenizer, eval_sets: dict[str, list]) -> dict[str, float]:
@@ -176,6 +194,10 @@ def run(args: argparse.Namespace) -> dict:
     else:
         model = build_model(build_config(tokenizer, args.hidden, args.layers, args.heads, args.kv_heads, args.mlp))
     model.train()
+    if args.aid_weight > 0 and (model.config.num_hidden_layers <= max(l for l, _ in HOP_HEADS)
+                                or model.config.num_attention_heads <= QUESTION_HEAD[1]):
+        raise ValueError(f"the retrieval aid needs at least {max(l for l, _ in HOP_HEADS) + 1} layers and "
+                         f"{QUESTION_HEAD[1] + 1} heads; use --aid-weight 0 for a smaller model")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -183,8 +205,8 @@ def run(args: argparse.Namespace) -> dict:
     sampler = Sampler(args.seed, args.curriculum, args.tokens_per_step)
     eval_sets = {task: generate(task, "test", args.eval_items, start=EVAL_START) for task in TEXT_TASKS}
     history: list[dict] = []
-    step_times: dict[int, list[float]] = {n: [] for n in TEXT_LENGTHS}
-    running = None
+    step_times: dict[int, list[float]] = {n: [] for n in WARMUP_LENGTHS + TEXT_LENGTHS}
+    running: dict[str, float] = {}  # moving averages of the answer loss per kind and of each aid loss
     step = 0
     interrupted = False
     bar = tqdm(total=args.steps, desc="train-tiny-text", mininterval=10)
@@ -194,7 +216,9 @@ def run(args: argparse.Namespace) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
             length, examples = sampler.draw(step)
-            loss = answer_loss(model, encode(tokenizer, examples, args.turns))
+            losses = step_losses(model, tokenizer, examples, args.turns, args.aid_weight > 0)
+            aids = [v for k, v in losses.items() if k.startswith("aid_")]
+            loss = losses["answer"] + (args.aid_weight * torch.stack(aids).mean() if aids else 0.0)
             loss.backward()
             with uninterrupted():  # a checkpoint saved on Ctrl-C holds whole updates only
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -202,12 +226,13 @@ def run(args: argparse.Namespace) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
             step_times[length].append(time.time() - tick)
-            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            for name, value in losses.items():
+                running[name] = 0.95 * running.get(name, value.item()) + 0.05 * value.item()
             bar.update(1)
-            bar.set_postfix(loss=f"{running:.3f}", refresh=False)
+            bar.set_postfix(loss=f"{running['answer']:.3f}", refresh=False)
             if step % args.eval_every == 0 or step == args.steps:
-                history.append({"step": step, "loss": running, "elapsed_s": time.time() - start_time,
-                                "accuracy": check(model, tokenizer, eval_sets)})
+                history.append({"step": step, "length": length, "losses": dict(running),
+                                "elapsed_s": time.time() - start_time, "accuracy": check(model, tokenizer, eval_sets)})
                 tqdm.write(json.dumps(history[-1]))
                 model.save_pretrained(args.out)  # a snapshot to inspect while training goes on
     except KeyboardInterrupt:
