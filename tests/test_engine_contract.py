@@ -26,6 +26,7 @@ KEEP_ALL = {
     "snapkv": {"budget": 10_000},
     "a2sf": {"budget": 10_000},
     "pagedeviction": {"budget": 10_000},
+    "lazyllm": {"keep": 1.0},
     "divprune": {"keep": 1.0},
     "fastervlm": {"keep": 1.0},
     "dart": {"keep": 1.0},

@@ -28,6 +28,8 @@ class SampleReport:
             really hold for this sample's rows (measured: the tensors' storage over the batch, padding
             entries included).
         note: why a sample was left as it was (a text-only sample under a visual-token method), or "".
+        attended: per decoder layer, the original positions of the real tokens its attention saw in
+            the latest pass, for methods that choose them again at every pass (LazyLLM), else empty.
     """
 
     hidden_lengths: list[int]
@@ -46,6 +48,7 @@ class SampleReport:
     kv_bytes_stored_prefill: int = 0
     kv_bytes_stored_end: int = 0
     note: str = ""
+    attended: list[list[int]] = field(default_factory=list)
 
 
 @dataclass

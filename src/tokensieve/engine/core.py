@@ -23,12 +23,13 @@ from .cache_side import CacheSide
 from .inside import InsideLayer
 from .positions import PositionsAndMasks
 from .reporting import Reporting
+from .revival import Revival
 from .selection import Selecting
 from .state import Pass
 from .transitions import Transitions
 
 
-class Engine(Selecting, PositionsAndMasks, InsideLayer, Transitions, CacheSide, Reporting):
+class Engine(Selecting, PositionsAndMasks, InsideLayer, Transitions, CacheSide, Revival, Reporting):
     """Applies one method to one model; see :func:`~tokensieve.engine.prune`. Each concern lives in its
     own mixin module; this class holds the state they share (``ledger``, ``state``, ``adapter``...)."""
 
@@ -71,6 +72,7 @@ class Engine(Selecting, PositionsAndMasks, InsideLayer, Transitions, CacheSide, 
         self.tower = TowerStage(self.adapter, method, self.shape) if "tower" in method.needs else None
         self.transition_layers = set(method.transition_layers()) if "transitions" in method.needs else set()
         self.ledger: Ledger | None = None
+        self.aux = None  # the Aux Cache of methods that need "aux cache" (LazyLLM), made at each prefill
         self.state: Pass | None = None
         self.selecting = True  # False for a prefill without visual tokens under a visual method: it passes through
         self.report = self._new_report()
@@ -194,6 +196,8 @@ class Engine(Selecting, PositionsAndMasks, InsideLayer, Transitions, CacheSide, 
         found = kwargs.get(self.layer_cache_keyword)
         if found is not state.cache:
             raise compat.unadopted_cache_error(idx, found, self.layer_cache_keyword)
+        if "aux cache" in self.method.needs:
+            return self._revival_layer(idx, original, hidden, args, kwargs)
         inside = None
         if state.prefill and self.selecting:
             if any(p.attention_layer == idx and not p.inside for p in self.points.get(idx, [])):

@@ -85,7 +85,12 @@ class PositionsAndMasks(EngineParts):
         if like is None and bool(keys.valid.all()) and bool(rows.valid.all()) \
                 and bool(self.ledger.real.gather(1, keys.pos).all()) and (keys is rows or rows.width == 1):
             return None
-        allowed = self._allowed(rows, keys)[:, None]
+        return self._mask_tensor(self._allowed(rows, keys), like, dtype)
+
+    def _mask_tensor(self, allowed: torch.Tensor, like: Any, dtype: torch.dtype) -> torch.Tensor:
+        """``allowed`` ``(B, n, m)`` bool as the ``(B, 1, n, m)`` mask the layer takes: boolean, or additive
+        (0 / dtype min) where the model passed a floating mask or runs eager attention."""
+        allowed = allowed[:, None]
         floating = isinstance(like, torch.Tensor) and like.is_floating_point()
         if like is None:
             floating = getattr(self.adapter.text_config, "_attn_implementation", "sdpa") == "eager"

@@ -68,6 +68,10 @@ class Reporting(EngineParts):
                 sample.kv_bytes_end = sum(sample.cache_lengths_end) * element
                 sample.cache_kept_end = kept[b]
                 sample.kv_bytes_stored_end = stored[b]
+        if self.aux is not None:
+            for b, sample in enumerate(report.samples):
+                sample.attended = [(ledger.real[b] & chosen[b]).nonzero().squeeze(1).tolist()
+                                   for chosen in self.aux.attended if chosen is not None]
 
     def _cache_kept(self, batch: int) -> list[list[list[int]]]:
         """Per sample, per decoder layer: the original positions of the real entries its cache holds."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -16,6 +16,9 @@ from ..methods.base import Method, Point
 from ..report import Report
 from ..tower import TowerStage
 from ..vision import VisionTap
+
+if TYPE_CHECKING:
+    from .revival import AuxCache
 
 
 @dataclass
@@ -50,6 +53,7 @@ class EngineParts:
     tower: TowerStage | None
     transition_layers: set[int]
     ledger: Ledger | None
+    aux: "AuxCache | None"
     state: Pass | None
     selecting: bool
     grids: list[list[tuple[torch.Tensor, int, int]]]

@@ -15,6 +15,7 @@ from .fastervlm import FasterVLM
 from .fastv import FastV
 from .fitprune import FitPrune, FitPruneSearch
 from .h2o import H2O
+from .lazyllm import LazyLLM
 from .none import Unpruned
 from .pagedeviction import PagedEviction
 from .pdrop import PDrop
@@ -27,7 +28,7 @@ from .transprune import TransPrune
 from .vflowopt import VFlowOpt
 from .visionzip import VisionZip
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Unpruned, FastV, FitPrune, RandomDrop, Pool, StreamingLLM, H2O, SnapKV, A2SF, PagedEviction, DivPrune, FasterVLM, DART, PDrop, VisionZip, ToMe, TransPrune, AIM, VFlowOpt)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Unpruned, FastV, FitPrune, RandomDrop, Pool, StreamingLLM, H2O, SnapKV, A2SF, PagedEviction, LazyLLM, DivPrune, FasterVLM, DART, PDrop, VisionZip, ToMe, TransPrune, AIM, VFlowOpt)}
 
 
 def get(name: str | Method, **options: Any) -> Method:
@@ -55,4 +56,4 @@ def get(name: str | Method, **options: Any) -> Method:
 
 __all__ = ["REGISTRY", "get", "Method", "Point", "View", "Selection", "CacheView", "Grid",
            "Unpruned", "FastV", "FitPrune", "FitPruneSearch", "DivPrune", "FasterVLM", "DART", "PDrop", "VisionZip", "ToMe", "TransPrune", "AIM", "VFlowOpt", "RandomDrop", "Pool", "StreamingLLM",
-           "CacheScorer", "H2O", "SnapKV", "A2SF", "PagedEviction"]
+           "CacheScorer", "H2O", "SnapKV", "A2SF", "PagedEviction", "LazyLLM"]

@@ -164,6 +164,30 @@ class CacheView:
     memory: torch.Tensor | None = None
 
 
+@dataclass
+class RevivalView:
+    """The tokens one layer's attention saw in one pass, for methods that choose again at every pass
+    which tokens the next layers compute (LazyLLM); the engine keeps what the choice leaves out.
+
+    Attributes:
+        layer: the decoder layer whose attention is read; the choice holds from ``layer + 1`` on.
+        positions: ``(B, m)`` original positions of the entries of that layer's KV cache.
+        candidate: ``(B, m)`` bool, the real entries this pass's attention at ``layer`` saw (the last
+            token included).
+        last: ``(B, m)`` bool, the entry of the pass's last token (each sample's query).
+        prefill: True in the prefill pass.
+        attention: ``attention()`` -> ``(B, H, m)`` float32 softmax row of the last token at ``layer``
+            over the candidate entries (0 elsewhere), recomputed from its query and the cached keys.
+    """
+
+    layer: int
+    positions: torch.Tensor
+    candidate: torch.Tensor
+    last: torch.Tensor
+    prefill: bool
+    attention: Callable[[], torch.Tensor]
+
+
 class Method:
     """Base class of all methods. Subclasses are dataclasses whose fields are the method's options."""
 
@@ -201,6 +225,11 @@ class Method:
     def evict(self, view: CacheView) -> torch.Tensor | None:
         """``(B, m)`` bool of cache entries to keep at ``view.layer``, or None to keep all."""
         return None
+
+    def choose(self, view: RevivalView) -> torch.Tensor:
+        """``(B, m)`` bool: the candidate entries of ``view.layer`` that the next layers compute in this
+        pass (methods that need ``"aux cache"``); the last token is kept whatever this says."""
+        raise NotImplementedError(f"{self.name} does not choose tokens per pass")
 
     def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
         """Visual tokens entering each layer and leaving its attention, predicted without running the
