@@ -192,7 +192,7 @@ class Revival(EngineParts):
         keep = (self.method.choose(view) & candidate) | is_last
         chosen = torch.zeros_like(aux.chosen, dtype=torch.long).scatter_add_(1, entries.pos, keep.long()) > 0
         aux.chosen = chosen
-        stay = rows.valid & chosen.gather(1, rows.pos)
+        stay = rows.valid & (chosen.gather(1, rows.pos) | ~ledger.real.gather(1, rows.pos))  # padding stays, as unpruned
         if bool((stay == rows.valid).all()):
             return out
         leave = rows.valid & ~stay
