@@ -122,7 +122,7 @@ def test_the_same_settings_resume_without_recomputing_a_cell(tmp_path, monkeypat
     monkeypatch.setattr(bench, "evaluate", lambda *a, **k: runs.append(a[3]) or evaluate(*a, **k))
     assert small_bench(model, prompting, tmp_path) == stored and runs == []
     grown = small_bench(model, prompting, tmp_path, budgets=[0.5, 0.3])  # a new budget: only its cell runs
-    assert runs == ["random"] and grown[:2] == stored and grown[2]["bench"] == {"method": "random", "budget": 0.3}
+    assert runs == ["random"] and grown[:2] == stored and grown[2]["bench"] == {"method": "random", "budget": 0.3, "axis": "flops"}
 
 
 def test_the_bar_ends_at_its_total_when_fastv_falls_back_to_layer_1(tmp_path, record_bars):
@@ -144,3 +144,48 @@ def test_fitprune_rows_fit_their_recipe_with_the_search_they_name(tmp_path):
         bench.parse_method("fitprune:search=exact")
     with pytest.raises(ValueError, match="takes no option 'search'"):
         bench.parse_method("fastv:search=feasible")
+
+
+@pytest.fixture(scope="module")
+def text_model():
+    from tokensieve import evaluation
+    from tokensieve.tiny_text.build import build_config, build_model, build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    model = build_model(build_config(tokenizer, hidden=32, layers=2, heads=4, kv_heads=2, mlp=64)).eval()
+    return model, evaluation.Prompting.for_processor(tokenizer)
+
+
+def test_cache_methods_run_on_their_kv_budget_axis_with_a_kv_plot(tmp_path, text_model):
+    model, prompting = text_model
+    results = bench.run_bench(model, prompting, "multikey_512", ["snapkv", "streamingllm:sinks=2"], [], 2, 2, tmp_path,
+                              "untrained", keeps=[0.5, 0.25], protocol="question-after")
+    cells = {(r["bench"]["method"], r["bench"]["budget"]): r for r in results}
+    assert set(cells) == {("none", 1.0), ("snapkv", 0.5), ("snapkv", 0.25), ("streamingllm:sinks=2", 0.5),
+                          ("streamingllm:sinks=2", 0.25)}
+    rows = {(r["method"], r["budget"]): r for r in bench.rows(results)}
+    for (method, keep), row in rows.items():
+        assert row["axis"] == ("flops" if method == "none" else "keep")
+        if method != "none":  # the measured bytes held after the context follow the budget
+            assert abs(row["kv_ratio"] - keep) < 0.02, (method, keep, row["kv_ratio"])
+            assert cells[method, keep]["settings"]["protocol"] == "question-after"
+    assert cells["streamingllm:sinks=2", 0.25]["settings"]["options"]["sinks"] == 2
+    assert (tmp_path / "accuracy_vs_kv.png").stat().st_size > 0 and not (tmp_path / "accuracy_vs_flops.png").exists()
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert settings["protocol"] == "question-after" and settings["max_new_tokens"] == 5
+    with pytest.raises(ValueError, match=r"--protocol question-after \(now whole\)"):
+        bench.run_bench(model, prompting, "multikey_512", ["snapkv"], [], 2, 2, tmp_path, "untrained", keeps=[0.5])
+
+
+@pytest.mark.parametrize("names,budgets,keeps,message", [
+    (["snapkv"], [0.5], [], r"KV budget \(--keep\)"),
+    (["snapkv"], [], [1.5], r"must be in \(0, 1\]"),
+    (["snapkv:keep=0.5"], [], [0.5], "the bench sets keep"),
+    (["h2o:budget=20"], [], [0.5], "the bench sets keep, a KV budget"),
+    (["fastv"], [], [0.5], "give at least one FLOPs budget"),
+    (["streamingllm:window=8"], [], [0.5], "give one of window, keep and budget"),
+])
+def test_bad_kv_budget_grids_are_refused_before_any_work(names, budgets, keeps, message):
+    with pytest.raises(ValueError, match=message):
+        bench.check_specs(names, budgets, keeps=keeps)

@@ -258,15 +258,30 @@ def test_a_missing_model_path_says_it_does_not_exist(tmp_path, capsys, monkeypat
     assert code == 2 and f"model path {name} does not exist" in err and "Traceback" not in err, err
 
 
-def test_a_text_only_model_is_named_as_such_with_the_tasks_it_can_run(tmp_path, capsys):
+def test_a_text_only_model_runs_the_text_tasks_and_refuses_image_tasks(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tokensieve.tiny_text.build import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    code, out, err = run_cli(capsys, "eval", "--model", str(tmp_path), "--task", "kv_recall_512", "--limit", "1",
+                             "--method", "h2o", "--protocol", "question-after")
+    assert code == 0 and "kv_recall_512" in out and "protocol question-after" in out, err
+    code, _, err = run_cli(capsys, "eval", "--model", str(tmp_path), "--task", "counting", "--limit", "1")
+    assert code == 2 and "unknown task 'counting'" in err and "kv_recall_512" in err and "Traceback" not in err, err
+
+
+def test_a_language_model_without_its_tokenizer_is_a_clear_error(tmp_path, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     code, _, err = run_cli(capsys, "eval", "--model", str(tmp_path), "--limit", "1")
-    assert code == 2 and "Traceback" not in err and "Unrecognized configuration class" not in err, err
-    assert "text-only language model (llama)" in err and "no task can run it yet" in err
-    assert "need a vision-language model" in err and "long-context text tasks will come with the KV-cache work" in err
+    assert code == 2 and "cannot load" in err and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("argv,target", [

@@ -188,3 +188,36 @@ def test_shifted_positions_in_a_left_padded_batch_match_each_sample_alone():
         alone = _engine_steps(model, prompt, forced[:-1], sinks=2, window=5, positions="shift")
         for step, logits in enumerate(alone):
             assert torch.allclose(out.logits[step][b], logits, atol=LOGITS_ATOL), (b, step)
+
+
+@pytest.mark.parametrize("budget", [{"keep": 0.5}, {"budget": 7}])
+def test_a_budget_in_keep_or_entries_is_the_release_with_that_cache_size(budget):
+    """keep=0.5 of a 14-token prompt (7 entries) and budget=7 both keep 2 sinks and a window of 5,
+    prefill and every decode step: the release's start_size=2, recent_size=5."""
+    model = build("llama", "eager")
+    gen = torch.Generator().manual_seed(3)
+    prompt = torch.randint(1, VOCAB, (14,), generator=gen).tolist()
+    ref = ReleaseStreaming(model, 2, 5)
+    expected = [ref.forward(prompt)[-1]]
+    tokens = []
+    for _ in range(6):
+        tokens.append(int(expected[-1].argmax()))
+        expected.append(ref.forward([tokens[-1]])[-1])
+    got = _engine_steps(model, prompt, tokens, sinks=2, positions="shift", **budget)
+    for step, (a, b) in enumerate(zip(got, expected)):
+        assert torch.allclose(a, b, atol=LOGITS_ATOL), f"step {step}: max diff {(a - b).abs().max():.2e}"
+
+
+def test_keep_1_evicts_nothing():
+    model = build("llama", "eager")
+    prompt = torch.randint(1, VOCAB, (12,), generator=torch.Generator().manual_seed(4)).tolist()
+    with torch.no_grad():
+        plain = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    tokens = [int(plain.argmax())] * 3
+    full = []
+    with torch.no_grad():
+        for step in range(len(tokens) + 1):
+            full.append(model(input_ids=torch.tensor([prompt + tokens[:step]])).logits[0, -1])
+    got = _engine_steps(model, prompt, tokens, keep=1.0)
+    for a, b in zip(got, full):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -18,8 +18,8 @@ from tokensieve.tasks.text import KEYS, NUMBERS, SLACK, TEXT_LENGTHS, TextExampl
 from tokensieve.tiny_text import TINY_TEXT_DIR, load_tiny_text
 from tokensieve.tiny_text.build import build_config, build_model, build_tokenizer
 from tokensieve.tiny_text.data import encode, training_text
-from tokensieve.tiny_text.retrieval import COPIED_BACK, QUESTION_KEY_BACK, lookups
 from tokensieve.tiny_text.evaluate import greedy_accuracy, teacher_forced_correct
+from tokensieve.tiny_text.retrieval import COPIED_BACK, QUESTION_KEY_BACK, lookups
 
 N = 30
 SHIPPED = (TINY_TEXT_DIR / "model.safetensors").is_file()

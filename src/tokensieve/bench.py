@@ -1,11 +1,13 @@
-"""``tokensieve bench``: a grid of methods x FLOPs budgets on the task suite, resumable, with plots.
+"""``tokensieve bench``: a grid of methods x budgets on the task suite, resumable, with plots.
 
-Each cell evaluates one method at one FLOPs budget on the same test items; the unpruned answers come
-from one ``none`` run that every cell reuses. Methods meet the budget through their ``flops`` option
-(FastV tries K=2 and falls back to K=1 where K=2 cannot reach the budget); FitPrune first fits a
-recipe for the budget on training items (kept in the output folder and reused) with the authors'
-search, or tokensieve's with ``fitprune:search=feasible``. Results are written
-after every cell; a rerun skips the cells already written.
+Each cell evaluates one method at one budget on the same test items; the unpruned answers come from
+one ``none`` run that every cell reuses. A method's budget axis is its kind's: prefill and encoder
+methods meet a FLOPs budget through their ``flops`` option (FastV tries K=2 and falls back to K=1
+where K=2 cannot reach the budget; FitPrune first fits a recipe for the budget on training items,
+kept in the output folder and reused, with the authors' search, or tokensieve's with
+``fitprune:search=feasible``); KV-cache methods meet a cache budget through their ``keep`` option
+(the fraction of the prompt's cache entries kept per layer; kvpress's ``compression_ratio`` is
+``1 - keep``). Results are written after every cell; a rerun skips the cells already written.
 
 The folder records what its values depend on besides a cell's method and budget (``settings.json``,
 see :func:`bench_settings`); a rerun with other settings is refused, naming what differs, unless it
@@ -28,24 +30,36 @@ from . import __version__, methods
 from .adapters import adapter_for
 from .evaluation import Prompting, calibrate_on_tasks, evaluate, model_runtime, resolve_tasks
 from .flops import Shape
+from .protocols import check_protocol
 from .recipe import Recipe
-from .tasks import Example, generate
+from .tasks import Example, TextExample, generate
 
 FASTV_LAYERS = (2, 1)
-MAX_NEW_TOKENS = 3
-"""Tokens each cell generates per item (the answers are one word)."""
+MAX_NEW_TOKENS = {False: 3, True: 5}
+"""Tokens each cell generates per item: image tasks (one-word answers), text tasks (up to four words)."""
+DEFAULT_KEEPS = (0.75, 0.5, 0.25, 0.1)
+"""The KV budgets of cache methods when none are given."""
 SETTINGS = "settings.json"
-OUTPUTS = ("results.json", "results.csv", "results.md", "accuracy_vs_flops.png", "accuracy_vs_ttft.png")
+OUTPUTS = ("results.json", "results.csv", "results.md", "accuracy_vs_flops.png", "accuracy_vs_kv.png",
+           "accuracy_vs_ttft.png")
 RECIPES = "recipe_flops*.json"
 PROBE_LAYERS = 1024
 """Decoder depth specs are checked against before a model is loaded: deeper than any model, so that
 only a layer beyond the model's own depth is left to catch once it is loaded."""
-SET_BY_BENCH = {"flops": "the bench sets flops", "recipe": "the bench fits a recipe per budget"}
+SET_BY_BENCH = {"flops": {"flops": "the bench sets flops", "recipe": "the bench fits a recipe per budget"},
+                "keep": {"keep": "the bench sets keep", "budget": "the bench sets keep, a KV budget"}}
+"""Per budget axis, the options the bench sets itself."""
 SEARCHES = ("release", "feasible")
 """FitPrune's recipe search (``fitprune:search=feasible``), a bench option: the method does not take it."""
 SETTING_NAMES = {"model": "--model", "tasks": "--task", "limit": "--limit", "batch_size": "--batch-size",
-                 "device": "--device", "dtype": "--dtype", "items_sha256": "test items (sha256)"}
+                 "device": "--device", "dtype": "--dtype", "items_sha256": "test items (sha256)",
+                 "protocol": "--protocol"}
 """How a refusal names each setting: by its command-line flag where it has one."""
+
+
+def axis(name: str) -> str:
+    """The budget axis of method ``name``: ``"keep"`` for KV-cache methods, ``"flops"`` otherwise."""
+    return "keep" if "cache" in methods.REGISTRY[name].stages else "flops"
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
@@ -54,7 +68,8 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
 
     Raises:
         ValueError: an unknown method, ``none`` (the bench always runs it), an option the method does
-            not take or the bench sets (``flops``, FitPrune's ``recipe``), a malformed ``key=value``,
+            not take or the bench sets (``flops`` and FitPrune's ``recipe``; a cache method's ``keep``
+            and ``budget``), a malformed ``key=value``,
             or a value of the wrong type.
     """
     name, *parts = [part.strip() for part in spec.split(":")]
@@ -64,7 +79,8 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
         methods.get(name)  # raises, naming the closest methods
     cls = methods.REGISTRY[name]
     hints = typing.get_type_hints(cls)
-    settable = [o for o in cls.options() if o not in SET_BY_BENCH] + (["search"] if name == "fitprune" else [])
+    set_here = SET_BY_BENCH[axis(name)]
+    settable = [o for o in cls.options() if o not in set_here] + (["search"] if name == "fitprune" else [])
     options: dict[str, Any] = {}
     for part in parts:
         key, sep, text = part.partition("=")
@@ -76,7 +92,7 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
             options[key] = text
             continue
         if key not in settable:
-            why = f" ({SET_BY_BENCH[key]})" if key in SET_BY_BENCH else ""
+            why = f" ({set_here[key]})" if key in set_here else ""
             raise ValueError(f"{spec!r}: {name} takes no option {key!r} here{why}; its options are "
                              f"{', '.join(settable) or 'none'}")
         try:
@@ -124,31 +140,41 @@ def cell_options(name: str, budget: float) -> list[dict[str, Any]]:
     """Option sets to try, in order, for ``name`` at ``budget`` (FitPrune's recipe is added when the cell runs)."""
     if name == "fastv":
         return [{"layer": k, "flops": budget} for k in FASTV_LAYERS]
-    return [{"flops": budget}]
+    return [{axis(name): budget}]
 
 
-def check_specs(names: list[str], budgets: list[float], num_layers: int = PROBE_LAYERS) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Parse every method spec (:func:`parse_method`) and build it at every budget as its cell will, on
-    a model of ``num_layers`` decoder layers, so that a spec error surfaces before any work. Returns
+def check_specs(names: list[str], budgets: list[float], num_layers: int = PROBE_LAYERS,
+                keeps: list[float] = ()) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Parse every method spec (:func:`parse_method`) and build it at every budget of its axis
+    (``budgets``: FLOPs; ``keeps``: KV-cache budgets, for cache methods) as its cell will, on a model of
+    ``num_layers`` decoder layers, so that a spec error surfaces before any work. Returns
     ``{spec: (name, fixed options)}``.
 
     Raises:
-        ValueError: no methods or budgets, one given twice, a budget outside (0, 1), a bad spec, or a
-            spec no option set of its cell can run at some budget (such as ``fastv:keep=0.25``: keep
-            and flops are two budgets).
+        ValueError: no methods, or no budgets on an axis a method needs, one given twice, a budget
+            outside (0, 1) (a KV budget may be 1: nothing evicted), a bad spec, or a spec no option set
+            of its cell can run at some budget (such as ``fastv:keep=0.25``: keep and flops are two
+            budgets).
     """
-    for what, given in (("method", names), ("FLOPs budget", budgets)):
-        if not given:
+    if not names:
+        raise ValueError("give at least one method")
+    specs = {spec: parse_method(spec) for spec in names}
+    axes = {axis(name) for name, _ in specs.values()}
+    for what, given, needed in (("method", names, True), ("FLOPs budget", budgets, "flops" in axes),
+                                ("KV budget (--keep)", keeps, "keep" in axes)):
+        if needed and not given:
             raise ValueError(f"give at least one {what}")
-        twice = sorted({str(x) for x in given if given.count(x) > 1})
+        twice = sorted({str(x) for x in given if list(given).count(x) > 1})
         if twice:
             raise ValueError(f"{what} {', '.join(twice)} given twice")
     for b in budgets:
         if not isinstance(b, (int, float)) or not 0 < b < 1:
             raise ValueError(f"FLOPs budgets must be in (0, 1), got {b}")
-    specs = {spec: parse_method(spec) for spec in names}
+    for k in keeps:
+        if not isinstance(k, (int, float)) or not 0 < k <= 1:
+            raise ValueError(f"KV budgets (--keep) must be in (0, 1], got {k}")
     for spec, (name, fixed) in specs.items():
-        for budget in budgets:
+        for budget in (keeps if axis(name) == "keep" else budgets):
             errors = []
             for options in cell_options(name, budget):
                 if name == "fitprune":
@@ -159,33 +185,39 @@ def check_specs(names: list[str], budgets: list[float], num_layers: int = PROBE_
                 except (TypeError, ValueError) as err:
                     errors.append(str(err))
             else:
-                raise ValueError(f"{spec!r} cannot run at flops={budget} (the bench sets flops): {errors[0]}")
+                raise ValueError(f"{spec!r} cannot run at {axis(name)}={budget} (the bench sets {axis(name)}): {errors[0]}")
     return specs
 
 
-def items_digest(examples: list[Example]) -> str:
-    """sha256 of the items' tasks, questions, answers and image pixels."""
+def items_digest(examples: list[Example] | list[TextExample]) -> str:
+    """sha256 of the items' tasks, questions, answers and image pixels (text items: their prompts)."""
     digest = hashlib.sha256()
     for e in examples:
         digest.update(f"{e.task}\0{e.question}\0{e.answer}\0".encode())
-        digest.update(e.image.tobytes())
+        digest.update(e.prompt.encode() if isinstance(e, TextExample) else e.image.tobytes())
     return digest.hexdigest()
 
 
-def bench_settings(model_name: str, task: str, limit: int, batch_size: int, runtime: dict[str, str]) -> dict[str, Any]:
+def bench_settings(model_name: str, task: str, limit: int, batch_size: int, runtime: dict[str, str],
+                   text: bool | None = None, protocol: str = "whole") -> dict[str, Any]:
     """What every value in a bench folder depends on besides its cell's method and budget: the model,
-    tasks, limit and a digest of the test items, the batch size (answers and FLOPs do not depend on it,
-    but the prefill times are per batch), the tokens generated, and ``runtime`` (device, dtype, torch
-    and transformers versions; :func:`tokensieve.evaluation.runtime`). The methods and budgets are not
-    in it: they only choose which cells the folder holds."""
+    tasks (``text``: whether the model runs the text suite, which ``"all"`` then means), limit and a
+    digest of the test items, the batch size (answers and FLOPs do not depend on it, but the prefill
+    times are per batch), the tokens generated, the prompting ``protocol``
+    (:mod:`tokensieve.protocols`), and ``runtime`` (device, dtype, torch and transformers versions;
+    :func:`tokensieve.evaluation.runtime`). The methods and budgets are not in it: they only choose
+    which cells the folder holds."""
+    check_protocol(protocol)
     if not isinstance(limit, int) or limit < 1:
         raise ValueError(f"--limit must be at least 1, got {limit}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-    tasks = resolve_tasks(task)
+    tasks = resolve_tasks(task, text)
     examples = [e for t in tasks for e in generate(t, "test", limit)]
+    text = isinstance(examples[0], TextExample)
     return {"model": model_name, "tasks": tasks, "limit": limit, "items_sha256": items_digest(examples),
-            "batch_size": batch_size, "max_new_tokens": MAX_NEW_TOKENS, "tokensieve": __version__, **runtime}
+            "batch_size": batch_size, "max_new_tokens": MAX_NEW_TOKENS[text], "protocol": protocol,
+            "tokensieve": __version__, **runtime}
 
 
 def bench_files(out: Path) -> list[Path]:
@@ -225,14 +257,16 @@ def _show(value: Any) -> str:
 
 
 def run_bench(model: Any, prompting: Prompting, task: str, names: list[str], budgets: list[float], limit: int,
-              batch_size: int, out: Path, model_name: str, overwrite: bool = False) -> list[dict[str, Any]]:
-    """Run the cells of ``names`` x ``budgets`` that ``out`` does not hold yet; returns every cell.
+              batch_size: int, out: Path, model_name: str, overwrite: bool = False, keeps: list[float] = DEFAULT_KEEPS,
+              protocol: str = "whole") -> list[dict[str, Any]]:
+    """Run the cells of ``names`` x their axis's budgets (``budgets``: FLOPs; ``keeps``: KV budgets of
+    the cache methods) that ``out`` does not hold yet, under the prompting ``protocol``; returns every cell.
 
     ``overwrite``: remove the bench files of ``out`` first; otherwise a folder made with other
     settings (:func:`bench_settings`) is refused, naming what differs.
     """
-    specs = check_specs(names, budgets, Shape.from_config(adapter_for(model).text_config).layers)
-    settings = bench_settings(model_name, task, limit, batch_size, model_runtime(model))
+    specs = check_specs(names, budgets, Shape.from_config(adapter_for(model).text_config).layers, keeps)
+    settings = bench_settings(model_name, task, limit, batch_size, model_runtime(model), prompting.text, protocol)
     tasks = settings["tasks"]
     if overwrite:
         for path in bench_files(out):
@@ -244,13 +278,14 @@ def run_bench(model: Any, prompting: Prompting, task: str, names: list[str], bud
     store = out / "results.json"
     results: list[dict[str, Any]] = json.loads(store.read_text()) if store.exists() else []
     done = {(r["bench"]["method"], r["bench"]["budget"]) for r in results}
-    cells = [("none", 1.0)] + [(spec, b) for spec in names for b in budgets]
+    cells = [("none", 1.0)] + [(spec, b) for spec in names
+                               for b in (keeps if axis(specs[spec][0]) == "keep" else budgets)]
     todo = [c for c in cells if c not in done]
     per_cell = limit * len(tasks)
     bar = tqdm(total=len(todo) * per_cell, desc="bench", unit="item")
     baseline = next((r for r in results if r["bench"]["method"] == "none"), None)
     for spec, budget in todo:
-        bar.set_postfix(method=spec, flops=budget)
+        bar.set_postfix(method=spec, budget=budget)
         name, fixed = specs.get(spec, ("none", {}))
         fixed = dict(fixed)
         search = fixed.pop("search", "release")
@@ -261,8 +296,8 @@ def run_bench(model: Any, prompting: Prompting, task: str, names: list[str], bud
             try:
                 if name == "fitprune":
                     options = {**options, "recipe": _recipe(model, prompting, budget, out, model_name, search)}
-                result = evaluate(model, prompting, task, name, {**options, **fixed}, limit, batch_size, MAX_NEW_TOKENS,
-                                  progress=bar, baseline=baseline)
+                result = evaluate(model, prompting, task, name, {**options, **fixed}, limit, batch_size,
+                                  settings["max_new_tokens"], progress=bar, baseline=baseline, protocol=protocol)
                 break
             except ValueError as err:
                 errors.append(str(err))
@@ -270,7 +305,7 @@ def run_bench(model: Any, prompting: Prompting, task: str, names: list[str], bud
         if result is None:
             result = {"error": "; ".join(errors)}
         bar.update(start + per_cell - bar.n)
-        result["bench"] = {"method": spec, "budget": budget}
+        result["bench"] = {"method": spec, "budget": budget, "axis": "flops" if name == "none" else axis(name)}
         if name == "none":
             baseline = result
         results.append(result)
@@ -291,14 +326,17 @@ def _recipe(model: Any, prompting: Prompting, budget: float, out: Path, model_na
 
 
 def rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One flat row per cell."""
+    """One flat row per cell; ``kv_ratio`` is its measured KV bytes over the unpruned cell's."""
+    base = next((r for r in results if r["bench"]["method"] == "none" and "error" not in r), None)
     table = []
     for r in results:
-        row = {"method": r["bench"]["method"], "budget": r["bench"]["budget"]}
+        row = {"method": r["bench"]["method"], "axis": r["bench"].get("axis", "flops"), "budget": r["bench"]["budget"]}
         if "error" in r:
             row.update(error=r["error"])
         else:
-            row.update(flops_ratio=r["tflops"] / r["tflops_unpruned"], accuracy=r["accuracy"], agreement=r["agreement"],
+            row.update(flops_ratio=r["tflops"] / r["tflops_unpruned"],
+                       kv_ratio=r["kv_bytes"] / base["kv_bytes"] if base and base["kv_bytes"] else None,
+                       accuracy=r["accuracy"], agreement=r["agreement"],
                        visual_tokens=r["visual_tokens_kept"]["mean"], ttft_ms=r["ttft_ms"],
                        options=json.dumps({k: v for k, v in r["settings"]["options"].items() if k != "recipe" and v is not None}),
                        **{f"acc_{t}": v["accuracy"] for t, v in r["per_task"].items()})
@@ -313,30 +351,45 @@ def write_tables(results: list[dict[str, Any]], out: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(table)
-    lines = ["| method | budget | FLOPs ratio | accuracy | agreement | visual tokens | TTFT ms | options |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | budget | FLOPs ratio | KV ratio | accuracy | agreement | visual tokens | TTFT ms | options |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in table:
+        budget = f"{row['axis']} {row['budget']}" if row["method"] != "none" else "-"
         if "error" in row:
-            lines.append(f"| {row['method']} | {row['budget']} | - | - | - | - | - | unreachable: {row['error'][:80]} |")
+            lines.append(f"| {row['method']} | {budget} | - | - | - | - | - | - | unreachable: {row['error'][:80]} |")
         else:
-            lines.append(f"| {row['method']} | {row['budget']} | {row['flops_ratio']:.3f} | {row['accuracy']:.3f} | "
+            kv = "-" if row["kv_ratio"] is None else f"{row['kv_ratio']:.3f}"
+            lines.append(f"| {row['method']} | {budget} | {row['flops_ratio']:.3f} | {kv} | {row['accuracy']:.3f} | "
                          f"{row['agreement']:.3f} | {row['visual_tokens']:.1f} | {row['ttft_ms']:.1f} | {row['options']} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
+PLOTS = (("flops", "flops_ratio", "LLM prefill FLOPs (fraction of unpruned)", "accuracy_vs_flops.png"),
+         ("keep", "kv_ratio", "KV bytes held after the prompt (fraction of unpruned, measured)", "accuracy_vs_kv.png"),
+         (None, "ttft_ms", "prefill time (ms, median per batch)", "accuracy_vs_ttft.png"))
+"""(axis of the methods drawn, or None for all; x column; x label; file)."""
+
+
 def plot(results: list[dict[str, Any]], out: Path) -> None:
+    """Accuracy against FLOPs (prefill and encoder methods), against measured KV bytes (cache methods)
+    and against prefill time (all), each where it has a method to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     table = [r for r in rows(results) if "error" not in r]
-    for x_key, x_label, name in (("flops_ratio", "LLM prefill FLOPs (fraction of unpruned)", "accuracy_vs_flops.png"),
-                                 ("ttft_ms", "prefill time (ms, median per batch)", "accuracy_vs_ttft.png")):
+    base = next((r for r in table if r["method"] == "none"), None)
+    colours = plt.get_cmap("tab20").colors
+    for kind, x_key, x_label, name in PLOTS:
+        drawn = [m for m in dict.fromkeys(r["method"] for r in table if r["method"] != "none")
+                 if kind is None or any(r["axis"] == kind for r in table if r["method"] == m)]
+        if not drawn:
+            (out / name).unlink(missing_ok=True)
+            continue
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        base = next((r for r in table if r["method"] == "none"), None)
-        colours = plt.get_cmap("tab20").colors
-        for i, method in enumerate(dict.fromkeys(r["method"] for r in table if r["method"] != "none")):
-            points = sorted((r[x_key], r["accuracy"]) for r in table if r["method"] == method)
+        for i, method in enumerate(drawn):
+            points = sorted((r[x_key], r["accuracy"]) for r in table if r["method"] == method and r[x_key] is not None)
             ax.plot(*zip(*points), marker="osD^v<>"[i % 7], color=colours[i % len(colours)], label=method)
         if base is not None:
             ax.axhline(base["accuracy"], color="gray", linestyle="--", label="unpruned")

@@ -73,6 +73,12 @@ def cache_keyword(function: Callable) -> str:
                     f"transformers {TRANSFORMERS_VERSION} is outside what tokensieve supports ({supported_range()})")
 
 
+def cache_argument(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for passing ``cache`` to ``model.generate()`` / ``model()`` under the name this
+    release of transformers uses (``cache`` from 5.2x on, ``past_key_values`` before)."""
+    return {cache_keyword(type(model).forward): cache}
+
+
 def pop_cache(kwargs: dict[str, Any]) -> Any:
     """Remove and return the cache from a call's keyword arguments, under whichever name it came.
 

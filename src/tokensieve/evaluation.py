@@ -14,9 +14,10 @@ from typing import Any, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, methods
+from . import __version__, methods, protocols
 from .compat import TRANSFORMERS_VERSION
 from .engine import prune
+from .protocols import Protocol, check_protocol
 from .tasks import TASKS, TEXT_TASKS, Example, TextExample, generate
 from .timing import ForwardTimer
 
@@ -68,8 +69,13 @@ class Prompting:
         texts = [self.processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
         return self.processor(images=[e.image for e in examples], text=texts, padding=True, return_tensors="pt")
 
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer (the processor's, for a VLM)."""
+        return self.processor if self.text else self.processor.tokenizer
+
     def answers(self, generated: torch.Tensor, prompt_len: int) -> list[str]:
-        tokenizer = self.processor if self.text else self.processor.tokenizer
+        tokenizer = self.tokenizer
         if self.tiny:
             from .tiny import parse_answers
 
@@ -141,6 +147,7 @@ def evaluate(
     max_new_tokens: int | None = None,
     progress: bool | Any = True,
     baseline: dict[str, Any] | None = None,
+    protocol: Protocol = "whole",
 ) -> dict[str, Any]:
     """Evaluate ``method`` on the first ``limit`` test items of ``task`` ("all" for every task of the
     model's suite: the text tasks for a text model, the image tasks otherwise).
@@ -153,7 +160,9 @@ def evaluate(
 
     ``baseline``: an earlier result of method "none" on the same items, reused instead of generating
     the unpruned answers again. ``progress``: a bool, or a tqdm bar to advance. ``max_new_tokens``: by
-    default the prompting's (3 for the image tasks, 5 for the text tasks).
+    default the prompting's (3 for the image tasks, 5 for the text tasks). ``protocol``: ``"whole"``
+    (one prefill of the whole prompt) or ``"question-after"`` (the context prefilled first, the question
+    fed after it: see :mod:`tokensieve.protocols`); KV bytes are then measured after the context.
 
     Inputs go to the model's device (pixel values in its dtype). Before any timing, one untimed
     generation on the first batch takes the one-off costs of a first call (kernel selection, memory
@@ -165,11 +174,14 @@ def evaluate(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     methods.get(method, **options)  # validate the name and options before any work
+    check_protocol(protocol)
     tasks = resolve_tasks(task, prompting.text)
     max_new_tokens = prompting.max_new_tokens if max_new_tokens is None else max_new_tokens
     examples = [e for t in tasks for e in generate(t, "test", limit)]
     if baseline is not None and len(baseline["items"]) != len(examples):
         raise ValueError("the baseline result covers other items")
+    if baseline is not None and baseline["settings"].get("protocol", "whole") != protocol:
+        raise ValueError("the baseline result was measured under another protocol")
     own_bar = isinstance(progress, bool)
     bar = tqdm(total=len(examples), desc=f"eval {method}", unit="item", disable=not progress) if own_bar else progress
     rows: list[dict[str, Any]] = []
@@ -177,15 +189,26 @@ def evaluate(
     report = None
     generation = dict(max_new_tokens=max_new_tokens, do_sample=False)
     chunks = list(_chunks(examples, batch_size))
-    first = model_inputs(prompting.inputs(chunks[0]), model)
+    calls = 1 if protocol == "whole" else 2
+    pad_id = prompting.tokenizer.pad_token_id
+
+    def run_chunk(inputs: dict[str, Any], question: list[int] | None) -> tuple[torch.Tensor, int]:
+        out, prompt_len, _ = protocols.generate(model, inputs, generation, protocol, question, pad_id)
+        return out, prompt_len
+
+    def prepared(chunk: list) -> tuple[dict[str, Any], list[int] | None]:
+        inputs = model_inputs(prompting.inputs(chunk), model)
+        question = None if protocol == "whole" else protocols.question_lengths(prompting, chunk, inputs, model)
+        return inputs, question
+
+    first = prepared(chunks[0])
     with prune(model, method, **options):
-        model.generate(**first, **generation)  # untimed warm-up: the first call pays one-off costs
+        run_chunk(*first)  # untimed warm-up: the first call pays one-off costs
     for i, chunk in enumerate(chunks):
-        inputs = first if i == 0 else model_inputs(prompting.inputs(chunk), model)
-        prompt_len = inputs["input_ids"].shape[1]
+        inputs, question = first if i == 0 else prepared(chunk)
         with prune(model, method, **options) as run, ForwardTimer(model) as timer:
-            timer.start()
-            out = model.generate(**inputs, **generation)
+            timer.start(calls)
+            out, prompt_len = run_chunk(inputs, question)
         report = run.report
         answers = prompting.answers(out, prompt_len)
         timing["prefill"] += timer.prefill_ms
@@ -196,8 +219,8 @@ def evaluate(
             base_answers = [item["predicted"] for item in baseline["items"][len(rows) : len(rows) + len(chunk)]]
         else:
             with ForwardTimer(model) as timer:
-                timer.start()
-                base_out = model.generate(**inputs, **generation)
+                timer.start(calls)
+                base_out, _ = run_chunk(inputs, question)
             base_answers = prompting.answers(base_out, prompt_len)
             timing["base_prefill"] += timer.prefill_ms
             timing["base_decode"] += timer.decode_ms
@@ -214,7 +237,7 @@ def evaluate(
         timing["base_prefill"], timing["base_decode"] = baseline["timing"]["prefill"], baseline["timing"]["decode"]
     settings = {"model": getattr(model.config, "_name_or_path", ""), "tasks": tasks, "method": method,
                 "options": report.options, "positions": report.positions, "limit": limit, "batch_size": batch_size,
-                "max_new_tokens": max_new_tokens, "items": "test split items 0..limit-1 of each task",
+                "max_new_tokens": max_new_tokens, "protocol": protocol, "items": "test split items 0..limit-1 of each task",
                 "tokensieve": __version__, **model_runtime(model)}
     return summarise(rows, tasks, timing, settings)
 

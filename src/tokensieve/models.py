@@ -16,6 +16,12 @@ BUILTIN = ("tiny", "tiny-text")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def runs_text_tasks(name: str) -> bool | None:
+    """Whether the model ``name`` runs the text tasks (True for ``tiny-text``, False for ``tiny``);
+    None for a model not known before it loads."""
+    return {"tiny": False, "tiny-text": True}.get(name)
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``"auto"`` (the first CUDA device when there is one, else the CPU), ``"cpu"``, ``"cuda"`` or
     ``"cuda:N"``.
@@ -55,7 +61,8 @@ def load(name: str, device: str = "cpu", dtype: str | None = None) -> tuple[Any,
 
     Raises:
         ValueError: unknown name, device or dtype, a missing path, a directory without a supported
-            model, a text-only language model (no task runs one yet), unreadable weights.
+            model (or a language model without its tokenizer), unreadable weights. A text-only
+            language model loads with its tokenizer as the processor and runs the text tasks.
     """
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
@@ -69,22 +76,15 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
-def _text_only(name: str, config: Any) -> str | None:
-    """Why ``config`` cannot run the task suite, when it is a text-only language model."""
+def _text_only(config: Any) -> bool:
+    """Whether ``config`` is a text-only causal language model (it runs the text tasks)."""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
     )
 
     kind = getattr(config, "model_type", None)
-    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or kind in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-        return None
-    from .tasks import TASKS
-
-    return (f"{name} is a text-only language model ({kind}): no task can run it yet. The tasks "
-            f"({', '.join(TASKS)}) ask about images and need a vision-language model; long-context "
-            "text tasks will come with the KV-cache work. In Python, tokensieve.prune(model, 'streamingllm') "
-            "works on it.")
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
 def _cannot_load(name: str, err: Exception) -> ValueError:
@@ -113,22 +113,25 @@ def _load(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
     elif not (path / "config.json").is_file():
         raise ValueError(f"{path} has no config.json: not a transformers checkpoint")
     source = str(path) if path.exists() else name
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     failures = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
     try:
         config = AutoConfig.from_pretrained(source)
     except failures as err:
         raise _cannot_load(name, err) from None
-    reason = _text_only(name, config)
-    if reason:
-        raise ValueError(reason)
+    text = _text_only(config)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(source)
+        if text:  # a language model: it runs the text tasks, prompted through its tokenizer
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            processor = AutoTokenizer.from_pretrained(source)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
+            processor = AutoProcessor.from_pretrained(source)
     except failures as err:
         raise _cannot_load(name, err) from None
     adapter_for(model)  # raises TypeError naming the supported families
-    if getattr(processor, "tokenizer", None) is not None:
-        processor.tokenizer.padding_side = "left"
+    tokenizer = processor if text else getattr(processor, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.padding_side = "left"
     return model.eval(), processor

@@ -10,7 +10,7 @@ from torch import nn
 
 
 class ForwardTimer:
-    """Times every forward of ``model`` while installed; the first call after :meth:`start` is the prefill.
+    """Times every forward of ``model`` while installed; the first call(s) after :meth:`start` are the prefill.
 
     Install it inside a ``prune()`` context so its hooks wrap the engine's (the pre-hook is prepended,
     the post-hook appended): the engine's bookkeeping is then part of the measured time. A model on a
@@ -25,7 +25,8 @@ class ForwardTimer:
         self.prefill_ms: list[float] = []
         self.decode_ms: list[float] = []
         self._t0 = 0.0
-        self._first = True
+        self._pending = 1
+        self._prefill = 0.0
         self._handles: list[Any] = []
 
     def __enter__(self) -> "ForwardTimer":
@@ -39,9 +40,11 @@ class ForwardTimer:
         for h in self._handles:
             h.remove()
 
-    def start(self) -> None:
-        """Mark the start of a new generate() call."""
-        self._first = True
+    def start(self, prefill_calls: int = 1) -> None:
+        """Mark the start of a new generation: its first ``prefill_calls`` forwards, summed, are its
+        prefill (two where the context and the question are fed apart: see :mod:`tokensieve.protocols`)."""
+        self._pending = prefill_calls
+        self._prefill = 0.0
 
     def _sync(self) -> None:
         if self._cuda is not None:
@@ -54,5 +57,10 @@ class ForwardTimer:
     def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._sync()
         ms = 1000 * (time.perf_counter() - self._t0)
-        (self.prefill_ms if self._first else self.decode_ms).append(ms)
-        self._first = False
+        if self._pending > 0:
+            self._prefill += ms
+            self._pending -= 1
+            if self._pending == 0:
+                self.prefill_ms.append(self._prefill)
+        else:
+            self.decode_ms.append(ms)

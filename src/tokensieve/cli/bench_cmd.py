@@ -6,18 +6,23 @@ import argparse
 from pathlib import Path
 
 from .. import bench, evaluation, models
-from .options import add_runtime_flags, check_output_dir
+from .options import add_protocol_flag, add_runtime_flags, check_output_dir
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="accuracy vs FLOPs grid of methods (resumable)",
+    p = sub.add_parser("bench", help="accuracy vs FLOPs / KV-budget grid of methods (resumable)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="tiny", help="'tiny', a local checkpoint directory or a hub id (offline cache)")
     add_runtime_flags(p)
     p.add_argument("--task", default="all", help="one task name or 'all'")
     p.add_argument("--methods", default="fastv,fitprune,random", help="comma-separated method names, each optionally with fixed options as "
                         "name:key=value[:key=value] (e.g. fitprune:score=fit), which makes a row of its own")
-    p.add_argument("--flops", default="0.5,0.3,0.2,0.1", help="comma-separated FLOPs budgets in (0, 1)")
+    p.add_argument("--flops", default="0.5,0.3,0.2,0.1",
+                   help="comma-separated FLOPs budgets in (0, 1), for the prefill and encoder methods")
+    p.add_argument("--keep", default=",".join(map(str, bench.DEFAULT_KEEPS)),
+                   help="comma-separated KV budgets in (0, 1] for the cache methods: the fraction of the prompt's "
+                        "cache entries kept per layer (kvpress's compression_ratio = 1 - keep)")
+    add_protocol_flag(p)
     p.add_argument("--limit", type=int, default=evaluation.TEST_ITEMS, help="test items per task")
     p.add_argument("--batch-size", type=int, default=25, help="samples per forward pass")
     p.add_argument("-o", "--output", type=Path, default=Path("results"),
@@ -37,25 +42,34 @@ def comma_list(text: str, flag: str) -> list[str]:
     return entries
 
 
+def numbers(text: str, flag: str) -> list[float]:
+    """The numbers of a comma-separated flag value."""
+    out = []
+    for entry in comma_list(text, flag):
+        try:
+            out.append(float(entry))
+        except ValueError:
+            raise ValueError(f"{flag} {text!r}: {entry!r} is not a number") from None
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     names = comma_list(args.methods, "--methods")
-    budgets = []
-    for entry in comma_list(args.flops, "--flops"):
-        try:
-            budgets.append(float(entry))
-        except ValueError:
-            raise ValueError(f"--flops {args.flops!r}: {entry!r} is not a number") from None
+    budgets, keeps = numbers(args.flops, "--flops"), numbers(args.keep, "--keep")
     check_output_dir(args.output, "-o")
-    bench.check_specs(names, budgets)
+    bench.check_specs(names, budgets, keeps=keeps)
     device = models.resolve_device(args.device)
-    settings = bench.bench_settings(args.model, args.task, args.limit, args.batch_size,
-                                    evaluation.runtime(device, models.resolve_dtype(args.dtype, device)))
-    if not args.overwrite:
-        bench.check_folder(args.output, settings)
+    text = models.runs_text_tasks(args.model)
+    if text is not None:  # a built-in model: its folder can be checked before it loads
+        settings = bench.bench_settings(args.model, args.task, args.limit, args.batch_size,
+                                        evaluation.runtime(device, models.resolve_dtype(args.dtype, device)),
+                                        text, args.protocol)
+        if not args.overwrite:
+            bench.check_folder(args.output, settings)
     model, processor = models.load(args.model, args.device, args.dtype)
     prompting = evaluation.Prompting.for_processor(processor)
     bench.run_bench(model, prompting, args.task, names, budgets, args.limit, args.batch_size, args.output, args.model,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, keeps=keeps, protocol=args.protocol)
     print((args.output / "results.md").read_text())
-    print(f"written: {', '.join(str(args.output / f) for f in ('results.json', 'results.csv', 'results.md', 'accuracy_vs_flops.png', 'accuracy_vs_ttft.png'))}")
+    print(f"written: {', '.join(str(args.output / f) for f in bench.OUTPUTS if (args.output / f).is_file())}")
     return 0

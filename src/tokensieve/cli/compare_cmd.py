@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import evaluation, models
 from .eval_cmd import check_method, write_json
-from .options import add_method_flags, add_runtime_flags, check_output_file, method_options
+from .options import add_method_flags, add_protocol_flag, add_runtime_flags, check_output_file, method_options
 
 SETTINGS: list[tuple[str, dict]] = [
     ("none", {}),
@@ -31,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=40, help="test items per task")
     p.add_argument("--batch-size", type=int, default=20, help="samples per forward pass")
     p.add_argument("--json", type=Path, help="also write all results here")
+    add_protocol_flag(p)
     add_method_flags(p, default_method=None, method_help="also compare this method, with the method options below")
     p.set_defaults(handler=run)
 
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     for method, method_opts in settings:
         baseline = results[0] if results else None
         results.append(evaluation.evaluate(model, prompting, args.task, method, method_opts, args.limit, args.batch_size,
-                                           baseline=baseline))
+                                           baseline=baseline, protocol=args.protocol))
         results[-1]["settings"]["model"] = args.model
     if args.json:
         write_json(args.json, results)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import evaluation, methods, models
 from ..recipe import Recipe
-from .options import add_method_flags, add_runtime_flags, check_output_file, method_options
+from .options import add_method_flags, add_protocol_flag, add_runtime_flags, check_output_file, method_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--options", type=Path, help='method options from a JSON file ({"options": {...}} as `calibrate --method vflowopt` writes)')
     p.add_argument("--json", type=Path, help="also write the result here")
+    add_protocol_flag(p)
     add_method_flags(p)
     p.set_defaults(handler=run)
 
@@ -36,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     prompting = evaluation.Prompting.for_processor(processor)
     if fit_first:
         options["recipe"] = evaluation.calibrate_on_tasks(model, prompting, "all", options["flops"], model_name=args.model)
-    result = evaluation.evaluate(model, prompting, args.task, args.method, options, args.limit, args.batch_size)
+    result = evaluation.evaluate(model, prompting, args.task, args.method, options, args.limit, args.batch_size,
+                                 protocol=args.protocol)
     result["settings"]["model"] = args.model
     if args.json:
         write_json(args.json, result)
@@ -67,8 +69,9 @@ def write_json(path: Path, data: object) -> None:
 
 def format_result(result: dict) -> str:
     s = result["settings"]
+    protocol = "" if s.get("protocol", "whole") == "whole" else f"; protocol {s['protocol']}"
     lines = [f"{s['method']} {s['options']} on {', '.join(s['tasks'])} ({result['samples']} items; {s['model']} "
-             f"on {s['device']} in {s['dtype']})"]
+             f"on {s['device']} in {s['dtype']}{protocol})"]
     for task, r in result["per_task"].items():
         lines.append(f"  {task:<10} accuracy {r['accuracy']:.3f}  unpruned {r['baseline_accuracy']:.3f}  agreement {r['agreement']:.3f}")
     lines.append(f"  accuracy {result['accuracy']:.3f} (unpruned {result['baseline_accuracy']:.3f}), agreement {result['agreement']:.3f}")

@@ -192,6 +192,15 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
                         help="weights and activations (default: float32 on the CPU, bfloat16 on a GPU)")
 
 
+def add_protocol_flag(parser: argparse.ArgumentParser) -> None:
+    """``--protocol``: how each prompt reaches the model (see :mod:`tokensieve.protocols`)."""
+    from ..protocols import PROTOCOLS
+
+    parser.add_argument("--protocol", default="whole", choices=PROTOCOLS,
+                        help="'whole': one prefill of the prompt; 'question-after': the context is prefilled "
+                             "(and compressed) first, the question fed after it, as kvpress evaluates")
+
+
 def check_output_file(path: Path, flag: str) -> None:
     """Raise ValueError, before any work, unless ``path`` can be written as a file (its folder may be
     created): not an existing directory, and no regular file where a parent folder must be."""

@@ -8,6 +8,13 @@ sample's cache keeps its first ``sinks`` real tokens and its ``window`` most rec
 release's ``StartRecentKVCache.__call__`` (``streaming_llm/kv_cache.py``) trims the cache to
 ``start_size + recent_size`` after every token in ``examples/eval_long_ppl.py``.
 
+Budget: ``window`` recent tokens (default 64 when no budget is given), or a budget in tokensieve's
+vocabulary: ``budget`` entries per layer (``window = budget - sinks``), or ``keep``, a fraction of the
+prompt's real entries (``window = max(1, round(keep * n) - sinks)``, fixed at prefill; each decode step
+then keeps the cache at the size the prefill left it, as kvpress's ``StreamingLLMPress`` keeps
+``n_sink`` tokens and the most recent ones up to ``(1 - compression_ratio) * n``). ``keep=1`` evicts
+nothing.
+
 Positions (``positions``):
     * ``"shift"`` (the paper's Section 3.2 and the release for Llama,
       ``streaming_llm/pos_shift/modify_llama.py`` ``llama_pos_shift_attention_forward``): positions
@@ -30,16 +37,22 @@ from typing import ClassVar, Literal
 
 import torch
 
-from .base import CacheView, Method
+from .base import CacheView, Method, check_fraction
+
+DEFAULT_WINDOW = 64
+"""Recent tokens kept when no budget is given."""
 
 
 @dataclass
 class StreamingLLM(Method):
-    """Options: ``sinks`` initial tokens kept, ``window`` most recent tokens kept, ``positions``
+    """Options: ``sinks`` initial tokens kept; the recent tokens kept: ``window`` (default 64), or
+    ``budget`` entries in all, or ``keep`` (fraction of the prompt's entries); ``positions``
     (``"auto"``, ``"shift"``: positions within the cache; ``"keep"``: original positions)."""
 
     sinks: int = 4
-    window: int = 64
+    window: int | None = None
+    keep: float | None = None
+    budget: int | None = None
     positions: Literal["auto", "shift", "keep"] = "auto"
 
     name: ClassVar[str] = "streamingllm"
@@ -50,14 +63,36 @@ class StreamingLLM(Method):
     def validate(self) -> None:
         if not isinstance(self.sinks, int) or self.sinks < 0:
             raise ValueError(f"sinks must be an integer >= 0, got {self.sinks!r}")
-        if not isinstance(self.window, int) or self.window < 1:
+        given = [n for n in ("window", "keep", "budget") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of window, keep and budget, not {' and '.join(given)}")
+        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
             raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
+        if self.keep is not None:
+            check_fraction("keep", self.keep)
+        if self.budget is not None and (not isinstance(self.budget, int) or self.budget <= self.sinks):
+            raise ValueError(f"budget must be an integer above sinks ({self.sinks}), leaving room for a window; "
+                             f"got {self.budget!r}")
 
     def cache_positions(self) -> Literal["keep", "shift", "auto"]:
         return self.positions
 
-    def evict(self, view: CacheView) -> torch.Tensor:
+    def recent(self, view: CacheView) -> torch.Tensor:
+        """``(B, 1)`` long: how many of each sample's most recent real entries stay."""
+        real = view.real
+        if self.keep is None:
+            window = self.budget - self.sinks if self.budget is not None else self.window or DEFAULT_WINDOW
+            return torch.full((real.shape[0], 1), window, dtype=torch.long, device=real.device)
+        if view.prefill:
+            budget = (self.keep * real.sum(1, keepdim=True)).round().long()
+        else:
+            budget = real[:, : real.shape[1] - view.new].sum(1, keepdim=True)
+        return (budget - self.sinks).clamp(min=1)
+
+    def evict(self, view: CacheView) -> torch.Tensor | None:
+        if self.keep == 1:  # kvpress's compression_ratio 0: nothing leaves
+            return None
         # rank among real entries: the first `sinks` and the last `window` survive
         order = view.real.long().cumsum(1)
         total = order[:, -1:]
-        return view.real & ((order <= self.sinks) | (order > total - self.window))
+        return view.real & ((order <= self.sinks) | (order > total - self.recent(view)))
