@@ -61,12 +61,16 @@ def _number(text: str, kind: Callable[[str], Any], expected: str) -> Any:
 
 def kind_of(annotation: Any) -> Kind:
     """The :class:`Kind` of a method field's resolved annotation (``None`` members of unions are
-    dropped; a union with ``str`` in it, such as ``Recipe | str``, is text)."""
+    dropped; a union with ``str`` in it, such as ``Recipe | str``, is text; a number or a tuple of
+    them, such as ``float | tuple[float, ...]``, is the tuple's kind)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Literal:
         return Kind("text", tuple(str(a) for a in args))
     if origin in (typing.Union, types.UnionType):
         members = [a for a in args if a is not type(None)]
+        kinds = {kind_of(m).name for m in members}
+        if str not in members and len(kinds) == 2 and kinds in ({"float", "floats"}, {"int", "ints"}):
+            return Kind(max(kinds, key=len))  # one number, or a tuple of them (a value per layer)
         return Kind("text") if str in members or len(members) != 1 else kind_of(members[0])
     if origin is tuple and args:
         return Kind({int: "ints", float: "floats"}.get(args[0], "text"))
