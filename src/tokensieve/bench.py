@@ -7,7 +7,8 @@ where K=2 cannot reach the budget; FitPrune first fits a recipe for the budget o
 kept in the output folder and reused, with the authors' search, or tokensieve's with
 ``fitprune:search=feasible``); KV-cache methods meet a cache budget through their ``keep`` option
 (the fraction of the prompt's cache entries kept per layer; kvpress's ``compression_ratio`` is
-``1 - keep``). Results are written after every cell; a rerun skips the cells already written.
+``1 - keep``), and LazyLLM takes the same axis as its ``keep`` (the fraction kept at each of its
+pruning layers). Results are written after every cell; a rerun skips the cells already written.
 
 The folder records what its values depend on besides a cell's method and budget (``settings.json``,
 see :func:`bench_settings`); a rerun with other settings is refused, naming what differs, unless it
@@ -58,8 +59,9 @@ SETTING_NAMES = {"model": "--model", "tasks": "--task", "limit": "--limit", "bat
 
 
 def axis(name: str) -> str:
-    """The budget axis of method ``name``: ``"keep"`` for KV-cache methods, ``"flops"`` otherwise."""
-    return "keep" if "cache" in methods.REGISTRY[name].stages else "flops"
+    """The budget axis of method ``name``: ``"flops"`` for the methods that meet a FLOPs budget,
+    ``"keep"`` for the others (the KV-cache methods; LazyLLM, whose ``keep`` is per pruning layer)."""
+    return "flops" if "flops" in methods.REGISTRY[name].options() else "keep"
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
