@@ -85,14 +85,16 @@ def main() -> None:
     print(f"{args.layers} layers of a 7B-shaped Llama, {args.tokens} tokens, batch 1, fp32, "
           f"{args.threads} threads, {args.repeats} interleaved repeats (medians)")
     print(f"{'run':<16} {'tokens per layer':<28} {'TTFT s':>8} {'predicted':>10} {'measured':>9} {'ratio':>6}")
-    print(f"{'plain':<16} {str([args.tokens] * args.layers):<28} {plain:>8.2f} {'1.00':>10} {'1.00':>9} {'':>6}")
+    print(f"{'plain':<16} {[args.tokens] * args.layers!s:<28} {plain:>8.2f} {'1.00':>10} {'1.00':>9} {'':>6}")
     for name in runs:
         if name == "plain":
             continue
         t = statistics.median(times[name])
         predicted = full / prefill_flops(shape, lengths[name])
         measured = plain / t
-        print(f"{name:<16} {str(lengths[name]):<28} {t:>8.2f} {predicted:>10.2f} {measured:>9.2f} {measured / predicted:>6.2f}")
+        print(f"{name:<16} {lengths[name]!s:<28} {t:>8.2f} {predicted:>10.2f} {measured:>9.2f} {measured / predicted:>6.2f}")
+    for name, seconds in times.items():
+        print(f"{name} TTFT per repeat (s): {', '.join(f'{t:.2f}' for t in seconds)}")
 
 
 if __name__ == "__main__":

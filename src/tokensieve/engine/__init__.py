@@ -18,6 +18,7 @@ One concern per module: :mod:`.context` (``prune()``, ``Run``), :mod:`.core` (ch
 passes, the layer shim), :mod:`.selection` (views and selections), :mod:`.positions` (rotary rows,
 position ids, masks), :mod:`.inside` (tokens leaving inside a layer), :mod:`.transitions` (TransPrune's
 accumulated transitions), :mod:`.cache_side` (cache rows, eviction, shifted cache positions),
+:mod:`.revival` (tokens chosen again at every pass, the Aux Cache that revives them),
 :mod:`.reporting` (the per-sample report), :mod:`.state` (what the parts share).
 """
 

@@ -27,7 +27,7 @@ Choices made where the paper is silent:
       tokens in early layers and fewer towards the end (Figure 4, Section 5.4) but states no single
       default; here ``layers`` a quarter, half and three quarters of the depth (8, 16, 24 of Llama 2
       7B's 32) and ``keep`` 0.7 at each, so layers compute 100%, 70%, 49% and 34% of the prompt: 63% of
-      the prompt's token-layers, near the share of prompt computation the paper reports;
+      the prompt's token-layers, near the ~64% of prompt computation that summaries of the paper report;
     * ``keep`` is a fraction of the tokens the scoring layer saw (the pass's last token counted):
       ``max(1, round(k * n))`` stay; equal scores go to the earlier position;
     * in a batch every sample chooses on its own scores; padding is never chosen;
