@@ -23,8 +23,10 @@ prefill only) and ``DecodingPress(ObservedAttentionPress)``; ``a2sf``: the close
 ``ObservedAttentionPress`` too (kvpress has no forgetting factor); ``pagedeviction``: ``KnormPress``
 (kvpress's norm-based press: key norms only, no blocks).
 
-Per cell: accuracy, time to first token (context + question, ms), decode ms per token, and the KV
-bytes the cache tensors hold after the context (measured). Everything runs batch 1, fp32, eager
+Per cell: accuracy, time to first token (context + question, ms), decode ms per token, the KV bytes
+the cache tensors hold after the context and at their peak over the item (measured; a paged cache:
+its block pools), and the peak resident memory of the process while an item runs (Linux ``VmHWM``,
+reset before each item; the model and the interpreter included). Everything runs batch 1, fp32, eager
 attention (``ObservedAttentionPress`` needs the attention weights).
 """
 
@@ -55,8 +57,29 @@ def split(example, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     return context, question
 
 
+def peak_rss_reset() -> None:
+    """Reset the process's peak resident set size (Linux: ``/proc/self/clear_refs``); no-op elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mib() -> float | None:
+    """The process's peak resident set size since the last reset (Linux ``VmHWM``), MiB; None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(l for l in f if l.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) / 1024
+
+
 def kv_bytes(cache: DynamicCache) -> int:
-    """Bytes the cache's key and value tensors hold."""
+    """Bytes the cache's key and value tensors hold (a tokensieve paged cache: its block pools)."""
+    if hasattr(cache, "stored_bytes"):
+        return cache.stored_bytes()
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
                if isinstance(t, torch.Tensor))
 
@@ -66,12 +89,14 @@ def answer(model, tokenizer, context: torch.Tensor, question: torch.Tensor, arou
     (kvpress's presses compress the prefill only, so the question and the decoding run uncompressed
     under them, as in kvpress's pipeline, unless wrapped in ``DecodingPress``)."""
     cache = DynamicCache()
+    peak_rss_reset()
     with torch.no_grad(), around():
         start = time.perf_counter()
         model(input_ids=context, past_key_values=cache, use_cache=True)
         stored = kv_bytes(cache)
         out = model(input_ids=question, past_key_values=cache, use_cache=True)
         ttft = time.perf_counter() - start
+        peak = max(stored, kv_bytes(cache))
         ids, steps = [], []
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(MAX_NEW_TOKENS):
@@ -81,9 +106,11 @@ def answer(model, tokenizer, context: torch.Tensor, question: torch.Tensor, arou
             t0 = time.perf_counter()
             out = model(input_ids=token, past_key_values=cache, use_cache=True)
             steps.append(time.perf_counter() - t0)
+            peak = max(peak, kv_bytes(cache))
             token = out.logits[:, -1:].argmax(-1)
     text = tokenizer.decode([i for i in ids if i != tokenizer.eos_token_id]).strip()
-    return {"text": text, "ttft_ms": 1000 * ttft, "decode_ms": [1000 * s for s in steps], "kv_bytes": stored}
+    return {"text": text, "ttft_ms": 1000 * ttft, "decode_ms": [1000 * s for s in steps], "kv_bytes": stored,
+            "peak_kv_bytes": peak, "peak_rss_mib": peak_rss_mib()}
 
 
 def cells(model, keep: float, context_len: int) -> dict[str, Callable]:
@@ -119,6 +146,20 @@ def cells(model, keep: float, context_len: int) -> dict[str, Callable]:
     }
 
 
+def markdown(table: dict[str, dict[str, Any]]) -> str:
+    """The table as markdown rows: row, keep, accuracy, TTFT, decode ms/token, KV KiB after the context
+    and at peak, peak RSS."""
+    lines = ["| row | keep | accuracy | TTFT ms | decode ms/token | KV KiB after context | peak KV KiB | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in table.items():
+        row, keep = name.rsplit(" @ keep ", 1)
+        decode = "-" if r["decode_ms_per_token"] is None else f"{r['decode_ms_per_token']:.1f}"
+        rss = "-" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}"
+        lines.append(f"| {row} | {keep} | {r['accuracy']:.3f} | {r['ttft_ms']:.1f} | {decode} | "
+                     f"{r['kv_bytes_after_context'] / 1024:.0f} | {r['peak_kv_bytes'] / 1024:.0f} | {rss} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=50, help="test items per task")
@@ -149,18 +190,23 @@ def main() -> None:
             context, question = split(example, tokenizer)
             for name, around in cells(model, keep, context.shape[1]).items():
                 got = answer(model, tokenizer, context, question, around)
-                row = rows.setdefault(f"{name} @ keep {keep}", {"right": [], "ttft_ms": [], "decode_ms": [], "kv_bytes": []})
+                row = rows.setdefault(f"{name} @ keep {keep}", {"right": [], "ttft_ms": [], "decode_ms": [], "kv_bytes": [],
+                                                                "peak_kv_bytes": [], "peak_rss_mib": []})
                 row["right"].append(got["text"] == example.answer)
                 row["ttft_ms"].append(got["ttft_ms"])
                 row["decode_ms"] += got["decode_ms"]
-                row["kv_bytes"].append(got["kv_bytes"])
+                for key in ("kv_bytes", "peak_kv_bytes", "peak_rss_mib"):
+                    row[key].append(got[key])
     table = {name: {"accuracy": sum(r["right"]) / len(r["right"]), "ttft_ms": statistics.median(r["ttft_ms"]),
                     "decode_ms_per_token": statistics.median(r["decode_ms"]) if r["decode_ms"] else None,
-                    "kv_bytes_after_context": statistics.mean(r["kv_bytes"]), "items": len(r["right"])}
+                    "kv_bytes_after_context": statistics.mean(r["kv_bytes"]), "peak_kv_bytes": max(r["peak_kv_bytes"]),
+                    "peak_rss_mib": max(r["peak_rss_mib"]) if None not in r["peak_rss_mib"] else None,
+                    "items": len(r["right"])}
              for name, r in rows.items()}
     result = {"table": table, "settings": vars(args), "versions": {"torch": torch.__version__,
               "tokensieve": tokensieve.__version__, "kvpress": getattr(kvpress, "__version__", "0.5.5")}}
     print(json.dumps(result, indent=1))
+    print(markdown(table))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
