@@ -175,7 +175,8 @@ def test_cache_methods_run_on_their_kv_budget_axis_with_a_kv_plot(tmp_path, text
     settings = json.loads((tmp_path / "settings.json").read_text())
     assert settings["protocol"] == "question-after" and settings["max_new_tokens"] == 5
     with pytest.raises(ValueError, match=r"--protocol question-after \(now whole\)"):
-        bench.run_bench(model, prompting, "multikey_512", ["snapkv"], [], 2, 2, tmp_path, "untrained", keeps=[0.5])
+        bench.run_bench(model, prompting, "multikey_512", ["snapkv"], [], 2, 2, tmp_path, "untrained", keeps=[0.5],
+                        protocol="whole")
 
 
 @pytest.mark.parametrize("names,budgets,keeps,message", [

@@ -273,6 +273,10 @@ def test_a_text_only_model_runs_the_text_tasks_and_refuses_image_tasks(tmp_path,
     assert code == 0 and "kv_recall_512" in out and "protocol question-after" in out, err
     code, _, err = run_cli(capsys, "eval", "--model", str(tmp_path), "--task", "counting", "--limit", "1")
     assert code == 2 and "unknown task 'counting'" in err and "kv_recall_512" in err and "Traceback" not in err, err
+    code, out, err = run_cli(capsys, "compare", "--model", str(tmp_path), "--task", "kv_recall_512", "--limit", "1")
+    rows = [line.split(" | ")[0].strip("| ") for line in out.splitlines() if line.startswith("| ")][1:]
+    assert code == 0 and "protocol question-after" in out.splitlines()[0], err  # auto: question-after on text
+    assert rows == ["none", "snapkv", "snapkv", "h2o", "streamingllm", "pagedeviction"], out
 
 
 def test_a_language_model_without_its_tokenizer_is_a_clear_error(tmp_path, capsys):
@@ -364,6 +368,6 @@ def test_compare_table_names_model_items_device_dtype_and_what_visual_counts(cap
     code, out, err = run_cli(capsys, "compare", "--task", "counting", "--limit", "3")
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0] == "tiny: 3 items per task (counting) on cpu in float32"
+    assert lines[0] == "tiny: 3 items per task (counting) on cpu in float32; protocol whole"
     assert "| visual tokens/layer |" in out and "visual kept" not in out
     assert "visual tokens/layer: visual tokens entering each decoder layer during prefill, mean over layers" in lines[-1]

@@ -31,7 +31,7 @@ from . import __version__, methods
 from .adapters import adapter_for
 from .evaluation import Prompting, calibrate_on_tasks, evaluate, model_runtime, resolve_tasks
 from .flops import Shape
-from .protocols import check_protocol
+from .protocols import check_protocol, resolve
 from .recipe import Recipe
 from .tasks import Example, TextExample, generate
 
@@ -201,7 +201,7 @@ def items_digest(examples: list[Example] | list[TextExample]) -> str:
 
 
 def bench_settings(model_name: str, task: str, limit: int, batch_size: int, runtime: dict[str, str],
-                   text: bool | None = None, protocol: str = "whole") -> dict[str, Any]:
+                   text: bool | None = None, protocol: str = "auto") -> dict[str, Any]:
     """What every value in a bench folder depends on besides its cell's method and budget: the model,
     tasks (``text``: whether the model runs the text suite, which ``"all"`` then means), limit and a
     digest of the test items, the batch size (answers and FLOPs do not depend on it, but the prefill
@@ -217,6 +217,7 @@ def bench_settings(model_name: str, task: str, limit: int, batch_size: int, runt
     tasks = resolve_tasks(task, text)
     examples = [e for t in tasks for e in generate(t, "test", limit)]
     text = isinstance(examples[0], TextExample)
+    protocol = resolve(protocol, text)
     return {"model": model_name, "tasks": tasks, "limit": limit, "items_sha256": items_digest(examples),
             "batch_size": batch_size, "max_new_tokens": MAX_NEW_TOKENS[text], "protocol": protocol,
             "tokensieve": __version__, **runtime}
@@ -260,7 +261,7 @@ def _show(value: Any) -> str:
 
 def run_bench(model: Any, prompting: Prompting, task: str, names: list[str], budgets: list[float], limit: int,
               batch_size: int, out: Path, model_name: str, overwrite: bool = False, keeps: list[float] = DEFAULT_KEEPS,
-              protocol: str = "whole") -> list[dict[str, Any]]:
+              protocol: str = "auto") -> list[dict[str, Any]]:
     """Run the cells of ``names`` x their axis's budgets (``budgets``: FLOPs; ``keeps``: KV budgets of
     the cache methods) that ``out`` does not hold yet, under the prompting ``protocol``; returns every cell.
 
@@ -299,7 +300,8 @@ def run_bench(model: Any, prompting: Prompting, task: str, names: list[str], bud
                 if name == "fitprune":
                     options = {**options, "recipe": _recipe(model, prompting, budget, out, model_name, search)}
                 result = evaluate(model, prompting, task, name, {**options, **fixed}, limit, batch_size,
-                                  settings["max_new_tokens"], progress=bar, baseline=baseline, protocol=protocol)
+                                  settings["max_new_tokens"], progress=bar, baseline=baseline,
+                                  protocol=settings["protocol"])
                 break
             except ValueError as err:
                 errors.append(str(err))

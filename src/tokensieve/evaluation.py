@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from . import __version__, methods, protocols
 from .compat import TRANSFORMERS_VERSION
 from .engine import prune
-from .protocols import Protocol, check_protocol
+from .protocols import Protocol
 from .tasks import TASKS, TEXT_TASKS, Example, TextExample, generate
 from .timing import ForwardTimer
 
@@ -147,7 +147,7 @@ def evaluate(
     max_new_tokens: int | None = None,
     progress: bool | Any = True,
     baseline: dict[str, Any] | None = None,
-    protocol: Protocol = "whole",
+    protocol: Protocol = "auto",
 ) -> dict[str, Any]:
     """Evaluate ``method`` on the first ``limit`` test items of ``task`` ("all" for every task of the
     model's suite: the text tasks for a text model, the image tasks otherwise).
@@ -174,7 +174,7 @@ def evaluate(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     methods.get(method, **options)  # validate the name and options before any work
-    check_protocol(protocol)
+    protocol = protocols.resolve(protocol, prompting.text)
     tasks = resolve_tasks(task, prompting.text)
     max_new_tokens = prompting.max_new_tokens if max_new_tokens is None else max_new_tokens
     examples = [e for t in tasks for e in generate(t, "test", limit)]

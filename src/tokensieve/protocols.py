@@ -10,6 +10,10 @@
   (``KVPressTextGenerationPipeline``: context compressed, questions after) and the query-agnostic
   settings of the KV-cache papers. Time to first token is then the two passes together.
 
+* ``"auto"``: ``"question-after"`` for a text model on the text tasks (the KV-cache papers' long-context
+  setting, and kvpress's), ``"whole"`` for a VLM on the image tasks (how the visual-token papers
+  evaluate).
+
 Both run through ``generate()`` (the first with ``max_new_tokens=1``, so one forward), which supplies
 position ids, image inputs and the cache; the two calls share one ``DynamicCache``.
 """
@@ -23,13 +27,21 @@ from transformers import DynamicCache
 
 from .compat import cache_argument
 
-Protocol = Literal["whole", "question-after"]
-PROTOCOLS: tuple[str, ...] = ("whole", "question-after")
+Protocol = Literal["auto", "whole", "question-after"]
+PROTOCOLS: tuple[str, ...] = ("auto", "whole", "question-after")
 
 
 def check_protocol(protocol: str) -> None:
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
+
+
+def resolve(protocol: str, text: bool) -> str:
+    """The protocol ``protocol`` stands for on a text model (``text``) or a VLM: ``"auto"`` resolved."""
+    check_protocol(protocol)
+    if protocol != "auto":
+        return protocol
+    return "question-after" if text else "whole"
 
 
 def question_lengths(prompting: Any, examples: list, inputs: dict[str, torch.Tensor], model: Any) -> list[int]:

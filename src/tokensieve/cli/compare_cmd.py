@@ -17,9 +17,19 @@ SETTINGS: list[tuple[str, dict]] = [
     ("random", {"keep": 0.25}),
     ("pool", {"stride": 2}),
 ]
+TEXT_SETTINGS: list[tuple[str, dict]] = [
+    ("none", {}),
+    ("snapkv", {"keep": 0.5}),
+    ("snapkv", {"keep": 0.25}),
+    ("h2o", {"keep": 0.25}),
+    ("streamingllm", {"keep": 0.25}),
+    ("pagedeviction", {"keep": 0.25}),
+]
+"""The comparison on a text model (the text tasks): KV-cache methods."""
 VISUAL = "visual tokens/layer"
 FOOTNOTE = (f"{VISUAL}: visual tokens entering each decoder layer during prefill, mean over layers and items "
-            "(the unpruned row: all visual tokens of the input)")
+            "(the unpruned row: all visual tokens of the input); KV KiB: bytes the KV cache holds per sample after "
+            "the prefill (of the context, under protocol question-after), measured")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,16 +49,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.json:
         check_output_file(args.json, "--json")
-    settings = list(SETTINGS)
     options = method_options(args, args.method)
     fit_first = args.method is not None and check_method(args.method, options)
-    if args.method is not None:
-        settings.append((args.method, options))
     evaluation.resolve_tasks(args.task)
     if args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     model, processor = models.load(args.model, args.device, args.dtype)
     prompting = evaluation.Prompting.for_processor(processor)
+    settings = list(TEXT_SETTINGS if prompting.text else SETTINGS)
+    if args.method is not None:
+        settings.append((args.method, options))
     if fit_first:
         options["recipe"] = evaluation.calibrate_on_tasks(model, prompting, "all", options["flops"], model_name=args.model)
     results: list[dict] = []
@@ -68,14 +78,15 @@ def table(results: list[dict]) -> str:
     before a footnote saying what the visual column counts."""
     s = results[0]["settings"]
     tasks = s["tasks"]
-    title = f"{s['model']}: {s['limit']} items per task ({', '.join(tasks)}) on {s['device']} in {s['dtype']}"
-    head = ["method", "options", "FLOPs ratio", VISUAL, "accuracy", "agreement", *tasks, "TTFT ms"]
+    title = (f"{s['model']}: {s['limit']} items per task ({', '.join(tasks)}) on {s['device']} in {s['dtype']}; "
+             f"protocol {s.get('protocol', 'whole')}")
+    head = ["method", "options", "FLOPs ratio", VISUAL, "accuracy", "agreement", *tasks, "TTFT ms", "KV KiB"]
     lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         s = r["settings"]
         opts = ", ".join(f"{k}={v}" for k, v in s["options"].items() if v is not None)
         cells = [s["method"], opts or "-", f"{r['tflops'] / r['tflops_unpruned']:.3f}", f"{r['visual_tokens_kept']['mean']:.1f}",
                  f"{r['accuracy']:.3f}", f"{r['agreement']:.3f}", *(f"{r['per_task'][t]['accuracy']:.3f}" for t in tasks),
-                 f"{r['ttft_ms']:.1f}"]
+                 f"{r['ttft_ms']:.1f}", f"{r['kv_bytes'] / 1024:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join([*lines, "", FOOTNOTE])

@@ -200,9 +200,10 @@ def add_protocol_flag(parser: argparse.ArgumentParser) -> None:
     """``--protocol``: how each prompt reaches the model (see :mod:`tokensieve.protocols`)."""
     from ..protocols import PROTOCOLS
 
-    parser.add_argument("--protocol", default="whole", choices=PROTOCOLS,
+    parser.add_argument("--protocol", default="auto", choices=PROTOCOLS,
                         help="'whole': one prefill of the prompt; 'question-after': the context is prefilled "
-                             "(and compressed) first, the question fed after it, as kvpress evaluates")
+                             "(and compressed) first, the question fed after it, as kvpress evaluates; "
+                             "'auto': question-after for a text model, whole for a VLM")
 
 
 def check_output_file(path: Path, flag: str) -> None:
