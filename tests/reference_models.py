@@ -16,6 +16,26 @@ def tiny_llava() -> torch.nn.Module:
     return _MODELS["llava"]
 
 
+SHARPEN = 10.0
+"""Scale of the query and key projections of :func:`sharpened_llama`."""
+
+
+def sharpened_llama(attn: str) -> torch.nn.Module:
+    """The tiny random Llama of ``tiny_models`` (attention backend ``attn``), its query and key
+    projections scaled by ``SHARPEN`` (built once per backend). At the random initialisation attention
+    rows are nearly uniform, so a score built on attention ranks the tokens by age alone and a wrong
+    weighting would go unseen; scaled, rows rank tokens by content (a row's largest weight about 0.25)."""
+    key = f"sharpened llama {attn}"
+    if key not in _MODELS:
+        model = build("llama", attn)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(SHARPEN)
+                layer.self_attn.k_proj.weight.mul_(SHARPEN)
+        _MODELS[key] = model
+    return _MODELS[key]
+
+
 def shipped():
     """``(model, processor)``: the shipped tiny LLaVA (8 layers, a 12 x 12 grid of visual tokens),
     switched to eager attention (loaded once)."""

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import transformers
-from tiny_models import untrained
+from tiny_models import untrained, untrained_text
 
 from tokensieve import bench
 
@@ -148,13 +148,7 @@ def test_fitprune_rows_fit_their_recipe_with_the_search_they_name(tmp_path):
 
 @pytest.fixture(scope="module")
 def text_model():
-    from tokensieve import evaluation
-    from tokensieve.tiny_text.build import build_config, build_model, build_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    model = build_model(build_config(tokenizer, hidden=32, layers=2, heads=4, kv_heads=2, mlp=64)).eval()
-    return model, evaluation.Prompting.for_processor(tokenizer)
+    return untrained_text()
 
 
 def test_cache_methods_run_on_their_kv_budget_axis_with_a_kv_plot(tmp_path, text_model):

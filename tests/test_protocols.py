@@ -5,20 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import untrained as untrained_vlm
+from tiny_models import untrained_text
 
 import tokensieve
 from tokensieve import evaluation, protocols
 from tokensieve.tasks import generate
 from tokensieve.timing import ForwardTimer
-from tokensieve.tiny_text.build import build_config, build_model, build_tokenizer
 
 
 @pytest.fixture(scope="module")
 def text_model():
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    model = build_model(build_config(tokenizer, hidden=32, layers=2, heads=4, kv_heads=2, mlp=64)).eval()
-    return model, evaluation.Prompting.for_processor(tokenizer)
+    return untrained_text()
 
 
 def mixed_examples() -> list:
@@ -104,7 +101,7 @@ def test_bad_protocols_and_mismatched_baselines_are_refused(text_model):
     model, prompting = text_model
     with pytest.raises(ValueError, match="protocol must be one of"):
         evaluation.evaluate(model, prompting, "kv_recall_512", "none", limit=1, progress=False, protocol="later")
-    base = evaluation.evaluate(model, prompting, "kv_recall_512", "none", limit=1, progress=False)
+    base = evaluation.evaluate(model, prompting, "kv_recall_512", "none", limit=1, progress=False, protocol="whole")
     with pytest.raises(ValueError, match="another protocol"):
         evaluation.evaluate(model, prompting, "kv_recall_512", "h2o", limit=1, progress=False, baseline=base,
                             protocol="question-after")

@@ -22,30 +22,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from reference_models import rope
-from tiny_models import PAD, VOCAB, build
+from reference_models import rope, sharpened_llama
+from tiny_models import PAD, VOCAB
 
 import tokensieve
 from tokensieve import compat
 
 LOGITS_ATOL = 1e-4  # fp32: the engine recomputes attention rows; summation order only
 STEPS = 16
-SHARPEN = 10.0
-_MODELS: dict[str, torch.nn.Module] = {}
 
 
 def _model() -> torch.nn.Module:
-    """The tiny random Llama with its query and key projections scaled by ``SHARPEN``: at the random
-    initialisation attention rows are nearly uniform, so any accumulated score ranks the tokens by age
-    alone and a wrong weighting would go unseen; scaled, a row's largest weight is about 0.25."""
-    if "llama" not in _MODELS:
-        model = build("llama", "eager")
-        with torch.no_grad():
-            for layer in model.model.layers:
-                layer.self_attn.q_proj.weight.mul_(SHARPEN)
-                layer.self_attn.k_proj.weight.mul_(SHARPEN)
-        _MODELS["llama"] = model
-    return _MODELS["llama"]
+    return sharpened_llama("eager")
 
 
 def _prompt(seed: int, n: int) -> list[int]:

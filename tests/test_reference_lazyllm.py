@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference_models import rope
+from reference_models import rope, sharpened_llama
 from tiny_models import IMAGE, PAD, VOCAB, batch, build
 
 import tokensieve
@@ -29,21 +29,10 @@ from tokensieve import compat
 
 LOGITS_ATOL = 1e-4  # fp32: SDPA against the reference's explicit softmax; summation order only
 STEPS = 16
-SHARPEN = 10.0
-_MODELS: dict[str, torch.nn.Module] = {}
 
 
 def _model() -> torch.nn.Module:
-    """The tiny random Llama (SDPA) with q and k projections scaled by ``SHARPEN`` so that attention
-    rows rank tokens by content, not by age."""
-    if "llama" not in _MODELS:
-        model = build("llama", "sdpa")
-        with torch.no_grad():
-            for layer in model.model.layers:
-                layer.self_attn.q_proj.weight.mul_(SHARPEN)
-                layer.self_attn.k_proj.weight.mul_(SHARPEN)
-        _MODELS["llama"] = model
-    return _MODELS["llama"]
+    return sharpened_llama("sdpa")
 
 
 def _prompt(seed: int, n: int) -> list[int]:

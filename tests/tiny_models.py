@@ -187,3 +187,15 @@ def untrained():
     processor = build_processor()
     processor.tokenizer.padding_side = "left"
     return model, evaluation.Prompting(processor, tiny=True)
+
+
+def untrained_text():
+    """The shipped text model's tokenizer with a small random Llama (2 layers, width 32), and its
+    prompting: ``(model, Prompting)``."""
+    from tokensieve import evaluation
+    from tokensieve.tiny_text.build import build_config, build_model, build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    model = build_model(build_config(tokenizer, hidden=32, layers=2, heads=4, kv_heads=2, mlp=64)).eval()
+    return model, evaluation.Prompting.for_processor(tokenizer)

@@ -153,6 +153,20 @@ class EvidencePointer(nn.Module):
         return evidence_nll(scores.log_softmax(-1), evidence_targets(patch_targets, rows, bits))
 
 
+def query_slots(rows: torch.Tensor, positions: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries scattered by batch row, so that one attention call per row serves all of its queries
+    (keys are projected once per row): ``rows``, ``positions`` ``(N,)`` -> ``slot`` ``(N,)`` (each
+    query's rank among its row's) and ``grid`` ``(batch, max per row)`` of positions (unused slots 0:
+    they may attend to nothing and are never read)."""
+    order = rows.argsort(stable=True)
+    per_row = torch.bincount(rows, minlength=batch)
+    slot = torch.empty_like(rows)
+    slot[order] = torch.arange(len(rows)) - (per_row.cumsum(0) - per_row)[rows[order]]
+    grid = torch.zeros(batch, int(per_row.max()), dtype=torch.long)
+    grid[rows, slot] = positions
+    return slot, grid
+
+
 def evidence_head_loss(layer: nn.Module, head: int, hidden: torch.Tensor, cos: torch.Tensor,
                        sin: torch.Tensor, attention_mask: torch.Tensor, visual: torch.Tensor,
                        patch_targets: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:
@@ -170,14 +184,7 @@ def evidence_head_loss(layer: nn.Module, head: int, hidden: torch.Tensor, cos: t
     """
     rows, positions, bits = evidence.unbind(-1)
     batch, length = attention_mask.shape
-    # the queries of each batch row go into one call, so keys are projected once per row: slot = the
-    # query's rank among its row's queries; unused slots may attend to nothing and are never read
-    order = rows.argsort(stable=True)
-    per_row = torch.bincount(rows, minlength=batch)
-    slot = torch.empty_like(rows)
-    slot[order] = torch.arange(len(rows)) - (per_row.cumsum(0) - per_row)[rows[order]]
-    queries = torch.zeros(batch, int(per_row.max()), dtype=torch.long)
-    queries[rows, slot] = positions
+    slot, queries = query_slots(rows, positions, batch)
     allowed = torch.zeros(batch, queries.shape[1], length, dtype=torch.bool)
     allowed[rows, slot] = (torch.arange(length)[None] <= positions[:, None]) & attention_mask[rows].bool()
     probs = attention_rows(layer, hidden, cos, sin, queries, allowed)  # (B, H, slots, L)

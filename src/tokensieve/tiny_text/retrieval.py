@@ -33,6 +33,7 @@ from torch import nn
 
 from ..attention import attention_rows
 from ..tasks.text import Ask, TextExample
+from ..tiny.auxiliary import query_slots
 
 STATEMENT_HEAD = (0, 0)
 QUESTION_HEAD = (0, 1)
@@ -103,13 +104,7 @@ def head_nll(model: nn.Module, hidden_states: tuple[torch.Tensor, ...], head: tu
     ``hidden_states``: the model's ``output_hidden_states`` (``[l]``, (B, L, D), is layer l's input).
     """
     batch, length = hidden_states[0].shape[:2]
-    # the queries of each row go into one call, so keys are projected once per row: slot = rank in its row
-    order = rows.argsort(stable=True)
-    per_row = torch.bincount(rows, minlength=batch)
-    slot = torch.empty_like(rows)
-    slot[order] = torch.arange(len(rows)) - (per_row.cumsum(0) - per_row)[rows[order]]
-    grid = torch.zeros(batch, int(per_row.max()), dtype=torch.long)
-    grid[rows, slot] = queries
+    slot, grid = query_slots(rows, queries, batch)
     allowed = torch.arange(length)[None, None] <= grid[..., None]  # (B, slots, L)
     positions = torch.arange(length)[None].expand(batch, length)
     cos, sin = model.model.rotary_emb(hidden_states[0], positions)
