@@ -258,3 +258,33 @@ def test_bad_options_raise_before_the_model_is_touched(options, error, match):
         with tokensieve.prune(model, "lazyllm", **options):
             pass
     assert all("forward" not in layer.__dict__ for layer in model.model.layers) and not model._forward_pre_hooks
+
+
+def test_a_question_fed_after_its_context_matches_the_reference():
+    """Protocol question-after: a pass of 6 question tokens after the context, then 8 decode steps.
+    The question's tokens (all but its last) can be pruned in their own pass, which the Aux Cache must
+    then hold as it holds the prompt's; per pass, the tokens each layer saw and the last logits equal
+    the paper's loop."""
+    schedule = {1: 0.5, 2: 0.6, 3: 0.5}
+    context, question = _prompt(11, 30), _prompt(12, 6)
+    ref = ReferenceLazyLLM(_model(), schedule)
+    passes, expected = [context, question], []
+    with torch.no_grad():
+        for step in range(10):
+            expected.append(ref.forward(passes[step]))
+            if step >= 1 and step < 9:
+                passes.append([int(expected[-1][0].argmax())])
+    assert ref.revived > 0 and any(p >= 30 for layer in ref.kv for p in range(30, 35) if p not in layer)
+    from transformers import DynamicCache
+
+    model, cache = _model(), DynamicCache()
+    keyword = compat.cache_keyword(type(model).forward)
+    length = 0
+    with torch.no_grad(), tokensieve.prune(model, "lazyllm", layers=tuple(schedule), keep=tuple(schedule.values())) as run:
+        for ids, (ref_logits, ref_seen) in zip(passes, expected):
+            length += len(ids)
+            out = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, length, dtype=torch.long),
+                        use_cache=True, **{keyword: cache})
+            seen = run.report.samples[0].attended
+            assert [sorted(s) for s in seen] == ref_seen
+            assert torch.allclose(out.logits[0, -1], ref_logits, atol=LOGITS_ATOL)

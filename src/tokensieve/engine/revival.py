@@ -2,7 +2,9 @@
 
 A method that needs ``"aux cache"`` chooses, after each of its scoring layers and in every pass (the
 prefill and each decode step), which tokens the following layers compute (:meth:`Method.choose`).
-The engine keeps, per sample and per prompt token:
+The engine keeps, per sample and per prompt token (and per token of any later pass of several tokens,
+such as a question fed after its context; a token decoded alone is never pruned in its own pass and
+has every layer's KV):
 
 * its *depth*: the layers ``0 .. depth - 1`` whose KV it has; the KV cache of layer ``l`` holds exactly
   the tokens computed at layer ``l`` (a token leaves the hidden rows at the layer where it is pruned,
@@ -38,9 +40,9 @@ class AuxCache:
     """What a pruned token needs to be computed later, and the tokens chosen in the present pass.
 
     Attributes:
-        hidden: ``(B, T, d)`` hidden state of each prompt token at the input of layer ``depth``
-            (meaningful where ``depth`` is below the number of layers).
-        depth: ``(B, T)`` long, the layers ``0 .. depth - 1`` whose KV each prompt token has.
+        hidden: ``(B, T, d)`` hidden state of each prompt token (and each token of a later pass of several)
+            at the input of layer ``depth`` (meaningful where ``depth`` is below the number of layers).
+        depth: ``(B, T)`` long, the layers ``0 .. depth - 1`` whose KV each such token has.
         cos, sin: ``(..., B, T_total, head_dim)`` the rotary rows of every position seen so far.
         position_ids: ``(..., B, T_total)`` the position ids the model gave them, or None.
         chosen: ``(B, T_total)`` bool, the tokens the present layer of the present pass computes with.
@@ -111,6 +113,20 @@ class Revival(EngineParts):
         if aux.position_ids is not None and pids is not None:
             aux.position_ids = torch.cat([aux.position_ids, pids], -1)
         aux.chosen = ledger.real.clone()
+        if state.new_tokens > 1:  # a pass of several tokens (a question fed after its context): they can be pruned
+            self._grow(ledger.real.shape[1], state.offset)
+
+    def _grow(self, total: int, start: int) -> None:
+        """Extend the Aux Cache to ``total`` positions: those before ``start`` (tokens decoded one per
+        pass, never pruned in their own pass) have every layer's KV; this pass's, from ``start``, none yet."""
+        aux = self.aux
+        batch, n, width = aux.hidden.shape
+        if total <= n:
+            return
+        cols = torch.arange(n, total, device=aux.depth.device)
+        depth = torch.where(cols < start, self.num_layers, 0).expand(batch, -1)
+        aux.depth = torch.cat([aux.depth, depth], 1)
+        aux.hidden = torch.cat([aux.hidden, aux.hidden.new_empty(batch, total - n, width)], 1)
 
     def _revive(self, idx: int, hidden: torch.Tensor) -> torch.Tensor:
         """Add to the hidden rows the chosen tokens whose KV stops before layer ``idx``, from the Aux
