@@ -6,7 +6,9 @@ and the step it opens at), the four task kinds equally often. Each context carri
 question and up to ``--turns`` further ones (``TextExample.more``) as extra turns; the loss is on
 the answer tokens and their ``</s>`` only, plus (``--aid-weight``) the training-only retrieval
 circuit losses of :mod:`.retrieval`. The schedule depends on steps alone, so a run replays.
-Defaults are the settings of the checkpoint in ``tokensieve/tiny_text/checkpoint``.
+Defaults are the settings of the first of the three runs that made the checkpoint in
+``tokensieve/tiny_text/checkpoint``; the other two continue it with ``--init-from`` (the commands:
+docs/tiny_model.md).
 """
 
 from __future__ import annotations
