@@ -88,6 +88,7 @@ def settings(layers: int, flops: float) -> dict[str, tuple[dict[str, Any], dict[
         "aim": ({"flops": flops}, {"merge_keep": 1.0, "start": layers - 1, "stop": layers - 1}),
         "vflowopt": ({"flops": flops, "layers": (third, 2 * third)}, {"vit_keep": 1.0, "stage_keep": (1.0, 1.0),
                                                                      "layers": (third, 2 * third)}),
+        "lazyllm": ({}, {"keep": 1.0}),  # no flops option: its defaults (keep 0.7 at three layers, ~0.6 of the FLOPs at 6 layers)
     }
     missing = {name for name, cls in methods.REGISTRY.items() if "cache" not in cls.stages} - set(out) - {"none"}
     if missing:
