@@ -117,6 +117,10 @@ def _rotated_queries(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: 
 def _softmax_rows(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
     """fp32 softmax of ``q k^T * scale`` with GQA key sharing; disallowed entries get 0."""
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)
+    scores.masked_fill_(~allowed[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    empty = ~allowed.any(-1)  # (B, q): a query row with no key to see (padding) gives 0, not NaN
+    if bool(empty.any()):
+        probs.masked_fill_(empty[:, None, :, None], 0.0)
+    return probs

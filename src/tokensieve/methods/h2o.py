@@ -53,7 +53,7 @@ def accumulate(view: CacheView, alpha: float = 1.0) -> torch.Tensor:
     queries = view.real[:, view.real.shape[1] - view.new:]  # (B, q): which of this pass's rows are real
     later = queries.flip(1).long().cumsum(1).flip(1) - queries.long()
     weights = (alpha ** later.float()) * queries.float()
-    received = torch.einsum("bhqm,bq->bmh", attention, weights)
+    received = torch.matmul(weights[:, None, None, :], attention)[:, :, 0].transpose(1, 2)  # (B, m, H)
     if view.memory is None:
         view.memory = received
     else:
