@@ -176,3 +176,40 @@ def test_a_ragged_batch_without_padding_keeps_its_masks():
         for i, part in enumerate(parts):
             alone = model(**collate("llava", [part])).logits[0, -1]
             assert torch.allclose(together[i], alone, atol=1e-4), (i, (together[i] - alone).abs().max())
+
+
+@dataclass
+class Receiver(Method):
+    """Keeps everything; records, at one layer, what ``received`` gives for random query weights."""
+
+    layer: int = 1
+    seen: list = field(default_factory=list)
+
+    name: ClassVar[str] = "receiver"
+    stages: ClassVar[tuple[str, ...]] = ("cache",)
+    visual: ClassVar[bool] = False
+
+    def evict(self, view: CacheView) -> torch.Tensor | None:
+        if view.layer == self.layer:
+            weights = torch.rand(view.valid.shape[0], view.new, generator=torch.Generator().manual_seed(view.new))
+            self.seen.append((weights, view.received(weights)))
+        return None
+
+
+def test_attention_received_in_blocks_of_queries_is_the_weighted_sum_of_the_models_weights(monkeypatch):
+    """``received`` sums the eager attention weights of the unpruned model over the pass's queries, with
+    the given weights, also when the queries span several blocks (block of 4 for a 13-token prompt)."""
+    from tokensieve.engine import cache_side
+
+    monkeypatch.setattr(cache_side, "QUERY_CHUNK", 4)
+    model = build("llama", "eager")
+    ids, mask = _padded(torch.Generator().manual_seed(5), [13, 10])
+    with torch.no_grad():
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_attentions=True)
+    receiver = Receiver(layer=1)
+    with torch.no_grad(), tokensieve.prune(model, receiver):
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    weights, got = receiver.seen[0]
+    expected = torch.einsum("bhqm,bq->bhm", out.attentions[1] * mask.bool()[:, None, :, None], weights)
+    assert got.shape == (2, 4, 13) and torch.allclose(got, expected, atol=1e-5)

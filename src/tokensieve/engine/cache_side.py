@@ -10,6 +10,10 @@ from ..ledger import Rows
 from ..methods.base import CacheView
 from .state import EngineParts
 
+QUERY_CHUNK = 256
+"""Query rows per attention block when a method sums the attention each entry received: the whole
+``(B, H, q, m)`` matrix of a long prefill never exists at once."""
+
 
 class CacheSide(EngineParts):
     """Part of :class:`~tokensieve.engine.core.Engine`: after each layer, record and evict its cache entries."""
@@ -56,9 +60,9 @@ class CacheSide(EngineParts):
             pad = memory.new_zeros(memory.shape[0], held.width - memory.shape[1], *memory.shape[2:])
             memory = torch.cat([memory, pad], 1)
 
-        def attention(window: int | None = None) -> torch.Tensor:
-            n = rows.width
-            cols = torch.arange(n - min(window or n, n), n, device=rows.pos.device).expand(rows.pos.shape[0], -1)
+        def rows_attention(lo: int, hi: int) -> torch.Tensor:
+            """``(B, H, hi - lo, m)``: this pass's query rows ``lo .. hi - 1`` over the entries held."""
+            cols = torch.arange(lo, hi, device=rows.pos.device).expand(rows.pos.shape[0], -1)
             pos = rows.pos.gather(1, cols)
             query_real = (ledger.real.gather(1, pos) & rows.valid.gather(1, cols))
             allowed = self._allowed(Rows(pos, rows.valid.gather(1, cols)), held) & query_real[..., None]
@@ -66,9 +70,21 @@ class CacheSide(EngineParts):
             with torch.no_grad():
                 return cache_attention(self.adapter.layers[idx], hidden, cos, sin, cols, cache.layers[idx].keys, allowed)
 
+        def attention(window: int | None = None) -> torch.Tensor:
+            n = rows.width
+            return rows_attention(n - min(window or n, n), n)
+
+        def received(weights: torch.Tensor) -> torch.Tensor:
+            total = None
+            for lo in range(0, rows.width, QUERY_CHUNK):
+                hi = min(rows.width, lo + QUERY_CHUNK)
+                part = torch.matmul(weights[:, None, None, lo:hi].float(), rows_attention(lo, hi))[:, :, 0]
+                total = part if total is None else total + part
+            return total
+
         return CacheView(idx, held.pos, held.valid, real, state.offset + state.new_tokens, prefill=state.prefill,
                          new=rows.width, keys=lambda: cache.layers[idx].keys, values=lambda: cache.layers[idx].values,
-                         attention=attention, memory=memory)
+                         attention=attention, received=received, memory=memory)
 
     def _shift_cache(self, idx: int, cache: LedgerCache, rows: Rows, rope: torch.Tensor) -> None:
         """Re-rotate layer ``idx``'s cached keys so that each real entry sits at its index among the

@@ -146,6 +146,9 @@ class CacheView:
         attention: ``attention(window=None)`` -> ``(B, H, q, m)`` float32 softmax attention of this
             pass's last ``window`` query rows (all of them for None) over the entries held, computed
             from the layer's own projections (causal, padding masked); rows of padding queries are 0.
+        received: ``received(weights)`` -> ``(B, H, m)`` float32: ``sum_q weights[:, q] * attention()[:, :, q]``
+            over this pass's query rows (``weights`` ``(B, new)``), computed a block of queries at a time
+            so that the whole attention matrix of a long prefill never exists at once (H2O, A2SF).
         memory: ``(B, m, ...)`` what the method stored at this layer on earlier passes, one row per
             entry (zeros for this pass's entries), or None; the method may replace it, and the engine
             keeps it aligned with the entries through evictions (H2O's accumulated attention).
@@ -161,6 +164,7 @@ class CacheView:
     keys: Callable[[], torch.Tensor] | None = None
     values: Callable[[], torch.Tensor] | None = None
     attention: Callable[..., torch.Tensor] | None = None
+    received: Callable[[torch.Tensor], torch.Tensor] | None = None
     memory: torch.Tensor | None = None
 
 

@@ -49,11 +49,10 @@ def accumulate(view: CacheView, alpha: float = 1.0) -> torch.Tensor:
     Returns:
         ``(B, m, H)`` float32: the scores, also stored in ``view.memory``.
     """
-    attention = view.attention()  # (B, H, q, m)
     queries = view.real[:, view.real.shape[1] - view.new:]  # (B, q): which of this pass's rows are real
     later = queries.flip(1).long().cumsum(1).flip(1) - queries.long()
     weights = (alpha ** later.float()) * queries.float()
-    received = torch.matmul(weights[:, None, None, :], attention)[:, :, 0].transpose(1, 2)  # (B, m, H)
+    received = view.received(weights).transpose(1, 2)  # (B, m, H)
     if view.memory is None:
         view.memory = received
     else:
