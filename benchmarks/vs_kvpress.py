@@ -94,7 +94,10 @@ def answer(model, tokenizer, context: torch.Tensor, question: torch.Tensor, arou
         start = time.perf_counter()
         model(input_ids=context, past_key_values=cache, use_cache=True)
         stored = kv_bytes(cache)
-        out = model(input_ids=question, past_key_values=cache, use_cache=True)
+        # positions after the whole context, as kvpress's pipeline passes them (generate_answer): a
+        # compressed cache's length is not the context's
+        at = torch.arange(context.shape[1], context.shape[1] + question.shape[1])[None]
+        out = model(input_ids=question, past_key_values=cache, position_ids=at, use_cache=True)
         ttft = time.perf_counter() - start
         peak = max(stored, kv_bytes(cache))
         ids, steps = [], []
@@ -104,7 +107,8 @@ def answer(model, tokenizer, context: torch.Tensor, question: torch.Tensor, arou
             if ids[-1] == tokenizer.eos_token_id:
                 break
             t0 = time.perf_counter()
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            at = at[:, -1:] + 1
+            out = model(input_ids=token, past_key_values=cache, position_ids=at, use_cache=True)
             steps.append(time.perf_counter() - t0)
             peak = max(peak, kv_bytes(cache))
             token = out.logits[:, -1:].argmax(-1)
