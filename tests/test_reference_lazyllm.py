@@ -288,3 +288,14 @@ def test_a_question_fed_after_its_context_matches_the_reference():
             seen = run.report.samples[0].attended
             assert [sorted(s) for s in seen] == ref_seen
             assert torch.allclose(out.logits[0, -1], ref_logits, atol=LOGITS_ATOL)
+
+
+def test_one_fraction_in_a_tuple_serves_every_pruning_layer():
+    """``--keep 0.5`` on the command line arrives as ``(0.5,)``: one fraction for all layers."""
+    from tokensieve.methods import LazyLLM
+
+    method = LazyLLM(layers=(2, 4, 6), keep=(0.5,))
+    method.bind(8)
+    assert method.pruning_layers() == {2: 0.5, 4: 0.5, 6: 0.5}
+    with pytest.raises(ValueError, match="2 fractions for 3 pruning layers"):
+        LazyLLM(layers=(2, 4, 6), keep=(0.5, 0.6)).bind(8)

@@ -77,7 +77,8 @@ class LazyLLM(Method):
                              f"{num_layers}-layer model, got {self.layers}")
         if list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"lazyllm pruning layers must increase, got {self.layers}")
-        keep = tuple(self.keep) if isinstance(self.keep, (tuple, list)) else (self.keep,) * len(self.layers)
+        keep = tuple(self.keep) if isinstance(self.keep, (tuple, list)) else (self.keep,)
+        keep = keep * len(self.layers) if len(keep) == 1 else keep  # one fraction (``--keep 0.5``) serves every layer
         if len(keep) != len(self.layers):
             raise ValueError(f"keep has {len(keep)} fractions for {len(self.layers)} pruning layers {self.layers}")
         self._keep = dict(zip(self.layers, keep))
