@@ -23,6 +23,13 @@ def mixed_examples() -> list:
     return generate("kv_recall_512", "test", 2) + generate("multihop_512", "test", 2)
 
 
+def mixed_inputs(model, prompting) -> tuple[dict, list[int]]:
+    """:func:`mixed_examples` as model inputs, and each row's question length."""
+    examples = mixed_examples()
+    inputs = prompting.inputs(examples)
+    return inputs, protocols.question_lengths(prompting, examples, inputs, model)
+
+
 def test_the_split_puts_each_row_back_together_and_aligns_the_questions(text_model):
     model, prompting = text_model
     examples = mixed_examples()
@@ -44,9 +51,7 @@ def test_the_split_puts_each_row_back_together_and_aligns_the_questions(text_mod
 @torch.no_grad()
 def test_unpruned_answers_do_not_depend_on_the_protocol(text_model):
     model, prompting = text_model
-    examples = mixed_examples()
-    inputs = prompting.inputs(examples)
-    question = protocols.question_lengths(prompting, examples, inputs, model)
+    inputs, question = mixed_inputs(model, prompting)
     generation = dict(max_new_tokens=4, do_sample=False)
     whole, width, calls = protocols.generate(model, inputs, generation)
     after, width_after, calls_after = protocols.generate(model, inputs, generation, "question-after", question, 0)
@@ -57,9 +62,7 @@ def test_unpruned_answers_do_not_depend_on_the_protocol(text_model):
 @torch.no_grad()
 def test_question_after_compresses_the_context_before_the_question_arrives(text_model):
     model, prompting = text_model
-    examples = mixed_examples()
-    inputs = prompting.inputs(examples)
-    question = protocols.question_lengths(prompting, examples, inputs, model)
+    inputs, question = mixed_inputs(model, prompting)
     first, _ = protocols.split_inputs(inputs, question, 0)
     with tokensieve.prune(model, "snapkv", keep=0.25) as run:
         protocols.generate(model, inputs, dict(max_new_tokens=2, do_sample=False), "question-after", question, 0)
@@ -88,9 +91,7 @@ def test_a_vlm_prompt_splits_after_its_last_image_token():
 
 def test_the_timer_sums_the_forwards_of_a_split_prefill(text_model):
     model, prompting = text_model
-    examples = mixed_examples()
-    inputs = prompting.inputs(examples)
-    question = protocols.question_lengths(prompting, examples, inputs, model)
+    inputs, question = mixed_inputs(model, prompting)
     with ForwardTimer(model) as timer:
         timer.start(2)
         protocols.generate(model, inputs, dict(max_new_tokens=3, do_sample=False), "question-after", question, 0)
