@@ -28,6 +28,16 @@ import torch
 from .base import CacheView, Method, check_fraction
 
 
+def keep_budget(view: CacheView, keep: float) -> torch.Tensor:
+    """``(B,)`` long: the entries a ``keep`` budget lets each sample's cache hold after this pass:
+    ``max(1, round(keep * n))`` of its ``n`` real prompt entries at prefill; while decoding, as many as
+    it held before this pass's entries arrived (the size the prefill left)."""
+    real = view.real
+    if view.prefill:
+        return (keep * real.sum(1)).round().long().clamp(min=1)
+    return real[:, : real.shape[1] - view.new].sum(1)
+
+
 @dataclass
 class CacheScorer(Method):
     """Options: ``keep`` (fraction of the prompt's real entries kept per layer) or ``budget`` (entries
@@ -81,9 +91,7 @@ class CacheScorer(Method):
         real = view.real
         if self.budget is not None:
             return torch.full((real.shape[0],), self.budget, dtype=torch.long, device=real.device)
-        if view.prefill:
-            return (self.keep * real.sum(1)).round().long().clamp(min=1)
-        return real[:, : real.shape[1] - view.new].sum(1)
+        return keep_budget(view, self.keep)
 
     def select(self, view: CacheView, scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
         """``(B, m)`` bool keep mask: every real entry where a sample holds at most ``budget`` (``(B,)``),

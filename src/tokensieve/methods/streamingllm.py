@@ -38,6 +38,7 @@ from typing import ClassVar, Literal
 import torch
 
 from .base import CacheView, Method, check_fraction
+from .cache_base import keep_budget
 
 DEFAULT_WINDOW = 64
 """Recent tokens kept when no budget is given."""
@@ -83,11 +84,7 @@ class StreamingLLM(Method):
         if self.keep is None:
             window = self.budget - self.sinks if self.budget is not None else self.window or DEFAULT_WINDOW
             return torch.full((real.shape[0], 1), window, dtype=torch.long, device=real.device)
-        if view.prefill:
-            budget = (self.keep * real.sum(1, keepdim=True)).round().long()
-        else:
-            budget = real[:, : real.shape[1] - view.new].sum(1, keepdim=True)
-        return (budget - self.sinks).clamp(min=1)
+        return (keep_budget(view, self.keep)[:, None] - self.sinks).clamp(min=1)
 
     def evict(self, view: CacheView) -> torch.Tensor | None:
         if self.keep == 1:  # kvpress's compression_ratio 0: nothing leaves
