@@ -53,6 +53,8 @@ def attention_rows(
     queries: torch.Tensor,
     allowed: torch.Tensor,
     temperature: float = 1.0,
+    projected_q: torch.Tensor | None = None,
+    projected_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention probabilities of chosen query rows against all rows, at one decoder layer.
 
@@ -64,16 +66,24 @@ def attention_rows(
         queries: ``(B, q)`` long, row indices of the queries.
         allowed: ``(B, q, n)`` bool, which keys each query may attend to (causal, padding).
         temperature: the scaled logits are divided by it before the softmax (1: the layer's own attention).
+        projected_q, projected_k: ``(B, n, out)`` the layer's ``q_proj`` / ``k_proj`` outputs for all
+            ``n`` rows where already computed (the engine's :mod:`~tokensieve.engine.projections`);
+            computed here from the normed input otherwise.
 
     Returns:
         ``(B, H, q, n)`` float32 probabilities; rows sum to 1 over allowed keys.
     """
     attn = layer.self_attn
-    x = layer.input_layernorm(hidden)
-    batch, n, _ = x.shape
-    q = _rotated_queries(layer, x, cos, sin, queries)
-    k = attn.k_proj(x).view(batch, n, -1, attn.head_dim).transpose(1, 2)
-    rows = torch.arange(n, device=x.device).expand(batch, n)
+    batch, n, _ = hidden.shape
+    x = layer.input_layernorm(hidden) if projected_q is None or projected_k is None else None
+    if projected_q is None:
+        q = _rotated_queries(layer, x, cos, sin, queries)
+    else:
+        q = _rotate_queries(layer, projected_q.gather(1, queries[..., None].expand(-1, -1, projected_q.shape[-1])),
+                            cos, sin, queries)
+    k = attn.k_proj(x) if projected_k is None else projected_k
+    k = k.view(batch, n, -1, attn.head_dim).transpose(1, 2)
+    rows = torch.arange(n, device=hidden.device).expand(batch, n)
     _, k = rotate(k, k, take_rows(cos, rows), take_rows(sin, rows), attn)
     return _softmax_rows(q, k, allowed, attn.scaling / temperature)
 
@@ -107,9 +117,16 @@ def cache_attention(
 def _rotated_queries(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      queries: torch.Tensor) -> torch.Tensor:
     """``(B, H, q, head_dim)`` rotated queries of rows ``queries`` of the normed input ``x``."""
-    attn = layer.self_attn
     xq = x.gather(1, queries[..., None].expand(-1, -1, x.shape[-1]))
-    q = attn.q_proj(xq).view(x.shape[0], queries.shape[1], -1, attn.head_dim).transpose(1, 2)
+    return _rotate_queries(layer, layer.self_attn.q_proj(xq), cos, sin, queries)
+
+
+def _rotate_queries(layer: nn.Module, projected: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    queries: torch.Tensor) -> torch.Tensor:
+    """``(B, H, q, head_dim)`` the rows ``queries`` of ``projected`` (``(B, q, out)``, their ``q_proj``
+    outputs) split into heads and rotated."""
+    attn = layer.self_attn
+    q = projected.view(projected.shape[0], queries.shape[1], -1, attn.head_dim).transpose(1, 2)
     q, _ = rotate(q, q, take_rows(cos, queries), take_rows(sin, queries), attn)
     return q
 

@@ -16,7 +16,8 @@ Leaving the context removes all of it, also when the body raises.
 
 One concern per module: :mod:`.context` (``prune()``, ``Run``), :mod:`.core` (checks, install/remove,
 passes, the layer shim), :mod:`.selection` (views and selections), :mod:`.positions` (rotary rows,
-position ids, masks), :mod:`.inside` (tokens leaving inside a layer), :mod:`.transitions` (TransPrune's
+position ids, masks), :mod:`.inside` (tokens leaving inside a layer), :mod:`.projections` (a layer's q/k projections
+computed once for the layer and the attention rows a method reads), :mod:`.transitions` (TransPrune's
 accumulated transitions), :mod:`.cache_side` (cache rows, eviction, shifted cache positions),
 :mod:`.revival` (tokens chosen again at every pass, the Aux Cache that revives them),
 :mod:`.reporting` (the per-sample report), :mod:`.state` (what the parts share).

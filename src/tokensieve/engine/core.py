@@ -22,6 +22,7 @@ from ..vision import VisionTap
 from .cache_side import CacheSide
 from .inside import InsideLayer
 from .positions import PositionsAndMasks
+from .projections import Projections
 from .reporting import Reporting
 from .revival import Revival
 from .selection import Selecting
@@ -29,7 +30,7 @@ from .state import Pass
 from .transitions import Transitions
 
 
-class Engine(Selecting, PositionsAndMasks, InsideLayer, Transitions, CacheSide, Revival, Reporting):
+class Engine(Selecting, PositionsAndMasks, InsideLayer, Projections, Transitions, CacheSide, Revival, Reporting):
     """Applies one method to one model; see :func:`~tokensieve.engine.prune`. Each concern lives in its
     own mixin module; this class holds the state they share (``ledger``, ``state``, ``adapter``...)."""
 
@@ -53,6 +54,10 @@ class Engine(Selecting, PositionsAndMasks, InsideLayer, Transitions, CacheSide, 
         for point in method.points():
             self.points.setdefault(point.before, []).append(point)
         self.attention_layers = {p.attention_layer for p in method.points() if p.attention_layer is not None}
+        self.last_reader = {}  # attention layer -> the last layer whose points read it
+        for point in method.points():
+            if point.attention_layer is not None:
+                self.last_reader[point.attention_layer] = max(point.before, self.last_reader.get(point.attention_layer, 0))
         mode = method.positions_mode()
         self.renumber = mode == "renumber" or (mode == "auto" and not self.adapter.mrope)
         if self.renumber and self.adapter.mrope:
@@ -92,6 +97,8 @@ class Engine(Selecting, PositionsAndMasks, InsideLayer, Transitions, CacheSide, 
             self._undo.append(self.vision_tap.install())
         if self.tower is not None:
             self._undo.append(self.tower.install())
+        if "aux cache" not in self.method.needs:
+            self._undo += self._install_projections()
         for idx in sorted(self.transition_layers):
             layer = self.adapter.layers[idx]
             for block in (layer.self_attn, layer.mlp):
@@ -200,6 +207,7 @@ class Engine(Selecting, PositionsAndMasks, InsideLayer, Transitions, CacheSide, 
             return self._revival_layer(idx, original, hidden, args, kwargs)
         inside = None
         if state.prefill and self.selecting:
+            self._forget_before(idx)
             if any(p.attention_layer == idx and not p.inside for p in self.points.get(idx, [])):
                 cos, sin = self._layer_kwargs(idx, hidden, kwargs)["position_embeddings"]
                 state.saved[idx] = (hidden, cos, sin, ledger.hidden)

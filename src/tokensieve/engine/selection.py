@@ -47,10 +47,13 @@ class Selecting(EngineParts):
         if selection.hidden is not None:
             hidden = selection.hidden
         keep = selection.keep & rows.valid
+        rewritten = selection.hidden is not None
         if bool((keep == rows.valid).all()):
+            self._carry_projections(point.before, rows, None, None, rewritten)
             ledger.record_visual(f"{point.stage}:{point.before}", rows)
             return hidden
         new_rows, index = rows.select(keep)
+        self._carry_projections(point.before, rows, new_rows, index, rewritten)
         hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
         if self.renumber and point.stage in self.method.renumber_at:
             removed = torch.ones_like(ledger.real)
@@ -77,7 +80,10 @@ class Selecting(EngineParts):
         attn = layer.self_attn
         batch, n, _ = hidden.shape
         with torch.no_grad():
-            k = attn.k_proj(layer.input_layernorm(hidden)).view(batch, n, -1, attn.head_dim).transpose(1, 2)
+            k = self._projected(point.attention_layer, "k_proj", rows)
+            if k is None:
+                k = attn.k_proj(layer.input_layernorm(hidden))
+            k = k.view(batch, n, -1, attn.head_dim).transpose(1, 2)
             rows_all = torch.arange(n, device=hidden.device).expand(batch, n)
             _, k = rotate(k, k, take_rows(cos, rows_all), take_rows(sin, rows_all), attn)
         return k.transpose(1, 2).reshape(batch, n, -1)
@@ -117,6 +123,8 @@ class Selecting(EngineParts):
             raise RuntimeError("attention rows were saved for a different token set than the point's")
         qidx, _ = self._queries(rows, queries)
         allowed = self._allowed(rows, rows).gather(1, qidx[..., None].expand(-1, -1, rows.width))
-        layer = self.adapter.layers[point.attention_layer]
+        layer, at = self.adapter.layers[point.attention_layer], point.attention_layer
         with torch.no_grad():
-            return attention_rows(layer, hidden, cos, sin, qidx, allowed, temperature)
+            return attention_rows(layer, hidden, cos, sin, qidx, allowed, temperature,
+                                  projected_q=self._projected(at, "q_proj", rows),
+                                  projected_k=self._projected(at, "k_proj", rows))

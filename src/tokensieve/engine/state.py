@@ -30,6 +30,7 @@ class Pass:
     new_tokens: int
     cache: LedgerCache | None
     saved: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, Rows]] = field(default_factory=dict)
+    projected: dict[tuple[int, str], tuple[Rows, torch.Tensor]] = field(default_factory=dict)
     memo: dict[tuple, Any] = field(default_factory=dict)
     version: int = 0
 
@@ -46,6 +47,7 @@ class EngineParts:
     shape: Shape
     points: dict[int, list[Point]]
     attention_layers: set[int]
+    last_reader: dict[int, int]
     renumber: bool
     cache_shift: bool
     positions: str
