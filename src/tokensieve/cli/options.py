@@ -169,6 +169,9 @@ def method_options(args: argparse.Namespace, method: str | None) -> dict[str, An
     """
     registry = registry_options()
     given = {name: getattr(args, name) for name in args.method_flags if getattr(args, name) is not None}
+    if method is not None and "+" in method:
+        args.method, options = composition_options(method, given)
+        return options
     if method is None:
         if given:
             raise ValueError(f"{', '.join(registry[n].flag for n in given)}: method options need --method")
@@ -187,6 +190,51 @@ def method_options(args: argparse.Namespace, method: str | None) -> dict[str, An
         except ValueError as err:
             raise ValueError(f"{registry[name].flag} for {method}: {err}") from None
     return options
+
+
+def composition_options(spec: str, given: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    """``"divprune:keep=0.5+fastv:layer=2,keep=0.25"`` as its members' names joined by ``+`` and the
+    options :func:`tokensieve.methods.get` takes for them (each member's under its name). A value
+    holding commas (``pdrop:layers=1,2,3``) continues up to the next ``key=``. Of the flat flags
+    (``given``), only ``--flops`` is taken: the composition's budget, split among its members.
+
+    Raises:
+        ValueError: an unknown member or option, a value it cannot read, or another flat flag.
+    """
+    registry = registry_options()
+    stray = [registry[n].flag for n in given if n != "flops"]
+    if stray:
+        raise ValueError(f"{', '.join(stray)} with a composition: give each member its options in --method, "
+                         "as in divprune:keep=0.5+fastv:layer=2,keep=0.25")
+    names: list[str] = []
+    options: dict[str, Any] = {}
+    for part in spec.split("+"):
+        name, _, text = part.strip().partition(":")
+        if name not in methods.REGISTRY:
+            methods.get(name)  # raises, naming the closest methods
+        pairs: list[list[str]] = []
+        for piece in filter(None, text.split(",")):
+            if "=" in piece:
+                pairs.append(piece.split("=", 1))
+            elif pairs:
+                pairs[-1][1] += "," + piece
+            else:
+                raise ValueError(f"{part!r}: expected key=value after {name}:")
+        taken = methods.REGISTRY[name].options()
+        member = {}
+        for key, value in pairs:
+            key = key.strip().replace("-", "_")
+            if key not in taken:
+                raise ValueError(f"method {name!r} takes no option {key!r}; it takes {', '.join(taken) or 'none'}")
+            try:
+                member[key] = registry[key].kinds[name].parse(value)
+            except ValueError as err:
+                raise ValueError(f"{key} for {name}: {err}") from None
+        names.append(name)
+        options[name] = member
+    if "flops" in given:
+        options["flops"] = float(given["flops"])
+    return "+".join(names), options
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:

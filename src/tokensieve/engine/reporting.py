@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from ..cache import LedgerCache
@@ -18,8 +16,7 @@ class Reporting(EngineParts):
     """Part of :class:`~tokensieve.engine.core.Engine`."""
 
     def _new_report(self) -> Report:
-        options = {k: v for k, v in dataclasses.asdict(self.method).items() if not k.startswith("_")}
-        return Report(self.method.name, options, self.positions)
+        return Report(self.method.name, self.method.report_options(), self.positions)
 
     def _write_report(self, prefill: bool, cache: LedgerCache | None) -> None:
         ledger, report = self.ledger, self.report

@@ -5,10 +5,11 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from .base import CacheView, Grid, Method, Point, Selection, View
+from .base import CacheView, Grid, Method, Point, Selection, View, check_budget
 from .a2sf import A2SF
 from .aim import AIM
 from .cache_base import CacheScorer
+from .composition import Composition, split_flops, takes_flops_share
 from .dart import DART
 from .divprune import DivPrune
 from .fastervlm import FasterVLM
@@ -31,13 +32,20 @@ from .visionzip import VisionZip
 REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Unpruned, FastV, FitPrune, RandomDrop, Pool, StreamingLLM, H2O, SnapKV, A2SF, PagedEviction, LazyLLM, DivPrune, FasterVLM, DART, PDrop, VisionZip, ToMe, TransPrune, AIM, VFlowOpt)}
 
 
-def get(name: str | Method, **options: Any) -> Method:
+def get(name: str | Method | list[str | Method], **options: Any) -> Method:
     """Build a method from its name and options, or return a Method instance unchanged.
+
+    A list of methods, or names joined by ``+`` (``"divprune+fastv"``), is a
+    :class:`~tokensieve.methods.composition.Composition`: ``options`` then holds each member's options
+    under its name (``divprune={"keep": 0.5}``) and optionally ``flops``, a budget split among the
+    members that take it (see the composition module).
 
     Raises:
         ValueError: unknown name (the closest names are suggested).
         TypeError: an option the method does not take (its options are listed).
     """
+    if isinstance(name, (list, tuple)) or (isinstance(name, str) and "+" in name):
+        return compose(name.split("+") if isinstance(name, str) else list(name), **options)
     if isinstance(name, Method):
         if options:
             raise TypeError("options go into the method's constructor when passing a Method instance")
@@ -54,6 +62,31 @@ def get(name: str | Method, **options: Any) -> Method:
     return cls(**options)
 
 
-__all__ = ["REGISTRY", "get", "Method", "Point", "View", "Selection", "CacheView", "Grid",
+def compose(members: list[str | Method], flops: float | None = None, **options: Any) -> Composition:
+    """A :class:`Composition` of ``members`` (names or Method instances); ``options[name]`` is a
+    named member's options, ``flops`` the composition's budget."""
+    names = [m for m in members if isinstance(m, str)]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a method appears twice in {'+'.join(names)}")
+    stray = [k for k in options if k not in names]
+    if stray:
+        raise TypeError(f"options of a composition go under its members' names ({', '.join(names) or 'none named'}); "
+                        f"got {', '.join(map(repr, stray))}")
+    for k in names:
+        if not isinstance(options.get(k, {}), dict):
+            raise TypeError(f"{k}'s options in a composition are a dict, got {options[k]!r}")
+    given = {k: dict(options.get(k, {})) for k in names}
+    if flops is not None:
+        check_budget(None, flops)
+        takers = [k for k in names if k in REGISTRY and takes_flops_share(k, REGISTRY[k], given[k])]
+        if not takers:
+            raise ValueError("flops on a composition needs a member that solves a FLOPs budget and was given "
+                             "no budget of its own (flops, keep or ratio)")
+        for k in takers:
+            given[k]["flops"] = split_flops(flops, len(takers))
+    return Composition([get(m, **given[m]) if isinstance(m, str) else m for m in members], flops=flops)
+
+
+__all__ = ["REGISTRY", "get", "compose", "Composition", "Method", "Point", "View", "Selection", "CacheView", "Grid",
            "Unpruned", "FastV", "FitPrune", "FitPruneSearch", "DivPrune", "FasterVLM", "DART", "PDrop", "VisionZip", "ToMe", "TransPrune", "AIM", "VFlowOpt", "RandomDrop", "Pool", "StreamingLLM",
            "CacheScorer", "H2O", "SnapKV", "A2SF", "PagedEviction", "LazyLLM"]

@@ -256,6 +256,10 @@ class Method:
         sits right after the entries held), ``"auto"`` shift except on M-RoPE models."""
         return "keep"
 
+    def report_options(self) -> dict:
+        """The options as reports record them (private fields left out)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_")}
+
     @classmethod
     def options(cls) -> dict[str, dataclasses.Field]:
         if not dataclasses.is_dataclass(cls):
