@@ -163,3 +163,33 @@ def test_the_command_line_spec():
         composition_options("divprune:layer=2+fastv", {})
     with pytest.raises(ValueError, match="expected a number"):
         composition_options("divprune:keep=half+fastv", {})
+
+
+def test_bench_rows_of_compositions():
+    from tokensieve import bench
+    from tokensieve.recipe import Recipe
+
+    name, fixed = bench.parse_method("divprune+fitprune+a2sf:a2sf.keep=0.5:fitprune.score=fit")
+    assert name == "divprune+fitprune+a2sf" and bench.axis(name) == "flops"
+    assert fixed == {"divprune": {}, "fitprune": {"score": "fit"}, "a2sf": {"keep": 0.5}}
+    fitted = []
+
+    def recipe(share):
+        fitted.append(share)
+        return Recipe(removed={1: 2}, visual_tokens=16, num_layers=4, budget=share)
+
+    options = bench.composition_cell(name, fixed, 0.25, recipe)
+    assert fitted == [pytest.approx(0.5)]  # two members share 0.25: DivPrune and FitPrune, 0.5 each
+    assert options["divprune"] == {"flops": pytest.approx(0.5)}
+    assert options["fitprune"]["fractions"] is True and options["fitprune"]["score"] == "fit"
+    assert options["a2sf"] == {"keep": 0.5}
+    with pytest.raises(ValueError, match="both act at the prefill stage"):
+        bench.parse_method("fastv+pdrop")
+    with pytest.raises(ValueError, match="member.key=value"):
+        bench.parse_method("divprune+fastv:layer=2")
+    with pytest.raises(ValueError, match="'snapkv' is not one of its members"):
+        bench.parse_method("divprune+fastv:snapkv.keep=0.5")
+    with pytest.raises(ValueError, match="takes no option 'recipe' here"):
+        bench.parse_method("divprune+fitprune:fitprune.recipe=x.json")
+    with pytest.raises(ValueError, match="wrong type"):
+        bench.parse_method("divprune+fastv:fastv.layer=two")

@@ -23,7 +23,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 from tqdm.auto import tqdm
 
@@ -31,6 +31,7 @@ from . import __version__, methods
 from .adapters import adapter_for
 from .evaluation import Prompting, calibrate_on_tasks, evaluate, model_runtime, resolve_tasks
 from .flops import Shape
+from .methods.composition import split_flops, takes_flops_share
 from .protocols import check_protocol, resolve
 from .recipe import Recipe
 from .tasks import Example, TextExample, generate
@@ -59,9 +60,34 @@ SETTING_NAMES = {"model": "--model", "tasks": "--task", "limit": "--limit", "bat
 
 
 def axis(name: str) -> str:
-    """The budget axis of method ``name``: ``"flops"`` for the methods that meet a FLOPs budget,
-    ``"keep"`` for the others (the KV-cache methods; LazyLLM, whose ``keep`` is per pruning layer)."""
-    return "flops" if "flops" in methods.REGISTRY[name].options() else "keep"
+    """The budget axis of method ``name``: ``"flops"`` for the methods that meet a FLOPs budget (and
+    the compositions with such a member), ``"keep"`` for the others (the KV-cache methods; LazyLLM,
+    whose ``keep`` is per pruning layer)."""
+    return "flops" if any("flops" in methods.REGISTRY[m].options() for m in name.split("+")) else "keep"
+
+
+def composition_cell(name: str, fixed: dict[str, dict[str, Any]], budget: float,
+                     recipe: Callable[[float], Recipe]) -> dict[str, Any]:
+    """The options of composition ``name`` (members joined by ``+``; ``fixed``: each member's options
+    from the spec) at the FLOPs ``budget``: each of the ``k`` members that take a share
+    (:func:`~tokensieve.methods.composition.takes_flops_share`, and here FitPrune too, given no recipe)
+    is given ``budget ** (1 / k)``. FitPrune's share is a recipe ``recipe(share)`` fitted on the whole
+    model; after an encoder-stage member it is scaled to the tokens that reach it (``fractions=True``),
+    an approximation: the recipe is fitted without the encoder member."""
+    members = name.split("+")
+    given = {m: dict(fixed.get(m, {})) for m in members}
+    takers = [m for m in members if takes_flops_share(m, methods.REGISTRY[m], given[m])
+              or (m == "fitprune" and "recipe" not in given[m])]
+    if not takers:
+        raise ValueError(f"{name}: no member takes a share of the FLOPs budget (each was given its own)")
+    share = split_flops(budget, len(takers))
+    encoder = any("encoder" in methods.REGISTRY[m].stages for m in members)
+    for m in takers:
+        if m == "fitprune":
+            given[m].update(recipe=recipe(share), fractions=given[m].get("fractions", encoder))
+        else:
+            given[m]["flops"] = share
+    return given
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
@@ -75,6 +101,8 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
             or a value of the wrong type.
     """
     name, *parts = [part.strip() for part in spec.split(":")]
+    if "+" in name:
+        return name, _composition_spec(spec, name, parts)
     if name == "none":
         raise ValueError("'none' is the unpruned baseline every bench runs; leave it out of the methods")
     if name not in methods.REGISTRY:
@@ -102,6 +130,31 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
         except ValueError:
             raise ValueError(f"{spec!r}: {key}={text!r} has the wrong type: {key} takes {_describe(hints[key])}") from None
     return name, options
+
+
+def _composition_spec(spec: str, name: str, parts: list[str]) -> dict[str, dict[str, Any]]:
+    """``"divprune+fastv:fastv.layer=1"``'s member options: ``{"fastv": {"layer": 1}}``."""
+    members = name.split("+")
+    placeholder = {"fitprune": {"recipe": Recipe(removed={}, visual_tokens=1, num_layers=1)}}  # fitted per cell
+    methods.get(members, **{m: placeholder.get(m, {}) for m in members})  # two members at one stage raise here
+    fixed: dict[str, dict[str, Any]] = {m: {} for m in members}
+    for part in parts:
+        key, sep, text = part.partition("=")
+        member, dot, option = key.partition(".")
+        if not sep or not dot or not option or not text:
+            raise ValueError(f"a composition's options are written member.key=value, got {part!r} in {spec!r}")
+        if member not in fixed:
+            raise ValueError(f"{spec!r}: {member!r} is not one of its members ({', '.join(members)})")
+        cls = methods.REGISTRY[member]
+        if option not in cls.options() or option == "recipe":
+            raise ValueError(f"{spec!r}: {member} takes no option {option!r} here; its options are "
+                             f"{', '.join(o for o in cls.options() if o != 'recipe')}")
+        hint = typing.get_type_hints(cls)[option]
+        try:
+            fixed[member][option] = _read(hint, text)
+        except ValueError:
+            raise ValueError(f"{spec!r}: {key}={text!r} has the wrong type: {option} takes {_describe(hint)}") from None
+    return fixed
 
 
 def _read(hint: Any, text: str) -> Any:
@@ -139,7 +192,10 @@ def _describe(hint: Any) -> str:
 
 
 def cell_options(name: str, budget: float) -> list[dict[str, Any]]:
-    """Option sets to try, in order, for ``name`` at ``budget`` (FitPrune's recipe is added when the cell runs)."""
+    """Option sets to try, in order, for ``name`` at ``budget`` (FitPrune's recipe is added when the
+    cell runs; a composition's options are :func:`composition_cell`'s)."""
+    if "+" in name:
+        return [{}]
     if name == "fastv":
         return [{"layer": k, "flops": budget} for k in FASTV_LAYERS]
     return [{axis(name): budget}]
@@ -179,6 +235,9 @@ def check_specs(names: list[str], budgets: list[float], num_layers: int = PROBE_
         for budget in (keeps if axis(name) == "keep" else budgets):
             errors = []
             for options in cell_options(name, budget):
+                if "+" in name:
+                    probe = lambda share: Recipe(removed={}, visual_tokens=1, num_layers=num_layers, budget=share)  # noqa: E731
+                    options, fixed = composition_cell(name, fixed, budget, probe), {}
                 if name == "fitprune":
                     options = {**options, "recipe": Recipe(removed={}, visual_tokens=1, num_layers=num_layers, budget=budget)}
                 try:
@@ -297,6 +356,9 @@ def run_bench(model: Any, prompting: Prompting, task: str, names: list[str], bud
         errors = []
         for options in ([{}] if name == "none" else cell_options(name, budget)):
             try:
+                if "+" in name:
+                    options, fixed = composition_cell(
+                        name, fixed, budget, lambda share: _recipe(model, prompting, share, out, model_name, search)), {}
                 if name == "fitprune":
                     options = {**options, "recipe": _recipe(model, prompting, budget, out, model_name, search)}
                 result = evaluate(model, prompting, task, name, {**options, **fixed}, limit, batch_size,
@@ -342,10 +404,16 @@ def rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                        kv_ratio=r["kv_bytes"] / base["kv_bytes"] if base and base["kv_bytes"] else None,
                        accuracy=r["accuracy"], agreement=r["agreement"],
                        visual_tokens=r["visual_tokens_kept"]["mean"], ttft_ms=r["ttft_ms"],
-                       options=json.dumps({k: v for k, v in r["settings"]["options"].items() if k != "recipe" and v is not None}),
+                       options=json.dumps(_shown_options(r["settings"]["options"])),
                        **{f"acc_{t}": v["accuracy"] for t, v in r["per_task"].items()})
         table.append(row)
     return table
+
+
+def _shown_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options a table shows: set ones, recipes left out (they are files in the bench folder)."""
+    return {k: _shown_options(v) if isinstance(v, dict) else v for k, v in options.items()
+            if k != "recipe" and v is not None}
 
 
 def write_tables(results: list[dict[str, Any]], out: Path) -> None:
