@@ -21,7 +21,8 @@ Pairs (tokensieve method: kvpress press): ``snapkv``: ``SnapKVPress`` (same wind
 original positions as kvpress keeps them); ``h2o``: ``ObservedAttentionPress`` (attention received,
 prefill only) and ``DecodingPress(ObservedAttentionPress)``; ``a2sf``: the closest is
 ``ObservedAttentionPress`` too (kvpress has no forgetting factor); ``pagedeviction``: ``KnormPress``
-(kvpress's norm-based press: key norms only, no blocks).
+(kvpress's norm-based press: key norms only, no blocks). The ``heads=shared`` rows are tokensieve's
+one-set-per-layer variant of its per-head default (kvpress's presses keep a set per KV head).
 
 Per cell: accuracy, time to first token (context + question, ms), decode ms per token, the KV bytes
 the cache tensors hold after the context and at their peak over the item (measured; a paged cache:
@@ -138,13 +139,17 @@ def cells(model, keep: float, context_len: int) -> dict[str, Callable]:
 
     return {
         "tokensieve snapkv": ours("snapkv", budget=max(budget, WINDOW + 1), window=WINDOW, kernel_size=KERNEL),
+        "tokensieve snapkv heads=shared": ours("snapkv", budget=max(budget, WINDOW + 1), window=WINDOW,
+                                               kernel_size=KERNEL, heads="shared"),
         "kvpress SnapKVPress": press(SnapKVPress(compression_ratio=ratio, window_size=WINDOW, kernel_size=KERNEL)),
         "tokensieve streamingllm": ours("streamingllm", sinks=SINKS, window=max(1, budget - SINKS), positions="keep"),
         "kvpress StreamingLLMPress": press(StreamingLLMPress(compression_ratio=ratio, n_sink=SINKS)),
         "tokensieve h2o": ours("h2o", keep=keep),
+        "tokensieve h2o heads=shared": ours("h2o", keep=keep, heads="shared"),
         "kvpress ObservedAttentionPress": press(ObservedAttentionPress(compression_ratio=ratio)),
         "kvpress DecodingPress(ObservedAttentionPress)": press(DecodingPress(base_press=ObservedAttentionPress(compression_ratio=ratio))),
         "tokensieve a2sf": ours("a2sf", keep=keep),
+        "tokensieve a2sf heads=shared": ours("a2sf", keep=keep, heads="shared"),
         "tokensieve pagedeviction": ours("pagedeviction", keep=keep),
         "kvpress KnormPress": press(KnormPress(compression_ratio=ratio)),
     }

@@ -90,7 +90,7 @@ def test_kept_positions_and_logits_match_the_reference(score, budget, block_size
     prompt = _prompt(10 + length, length)
     expected = _reference_run(PaperPagedEviction(_model(), budget, block_size, score), prompt)
     got, cache, copied = _engine(prompt, expected[0], budget=budget, block_size=block_size, score=score)
-    _compare(got, expected)
+    _compare(got, expected, "shared")  # one block layout serves every head
     assert isinstance(cache, PagedCache)
     assert max(got[3].samples[0].cache_lengths_end) < budget + STEPS, "some block was evicted"
     assert [layer.copied for layer in cache.layers] == copied, "a decode eviction copied entries"

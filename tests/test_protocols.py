@@ -69,10 +69,13 @@ def test_question_after_compresses_the_context_before_the_question_arrives(text_
     width_c = first["input_ids"].shape[1]
     for b, sample in enumerate(run.report.samples):
         context = int(first["attention_mask"][b].sum())
-        for kept in sample.cache_kept_prefill:
-            assert len(kept) == round(0.25 * context) and max(kept) < width_c  # the context only
-        for kept in sample.cache_kept_end:  # the question and the answer join the compressed context
-            assert len(kept) == round(0.25 * context) + question[b] + 1
+        # SnapKV keeps per KV head: each head's entries (the cache holds their union)
+        for union, heads in zip(sample.cache_kept_prefill, sample.cache_heads_prefill):
+            for kept in heads or [union]:
+                assert len(kept) == round(0.25 * context) and max(kept) < width_c  # the context only
+        for union, heads in zip(sample.cache_kept_end, sample.cache_heads_end):
+            for kept in heads or [union]:  # the question and the answer join the compressed context
+                assert len(kept) == round(0.25 * context) + question[b] + 1
 
 
 def test_a_vlm_prompt_splits_after_its_last_image_token():

@@ -105,7 +105,8 @@ def cache_attention(
         cos, sin: ``(B or 1, n, head_dim)`` rotary tables of those rows.
         queries: ``(B, q)`` long, row indices of the queries among the ``n``.
         keys: ``(B, H_kv, m, head_dim)`` the cached keys (post-rotary), this pass's included.
-        allowed: ``(B, q, m)`` bool, which entries each query may attend to.
+        allowed: ``(B, q, m)`` bool, which entries each query may attend to, or ``(B, H, q, m)`` per
+            query head (entries a head no longer attends to after a per-head eviction).
 
     Returns:
         ``(B, H, q, m)`` float32 probabilities.
@@ -132,12 +133,14 @@ def _rotate_queries(layer: nn.Module, projected: torch.Tensor, cos: torch.Tensor
 
 
 def _softmax_rows(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
-    """fp32 softmax of ``q k^T * scale`` with GQA key sharing; disallowed entries get 0."""
+    """fp32 softmax of ``q k^T * scale`` with GQA key sharing; disallowed entries get 0. ``allowed`` is
+    ``(B, q, m)``, or ``(B, H, q, m)`` where each query head sees its own entries."""
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)
-    scores.masked_fill_(~allowed[:, None], float("-inf"))
+    allowed = allowed[:, None] if allowed.dim() == 3 else allowed
+    scores.masked_fill_(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    empty = ~allowed.any(-1)  # (B, q): a query row with no key to see (padding) gives 0, not NaN
+    empty = ~allowed.any(-1)  # a query row with no key to see (padding) gives 0, not NaN
     if bool(empty.any()):
-        probs.masked_fill_(empty[:, None, :, None], 0.0)
+        probs.masked_fill_(empty[..., None], 0.0)
     return probs

@@ -88,6 +88,8 @@ class Ledger:
             by that many (a method that renumbers inside the LLM shifts it stage by stage).
         rope: per decoder layer, ``(B, m)`` the rotary position each cache entry's key is rotated at,
             kept only for methods that shift cache positions (StreamingLLM), else None.
+        heads: per decoder layer, ``(B, H_kv, m)`` bool: the entries each KV head still attends to, where
+            a method evicts per head (the cache holds their union); None where every head sees them all.
         memory: per decoder layer, ``(B, m, ...)`` a cache-stage method's per-entry state, aligned with
             the layer's cache entries (see :class:`~tokensieve.methods.base.CacheView`), or None.
         transitions: ``(B, T)`` accumulated token-transition scores per original position (TransPrune).
@@ -110,6 +112,7 @@ class Ledger:
     layer_shift: list[tuple[int, torch.Tensor] | None] = field(default_factory=list)
     rope: list[torch.Tensor | None] = field(default_factory=list)
     memory: list[torch.Tensor | None] = field(default_factory=list)
+    heads: list[torch.Tensor | None] = field(default_factory=list)
     transitions: torch.Tensor | None = None
     cache_identity: list[bool] = field(default_factory=list)
     hidden_counts: list[torch.Tensor] = field(default_factory=list)

@@ -24,6 +24,9 @@ class SampleReport:
         kv_bytes_prefill, kv_bytes_end: KV-cache bytes of this sample's real entries (analytic).
         cache_kept_prefill, cache_kept_end: per decoder layer, the original positions of the real
             entries its KV cache holds after prefill / at the end of the call.
+        cache_heads_prefill, cache_heads_end: per decoder layer, per KV head, the original positions
+            of the real entries that head attends to, for layers whose method evicted per head (the
+            cache holds their union, ``cache_kept_*``); empty for the other layers.
         kv_bytes_stored_prefill, kv_bytes_stored_end: the bytes the cache's key and value tensors
             really hold for this sample's rows (measured: the tensors' storage over the batch, padding
             entries included).
@@ -45,6 +48,8 @@ class SampleReport:
     kv_bytes_end: int
     cache_kept_prefill: list[list[int]] = field(default_factory=list)
     cache_kept_end: list[list[int]] = field(default_factory=list)
+    cache_heads_prefill: list[list[list[int]]] = field(default_factory=list)
+    cache_heads_end: list[list[list[int]]] = field(default_factory=list)
     kv_bytes_stored_prefill: int = 0
     kv_bytes_stored_end: int = 0
     note: str = ""

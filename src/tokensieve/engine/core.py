@@ -176,6 +176,7 @@ class Engine(Selecting, PositionsAndMasks, InsideLayer, Projections, Transitions
             layer_shift=[None] * self.num_layers,
             rope=[None] * self.num_layers,
             memory=[None] * self.num_layers,
+            heads=[None] * self.num_layers,
         )
         if offset:
             ledger.caches = [Rows.full(batch, 0, offset, device) for _ in range(self.num_layers)]

@@ -27,9 +27,15 @@ class PositionsAndMasks(EngineParts):
             state.memo[key] = self._gather_positions(idx, rows, hidden, kwargs)
         kw["position_embeddings"], kw["position_ids"] = state.memo[key]
         keys = rows if cache_rows is None or not state.cache else cache_rows.cat(rows)
+        heads = ledger.heads[idx] if keys is not rows else None
         mkey = ("mask", state.version, idx if keys is not rows else None)
         if mkey not in state.memo:
-            state.memo[mkey] = self._mask(rows, keys, kwargs.get("attention_mask"), hidden.dtype)
+            if heads is None:
+                state.memo[mkey] = self._mask(rows, keys, kwargs.get("attention_mask"), hidden.dtype)
+            else:  # (B, H, n, m): each query head sees the cached entries its KV head kept, and this pass's
+                visible = torch.cat([heads, rows.valid[:, None].expand(-1, heads.shape[1], -1)], 2)
+                allowed = self._allowed(rows, keys)[:, None] & self._query_heads(visible)[:, :, None, :]
+                state.memo[mkey] = self._mask_tensor(allowed, kwargs.get("attention_mask"), hidden.dtype)
         kw["attention_mask"] = state.memo[mkey]
         return kw
 
@@ -88,9 +94,10 @@ class PositionsAndMasks(EngineParts):
         return self._mask_tensor(self._allowed(rows, keys), like, dtype)
 
     def _mask_tensor(self, allowed: torch.Tensor, like: Any, dtype: torch.dtype) -> torch.Tensor:
-        """``allowed`` ``(B, n, m)`` bool as the ``(B, 1, n, m)`` mask the layer takes: boolean, or additive
-        (0 / dtype min) where the model passed a floating mask or runs eager attention."""
-        allowed = allowed[:, None]
+        """``allowed`` ``(B, n, m)`` (or ``(B, H, n, m)``, per query head) bool as the ``(B, 1 or H, n, m)``
+        mask the layer takes: boolean, or additive (0 / dtype min) where the model passed a floating
+        mask or runs eager attention."""
+        allowed = allowed[:, None] if allowed.dim() == 3 else allowed
         floating = isinstance(like, torch.Tensor) and like.is_floating_point()
         if like is None:
             floating = getattr(self.adapter.text_config, "_attn_implementation", "sdpa") == "eager"

@@ -24,6 +24,7 @@ class Reporting(EngineParts):
         cache_counts = [self._real_counts(c).tolist() if c is not None else [0] * batch for c in ledger.caches]
         element = 2 * self.shape.kv_width * self._kv_element_size()
         kept = self._cache_kept(batch)
+        heads = self._cache_heads(batch)
         stored = self._stored_bytes(cache, batch)
         if prefill:
             prompt_real = ledger.real[:, : ledger.prompt_length].sum(1).tolist()
@@ -52,6 +53,8 @@ class Reporting(EngineParts):
                         kv_bytes_end=sum(caches) * element,
                         cache_kept_prefill=kept[b],
                         cache_kept_end=kept[b],
+                        cache_heads_prefill=heads[b],
+                        cache_heads_end=heads[b],
                         kv_bytes_stored_prefill=stored[b],
                         kv_bytes_stored_end=stored[b],
                         note=UNPRUNED_NOTE if self.method.visual and vis_in == 0 else "",
@@ -64,6 +67,7 @@ class Reporting(EngineParts):
                 sample.cache_lengths_end = [c[b] for c in cache_counts]
                 sample.kv_bytes_end = sum(sample.cache_lengths_end) * element
                 sample.cache_kept_end = kept[b]
+                sample.cache_heads_end = heads[b]
                 sample.kv_bytes_stored_end = stored[b]
         if self.aux is not None:
             for b, sample in enumerate(report.samples):
@@ -82,6 +86,17 @@ class Reporting(EngineParts):
             real = ledger.real.gather(1, rows.pos) & rows.valid
             for b in range(batch):
                 out[b].append(rows.pos[b][real[b]].tolist())
+        return out
+
+    def _cache_heads(self, batch: int) -> list[list[list[list[int]]]]:
+        """Per sample, per decoder layer, per KV head: the original positions of the real entries that
+        head attends to, where the layer's method evicted per head (else an empty list)."""
+        ledger = self.ledger
+        out: list[list[list[list[int]]]] = [[] for _ in range(batch)]
+        for rows, heads in zip(ledger.caches, ledger.heads):
+            real = None if heads is None else heads & ledger.real.gather(1, rows.pos)[:, None]
+            for b in range(batch):
+                out[b].append([] if real is None else [rows.pos[b][h].tolist() for h in real[b]])
         return out
 
     @staticmethod

@@ -21,10 +21,11 @@ attention query ``n`` gives it), i.e. ``sum_q alpha^(n-q) S_q``: ``alpha = 1`` i
 
 Choices made here:
 
-* **per layer, not per head**: the releases select per head (``step``) or per KV head (``prefill``);
-  tokensieve's cache entries are shared by a layer's heads, so the per-head scores (kept in
-  ``view.memory``) are summed over all the layer's query heads, as the current release sums a GQA
-  group, and one selection serves them all.
+* **per head** (``heads="each"``, default): the releases select per head (``step``) or per KV head
+  (``prefill``, a GQA group's query heads summed); here per KV head, the group summed, for both
+  modes (per attention head where each has its own KV head). The cache holds the union of the heads'
+  entries, each head attending only to its own (``methods/cache_base.py``). ``heads="shared"``: the
+  per-head scores summed over all the layer's query heads and one selection serves them all.
 * **defaults**: ``budget`` 256, ``window`` 16, ``alpha`` 0.95, no sinks: the current release's README
   example (``total_budget=256``, ``forgetting_factor=0.95``) and its fixed ``recent_budget=16``, for
   both modes (the March 2025 step cache defaults to ``alpha=1``, which is H2O). ``keep`` sets the
@@ -49,7 +50,7 @@ from typing import ClassVar, Literal
 import torch
 
 from .base import CacheView
-from .cache_base import CacheScorer
+from .cache_base import CacheScorer, head_scores
 from .h2o import accumulate
 
 
@@ -59,12 +60,14 @@ class A2SF(CacheScorer):
 
     Options: ``budget`` (entries per layer, default 256) or ``keep``, ``alpha`` (forgetting factor in
     [0, 1], 0.95), ``sinks`` (first entries kept, 0), ``window`` (recent entries kept, 16), ``mode``
-    (``"step"``: evict after every pass; ``"prefill"``: once, after the prefill)."""
+    (``"step"``: evict after every pass; ``"prefill"``: once, after the prefill), ``heads``
+    (``"each"``: a selection per KV head; ``"shared"``: one for all heads)."""
 
     alpha: float = 0.95
     sinks: int = 0
     window: int = 16
     mode: Literal["step", "prefill"] = "step"
+    heads: Literal["each", "shared"] = "each"
 
     name: ClassVar[str] = "a2sf"
     paper: ClassVar[str] = ("Jo & Shin, A2SF: Accumulative Attention Scoring with Forgetting Factor for Token "
@@ -89,9 +92,10 @@ class A2SF(CacheScorer):
         return view.prefill or self.mode == "step"
 
     def score(self, view: CacheView) -> torch.Tensor:
-        """Forgetting-weighted attention received, summed over the layer's heads: ``(B, m)``; the
-        per-head scores stay in ``view.memory`` only where later passes add to them (``"step"``)."""
-        scores = accumulate(view, self.alpha).sum(-1)
+        """Forgetting-weighted attention received: ``(B, H_kv, m)`` per KV head, or ``(B, m)`` summed
+        over the layer's heads (``heads="shared"``); the per-head scores stay in ``view.memory`` only
+        where later passes add to them (``"step"``)."""
+        scores = head_scores(accumulate(view, self.alpha).transpose(1, 2), view, self.heads)
         if self.mode == "prefill":
             view.memory = None
         return scores

@@ -152,6 +152,10 @@ class CacheView:
         memory: ``(B, m, ...)`` what the method stored at this layer on earlier passes, one row per
             entry (zeros for this pass's entries), or None; the method may replace it, and the engine
             keeps it aligned with the entries through evictions (H2O's accumulated attention).
+        heads: ``(B, H_kv, m)`` bool, the entries each KV head still attends to, where an earlier pass
+            evicted per head (:meth:`Method.evict` returned a per-head mask), else None (every head
+            sees every valid entry); ``attention`` and ``received`` already leave the others out.
+        kv_heads: the layer's KV heads.
     """
 
     layer: int
@@ -166,6 +170,8 @@ class CacheView:
     attention: Callable[..., torch.Tensor] | None = None
     received: Callable[[torch.Tensor], torch.Tensor] | None = None
     memory: torch.Tensor | None = None
+    heads: torch.Tensor | None = None
+    kv_heads: int = 1
 
 
 @dataclass
@@ -227,7 +233,8 @@ class Method:
         raise NotImplementedError(f"{self.name} has no prefill selection")
 
     def evict(self, view: CacheView) -> torch.Tensor | None:
-        """``(B, m)`` bool of cache entries to keep at ``view.layer``, or None to keep all."""
+        """``(B, m)`` bool of cache entries to keep at ``view.layer``, ``(B, H_kv, m)`` to keep per KV
+        head (the cache holds what some head keeps; each head attends to its own), or None to keep all."""
         return None
 
     def choose(self, view: RevivalView) -> torch.Tensor:

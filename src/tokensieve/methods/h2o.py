@@ -12,11 +12,12 @@ tokens and the ``hh_size`` best-scored among the others; decoding one token at a
 paper's greedy eviction of one token per step (Algorithm 1). Here, the same after every pass of every
 layer, with these choices:
 
-* **per layer, not per head**: the release selects per head; tokensieve's cache entries are shared by
-  a layer's heads, so the per-head scores (kept in ``view.memory`` as the release keeps
-  ``hh_score``) are summed over the layer's query heads and one selection serves them all: the
-  paper's sum of attention received, extended over heads (a mean would rank the same). The release
-  needs as many KV heads as query heads (its per-head mask indexes the KV cache); here GQA works.
+* **per head** (``heads="each"``, default): as the release, each head keeps its own heavy hitters
+  and recent window from its own scores (kept in ``view.memory`` as the release keeps ``hh_score``).
+  The release needs as many KV heads as query heads (its per-head mask indexes the KV cache); on a
+  GQA model each KV head selects by its query-head group's summed score. The cache holds the union
+  of the heads' entries, each head attending only to its own (``methods/cache_base.py``).
+  ``heads="shared"``: the scores summed over the layer's query heads and one selection for all heads.
 * **budget**: ``budget`` is the release's ``hh_size + recent_size``; ``keep`` (default 0.2) sets it
   from the prompt, as the paper's experiments and ``utils_hh`` set heavy and recent budgets as
   ratios of the prompt (``--heavy_ratio 0.1 --recent_ratio 0.1``). ``window`` is ``recent_size``; by
@@ -25,7 +26,9 @@ layer, with these choices:
 * **positions** (``positions``): ``"keep"`` (default), each token keeps its rotary position, as in
   ``H2OLlamaAttention`` and the ``utils_hh`` masks the paper's results come from; ``"shift"``,
   positions within the cache, as ``H2OLlamaAttention_streaming`` (``run_streaming.py``) rotates the
-  query at the cache's length and the cached keys at their index.
+  query at the cache's length and the cached keys at their index; only with ``heads="shared"`` (a
+  key's index in tokensieve's cache is shared by the heads, so it is not its index among one head's
+  entries).
 * the release sums the batch into one score (batch 1); here every sample has its own scores and
   budget, padding entries are neither scored (their attention is 0) nor kept.
 """
@@ -38,7 +41,7 @@ from typing import ClassVar, Literal
 import torch
 
 from .base import CacheView
-from .cache_base import CacheScorer
+from .cache_base import CacheScorer, head_scores
 
 
 def accumulate(view: CacheView, alpha: float = 1.0) -> torch.Tensor:
@@ -67,10 +70,11 @@ class H2O(CacheScorer):
 
     Options: ``keep`` (default 0.2) or ``budget`` (entries per layer), ``window`` (recent entries
     kept; default half the budget), ``positions`` (``"keep"``: original rotary positions; ``"shift"``:
-    positions within the cache)."""
+    positions within the cache), ``heads`` (``"each"``: a selection per KV head; ``"shared"``: one)."""
 
     window: int | None = None
     positions: Literal["keep", "shift"] = "keep"
+    heads: Literal["each", "shared"] = "each"
 
     name: ClassVar[str] = "h2o"
     paper: ClassVar[str] = ("Zhang et al., H2O: Heavy-Hitter Oracle for Efficient Generative Inference of "
@@ -82,6 +86,9 @@ class H2O(CacheScorer):
             raise ValueError(f"window must be an integer >= 0, got {self.window!r}")
         if self.positions not in ("keep", "shift"):
             raise ValueError(f"positions must be 'keep' or 'shift', got {self.positions!r}")
+        if self.positions == "shift" and self.heads == "each":
+            raise ValueError("positions='shift' rotates each key at its index in the cache, which the heads share; "
+                             "with per-head eviction (heads='each') use positions='keep', or heads='shared'")
         super().validate()
 
     def protected(self, budget: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,5 +99,6 @@ class H2O(CacheScorer):
         return self.positions
 
     def score(self, view: CacheView) -> torch.Tensor:
-        """Attention received so far, summed over queries and the layer's heads: ``(B, m)``."""
-        return accumulate(view).sum(-1)
+        """Attention received so far, summed over queries: ``(B, H_kv, m)`` per KV head, or ``(B, m)``
+        summed over the layer's heads (``heads="shared"``)."""
+        return head_scores(accumulate(view).transpose(1, 2), view, self.heads)

@@ -14,10 +14,12 @@ than ``max_capacity_prompt`` is kept whole; decode steps only append. Positions 
 (the release counts ``kv_seq_len`` over the uncompressed length). Here, the same in every layer after
 the prefill pass, with these choices:
 
-* **per layer, not per head**: the release keeps per head (on the KV heads repeated to the query
-  heads); tokensieve's cache entries are shared by a layer's heads, so each head's pooled score is
-  computed as the release does and the pooled scores are summed over the layer's query heads.
-  Pooling comes before the sum, as in the release (a max pool does not commute with it).
+* **per head** (``heads="each"``, default): as the release, each head keeps the best of its own
+  pooled scores. The release runs on the KV heads repeated to the query heads (one KV head per query
+  head); on a GQA model each KV head selects by its group's summed pooled scores. The cache holds the
+  union of the heads' entries, each head attending only to its own (``methods/cache_base.py``).
+  ``heads="shared"``: the pooled scores summed over the layer's query heads, one selection for all.
+  Pooling comes before any sum, as in the release (a max pool does not commute with it).
 * **budget**: ``budget`` is ``max_capacity_prompt`` (window included), default 2048, ``window`` is
   ``window_size`` (32), ``kernel_size`` 5 and ``pooling`` ``"avgpool"``: ``init_snapkv``'s defaults.
   The release's LongBench configs (``experiments/LongBench/config/ablation_c*_w32_k7_maxpool.json``)
@@ -42,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import CacheView
-from .cache_base import CacheScorer
+from .cache_base import CacheScorer, head_scores
 
 
 @dataclass
@@ -51,11 +53,12 @@ class SnapKV(CacheScorer):
 
     Options: ``budget`` (entries per layer after the prefill, window included; default 2048) or
     ``keep``, ``window`` (observation window, 32), ``kernel_size`` (odd, 5), ``pooling``
-    (``"avgpool"`` or ``"maxpool"``)."""
+    (``"avgpool"`` or ``"maxpool"``), ``heads`` (``"each"``: a selection per KV head; ``"shared"``)."""
 
     window: int = 32
     kernel_size: int = 5
     pooling: Literal["avgpool", "maxpool"] = "avgpool"
+    heads: Literal["each", "shared"] = "each"
 
     name: ClassVar[str] = "snapkv"
     paper: ClassVar[str] = "Li et al., SnapKV: LLM Knows What You are Looking for Before Generation, NeurIPS 2024"
@@ -77,8 +80,9 @@ class SnapKV(CacheScorer):
         return view.prefill
 
     def score(self, view: CacheView) -> torch.Tensor:
-        """Window attention summed over the window's queries, pooled along the entries per head, then
-        summed over heads: ``(B, m)``; the window's own entries score 0."""
+        """Window attention summed over the window's queries and pooled along the entries per head:
+        ``(B, H_kv, m)`` per KV head, or ``(B, m)`` summed over heads (``heads="shared"``); the
+        window's own entries score 0."""
         real = view.real
         queries = real[:, real.shape[1] - view.new:]  # (B, n): this pass's rows that are real
         from_end = queries.flip(1).long().cumsum(1).flip(1)  # 1 for the last real row
@@ -91,4 +95,5 @@ class SnapKV(CacheScorer):
         in_window = real & (order > order[:, -1:] - self.window)
         summed = summed.masked_fill(in_window[:, None], 0.0)
         pool = F.avg_pool1d if self.pooling == "avgpool" else F.max_pool1d
-        return pool(summed, kernel_size=self.kernel_size, stride=1, padding=self.kernel_size // 2).sum(1)
+        pooled = pool(summed, kernel_size=self.kernel_size, stride=1, padding=self.kernel_size // 2)
+        return head_scores(pooled, view, self.heads)
