@@ -13,14 +13,6 @@ in the machine's load affects all alike:
     ratio     = achieved / predicted          (1.0: the method realises what its FLOPs promise)
 
 and, with every method set to keep everything, the overhead of the shims alone (method / plain - 1).
-
-FLOPs do not translate into time at a fixed rate: a matrix product over fewer rows runs at a lower
-rate on a CPU. To tell that from the engine's own cost, each decoder layer's attention block and MLP
-block are also timed alone (plain modules, random inputs) at the lengths the method's report gives
-for that layer, and
-
-    block-timed = plain LLM ms / (plain LLM ms - sum of the unpruned blocks + sum of the pruned blocks)
-    engine      = achieved / block-timed  (1.0: the engine adds nothing to the model's own compute)
 Cache-stage methods (``keep=0.5``, so that they evict) are timed per decode step against plain decoding.
 
     python benchmarks/method_speed.py --layers 6 --repeats 3 --json results/method_speed.json
@@ -104,40 +96,6 @@ def settings(layers: int, flops: float) -> dict[str, tuple[dict[str, Any], dict[
     return out
 
 
-class BlockTimes:
-    """Median ms of one decoder layer's attention block and MLP block (pre-norm each) at ``n`` rows."""
-
-    def __init__(self, model: LlavaForConditionalGeneration, repeats: int) -> None:
-        self.lm = model.model.language_model
-        self.repeats = repeats
-        self.memo: dict[tuple[str, int], float] = {}
-
-    def __call__(self, block: str, n: int) -> float:
-        if (block, n) not in self.memo:
-            layer = self.lm.layers[0]
-            x = torch.randn(1, n, layer.self_attn.config.hidden_size, generator=torch.Generator().manual_seed(n))
-            rotary = self.lm.rotary_emb(x, torch.arange(n)[None])
-
-            def run() -> None:
-                if block == "attention":
-                    layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=rotary, attention_mask=None)
-                else:
-                    layer.mlp(layer.post_attention_layernorm(x))
-
-            times = []
-            with torch.no_grad():
-                for i in range(self.repeats + 1):
-                    start = time.perf_counter()
-                    run()
-                    if i:
-                        times.append(1000 * (time.perf_counter() - start))
-            self.memo[block, n] = statistics.median(times)
-        return self.memo[block, n]
-
-    def layers_ms(self, n_in: list[int], n_out: list[int]) -> float:
-        return sum(self("attention", a) + self("mlp", b) for a, b in zip(n_in, n_out))
-
-
 def median_ms(calls: dict[str, Callable[[], float]], repeats: int, label: str) -> dict[str, float]:
     """Median of each call's returned milliseconds, the calls interleaved within every repeat (one
     untimed warm-up turn first)."""
@@ -170,7 +128,6 @@ def main() -> None:
     chosen = args.methods.split(",") if args.methods else None
     names = [n for n in (chosen or sorted(table)) if n in table]
     reports: dict[str, Any] = {}
-    blocks = BlockTimes(model, args.repeats)
 
     def prefill(name: str | None, options: dict[str, Any], key: str = "") -> Callable[[], float]:
         def call() -> float:
@@ -192,18 +149,12 @@ def main() -> None:
         budget, keep_all = table[name]
         ms = median_ms({"plain": prefill(None, {}), "pruned": prefill(name, budget, name)}, args.repeats, name)
         predicted = 1 / reports[name].flops_ratio
-        sample = reports[name].samples[0]
-        tokens = PATCHES + args.text_tokens
-        unpruned_blocks = blocks.layers_ms([tokens] * args.layers, [tokens] * args.layers)
-        pruned_blocks = blocks.layers_ms(sample.hidden_lengths, sample.attention_out_lengths)
-        block_timed = ms["plain"] / (ms["plain"] - unpruned_blocks + pruned_blocks)
         ms_all = median_ms({"plain": prefill(None, {}), "kept": prefill(name, keep_all, "keep-all")}, args.repeats,
                            f"{name} keep-all")
         result["methods"][name] = {
             "options": {k: v for k, v in budget.items() if k != "recipe"}, "flops_ratio": reports[name].flops_ratio,
             "plain_ms": ms["plain"], "pruned_ms": ms["pruned"], "speedup_predicted": predicted,
             "speedup_achieved": ms["plain"] / ms["pruned"], "ratio": ms["plain"] / ms["pruned"] / predicted,
-            "speedup_block_timed": block_timed, "engine_ratio": ms["plain"] / ms["pruned"] / block_timed,
             "overhead_keep_all": ms_all["kept"] / ms_all["plain"] - 1,
         }
         print(json.dumps({name: result["methods"][name]}), flush=True)
@@ -219,13 +170,11 @@ def main() -> None:
 
 def markdown(rows: dict[str, dict[str, Any]]) -> str:
     """The result as the tables of docs/benchmarks.md."""
-    out = ["| method | FLOPs ratio | predicted | achieved | ratio | block-timed | engine | keep-all overhead |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| method | FLOPs ratio | predicted | achieved | ratio | keep-all overhead |", "|---|---|---|---|---|---|"]
     for name, r in rows.items():
         if "ratio" in r:
             out.append(f"| {name} | {r['flops_ratio']:.3f} | {r['speedup_predicted']:.2f}x | {r['speedup_achieved']:.2f}x "
-                       f"| {r['ratio']:.3f} | {r['speedup_block_timed']:.2f}x | {r['engine_ratio']:.3f} "
-                       f"| {100 * r['overhead_keep_all']:+.1f}% |")
+                       f"| {r['ratio']:.3f} | {100 * r['overhead_keep_all']:+.1f}% |")
     decode = [(n, r) for n, r in rows.items() if "decode_ratio" in r]
     if decode:
         out += ["", "| cache method | plain ms/token | method ms/token | ratio |", "|---|---|---|---|"]
