@@ -20,6 +20,10 @@ uses. What differs, and what the engine asks of this module:
   checkpoint saved by one does not load into the other without renaming — :func:`clip_transformer`,
   :func:`checkpoint_key_mapping`.
 
+* a decoder layer's output: Qwen2-VL's and Qwen2.5-VL's layers return a tuple, hidden states first,
+  in 5.2, the hidden states alone later (every other family: always the hidden states) —
+  :func:`layer_output`, :func:`layer_hidden`.
+
 The supported range is the ``transformers`` requirement in ``pyproject.toml`` (read back from the
 installed package's metadata, so it is written once); raising its upper bound is described in the
 README's version policy.
@@ -102,6 +106,24 @@ def unadopted_cache_error(layer: int, found: Any, keyword: str) -> RuntimeError:
         f"supports transformers {supported_range()}. Install a release in that range "
         f"(pip install 'transformers{supported_range()}') or upgrade tokensieve."
     )
+
+
+@lru_cache(maxsize=None)
+def _returns_tuple(layer_class: type) -> bool:
+    annotation = inspect.signature(layer_class.forward).return_annotation
+    text = annotation if isinstance(annotation, str) else repr(annotation)
+    return text.startswith("tuple")
+
+
+def layer_output(layer: nn.Module, hidden: torch.Tensor) -> Any:
+    """``hidden`` ``(B, n, d)`` as ``layer``'s ``forward`` returns its output: ``(hidden,)`` where that
+    returns a tuple (Qwen2-VL on 5.2, read from its return annotation), else ``hidden``."""
+    return (hidden,) if _returns_tuple(type(layer)) else hidden
+
+
+def layer_hidden(output: Any) -> torch.Tensor:
+    """The hidden states of a decoder layer's output (a tensor, or a tuple holding them first)."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 def mask_query_length(query: int | torch.Tensor) -> int:

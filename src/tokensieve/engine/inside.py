@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import compat
 from ..methods.base import Point
 from .state import EngineParts
 
@@ -50,4 +51,4 @@ class InsideLayer(EngineParts):
         ledger.identity = False
         ledger.inside_counts[idx] = self._real_counts(new_rows)
         ledger.record_visual(f"inside:{idx}", new_rows)
-        return out
+        return compat.layer_output(layer, out)

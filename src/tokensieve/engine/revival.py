@@ -25,10 +25,11 @@ recomputed); a pruning layer gathers the hidden rows once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
+from .. import compat
 from ..attention import attention_rows, cache_attention, take_rows
 from ..ledger import Rows
 from ..methods.base import RevivalView
@@ -174,19 +175,21 @@ class Revival(EngineParts):
         kw["attention_mask"] = self._mask_tensor(allowed, kwargs.get("attention_mask"), hidden.dtype)
         return kw
 
-    def _choose_next(self, idx: int, hidden: torch.Tensor, out: torch.Tensor, rows: Rows, kwargs: dict) -> torch.Tensor:
+    def _choose_next(self, idx: int, hidden: torch.Tensor, out: Any, rows: Rows, kwargs: dict) -> Any:
         """Let the method choose the tokens of layer ``idx + 1`` from those layer ``idx`` saw, by the last
         token's attention there; rows leaving go to the Aux Cache (their depth is ``idx + 1``).
 
         Args:
-            hidden: ``(B, n, d)`` layer ``idx``'s input rows; ``out``: its output rows; ``rows``: their
-                positions; ``kwargs``: what the layer was called with.
+            hidden: ``(B, n, d)`` layer ``idx``'s input rows; ``out``: its output (rows, as the layer
+                returns them: :func:`~tokensieve.compat.layer_output`); ``rows``: their positions;
+                ``kwargs``: what the layer was called with.
 
         Returns:
-            ``(B, n', d)`` the output rows the next layer computes.
+            ``(B, n', d)`` the output rows the next layer computes, as the layer returns them.
         """
         state, ledger, aux = self.state, self.ledger, self.aux
         layer = self.adapter.layers[idx]
+        output, out = out, compat.layer_hidden(out)
         cos, sin = kwargs["position_embeddings"]
         last = torch.full((rows.pos.shape[0], 1), rows.width - 1, dtype=torch.long, device=rows.pos.device)
         if state.cache is not None:
@@ -210,7 +213,7 @@ class Revival(EngineParts):
         aux.chosen = chosen
         stay = rows.valid & (chosen.gather(1, rows.pos) | ~ledger.real.gather(1, rows.pos))  # padding stays, as unpruned
         if bool((stay == rows.valid).all()):
-            return out
+            return output
         leave = rows.valid & ~stay
         b, col = leave.nonzero(as_tuple=True)
         aux.hidden[b, rows.pos[b, col]] = out[b, col]
@@ -218,4 +221,4 @@ class Revival(EngineParts):
         ledger.hidden = new_rows
         ledger.identity = False
         state.version += 1
-        return out.gather(1, index[..., None].expand(-1, -1, out.shape[-1]))
+        return compat.layer_output(layer, out.gather(1, index[..., None].expand(-1, -1, out.shape[-1])))
