@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 
-from .base import CacheView, Method, Point, RevivalView, Selection, View
+from .base import CacheView, Method, Point, Selection, View
 
 STAGE_ORDER = ("encoder", "prefill", "cache")
 
@@ -72,9 +72,6 @@ class Composition(Method):
         self._first: dict[int, Point] = {}
         self._alive: dict[int, list[int]] = {}
 
-    def validate(self) -> None:
-        """The members validated themselves when they were made."""
-
     def bind(self, num_layers: int) -> None:
         self._owner = {}
         for m in self.members:
@@ -90,7 +87,7 @@ class Composition(Method):
     def check_input(self, visual_tokens: list[int]) -> None:
         """The first visual member checks the input; the later ones check what reaches them, at their
         first point."""
-        first = next((m for m in self.members if m.visual and m.points()), None)
+        first = self._first_visual()
         if first is not None:
             first.check_input(visual_tokens)
 
@@ -108,14 +105,12 @@ class Composition(Method):
         return member.select(view)
 
     def _first_visual(self) -> Method | None:
+        """The first member that selects visual tokens: it sees the input as it is."""
         return next((m for m in self.members if m.visual and m.points()), None)
 
     def evict(self, view: CacheView) -> torch.Tensor | None:
         member = self._member("cache")
         return member.evict(view) if member is not None else None
-
-    def choose(self, view: RevivalView) -> torch.Tensor:
-        raise NotImplementedError("a composition does not choose tokens per pass")
 
     def transition_layers(self) -> list[int]:
         return [l for m in self.members if "transitions" in m.needs for l in m.transition_layers()]
