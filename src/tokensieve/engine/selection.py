@@ -110,10 +110,15 @@ class Selecting(EngineParts):
             return last, real.gather(1, last)
         if queries == "all":
             return cols, real
+        vis = ledger.is_visual(rows)
+        last_vis = torch.where(vis, cols, torch.full_like(cols, -1)).max(1, keepdim=True).values
+        text = real & (cols > last_vis)
         if queries == "text":
-            vis = ledger.is_visual(rows)
-            last_vis = torch.where(vis, cols, torch.full_like(cols, -1)).max(1, keepdim=True).values
-            return cols, real & (cols > last_vis)
+            return cols, text
+        if queries == "instruction":  # only those rows: each sample's text after its last image, in order
+            width = max(1, int(text.sum(1).max()))
+            order = torch.where(text, cols, cols + n).argsort(1)[:, :width]
+            return order, text.gather(1, order)
         raise ValueError(f"unknown query set {queries!r}")
 
     def _attention(self, point: Point, queries: Queries, temperature: float = 1.0) -> torch.Tensor:

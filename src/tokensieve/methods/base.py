@@ -17,7 +17,7 @@ from ..flops import Shape, solve_kept
 from ..vision import VisionSignals
 from .option_types import check_option_types
 
-Queries = Literal["last", "all", "text"]
+Queries = Literal["last", "all", "text", "instruction"]
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,9 @@ class View:
         transitions: ``(B, n)`` token transitions accumulated over ``Method.transition_layers``, or None.
         attention: ``attention(queries, temperature=1.0)`` -> ``(B, H, q, n)`` float32 softmax rows at
             ``point.attention_layer`` for the ``"last"`` token, ``"all"`` valid tokens or the ``"text"``
-            tokens after the last image; ``temperature`` divides the logits (1: the layer's attention).
+            tokens after the last image (``"all"``'s rows, the others not real), or only the rows of
+            those tokens (``"instruction"``: ``q`` = the most any sample has); ``temperature`` divides
+            the logits (1: the layer's attention).
         query_valid: for ``attention``, callable giving ``(B, q)`` bool of which query rows are real.
     """
 

@@ -122,8 +122,8 @@ class TransPrune(Method):
             score = view.transitions.masked_fill(~view.visual, 0.0)
             score = score / score.sum(1, keepdim=True).clamp(min=1e-12)
         if not self.ttv_only:
-            text = view.query_valid("text").float()
-            probs = view.attention("all").mean(1)  # (B, n, n)
+            text = view.query_valid("instruction").float()
+            probs = view.attention("instruction").mean(1)  # (B, q, n): the instruction tokens' rows
             iga = (probs * text[..., None]).sum(1) / text.sum(1, keepdim=True).clamp(min=1)
             iga = iga.masked_fill(~view.visual, 0.0)
             score = score + iga / iga.sum(1, keepdim=True).clamp(min=1e-12)
