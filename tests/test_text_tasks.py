@@ -199,6 +199,22 @@ def test_train_tiny_text_smoke(tmp_path):
     assert model.config.max_position_embeddings >= 2048 and tokenizer.padding_side == "left"
 
 
+def test_kind_weights_repeat_a_kind_in_each_turn_and_keep_the_default_order():
+    import argparse
+
+    from tokensieve.tiny_text.train import Sampler, kind_weights
+
+    def kinds(weights):
+        sampler = Sampler(0, {512: 0}, 512 * 10, weights)
+        return [e.task.rsplit("_", 1)[0] for e in sampler.draw(0)[1]]
+
+    assert kinds(None) == ["kv_recall", "multikey", "multihop", "vartrack"] * 2 + ["kv_recall", "multikey"]
+    assert kinds(kind_weights("vartrack=2")) == ["kv_recall", "multikey", "multihop", "vartrack", "vartrack"] * 2
+    for bad in ("vartrack=0", "vartrak=2", "vartrack"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            kind_weights(bad)
+
+
 @pytest.fixture(scope="module")
 def shipped():
     return load_tiny_text()

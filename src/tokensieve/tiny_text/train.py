@@ -63,6 +63,21 @@ def curriculum(text: str) -> dict[int, int]:
     return opens
 
 
+def kind_weights(text: str) -> dict[str, int]:
+    """``"vartrack=2"`` -> {task kind: times it comes in each turn of kinds} (argparse type of
+    ``--kind-weights``; kinds not named come once)."""
+    weights = {}
+    try:
+        for part in text.split(","):
+            kind, _, times = part.partition("=")
+            weights[kind.strip()] = int(times)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected kind=times pairs, got {text!r}") from None
+    if not set(weights) <= set(KINDS) or min(weights.values()) < 1:
+        raise argparse.ArgumentTypeError(f"kinds must be among {', '.join(KINDS)} with times >= 1; got {text!r}")
+    return weights
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The training options (defaults = the shipped checkpoint's settings)."""
     parser.add_argument("--out", type=Path, default=Path("runs/tiny_text"), help="output checkpoint directory")
@@ -71,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="context tokens per batch: 32 contexts of 128 tokens ... 8 of 512, 2 of 2048")
     parser.add_argument("--curriculum", type=curriculum, default=curriculum("128@0,256@500,512@1000,1024@1500,2048@1900"),
                         help="prompt lengths and the step each opens at; a step draws its length uniformly among the open ones")
+    parser.add_argument("--kind-weights", type=kind_weights, default={},
+                        help="kind=times pairs (e.g. vartrack=2): a kind comes that many times in each turn of the "
+                             "four kinds (default: each once)")
     parser.add_argument("--turns", type=int, default=8, help="further questions about the same context per sequence")
     parser.add_argument("--aid-weight", type=float, default=1.0,
                         help="weight of the mean retrieval-circuit loss (0 = answers only); see tiny_text/retrieval.py")
@@ -124,10 +142,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 class Sampler:
     """Training items in a fixed order: per task a counter over its training split, from
-    ``seed * ITEMS_PER_SEED``; per step a length among the open ones from a seeded generator."""
+    ``seed * ITEMS_PER_SEED``; per step a length among the open ones from a seeded generator; the
+    task kinds in turn, each ``weights.get(kind, 1)`` times per turn."""
 
-    def __init__(self, seed: int, opens: dict[int, int], tokens_per_step: int):
+    def __init__(self, seed: int, opens: dict[int, int], tokens_per_step: int, weights: dict[str, int] | None = None):
         self.generator = torch.Generator().manual_seed(seed)
+        self.turn = [kind for kind in KINDS for _ in range((weights or {}).get(kind, 1))]
         self.next_item = {f"{kind}_{n}": seed * ITEMS_PER_SEED for kind in KINDS for n in opens}
         self.opens = opens
         self.tokens_per_step = tokens_per_step
@@ -140,7 +160,7 @@ class Sampler:
         length = open_lengths[int(torch.randint(len(open_lengths), (1,), generator=self.generator))]
         examples = []
         for _ in range(max(1, self.tokens_per_step // length)):
-            task = f"{KINDS[self.drawn % len(KINDS)]}_{length}"
+            task = f"{self.turn[self.drawn % len(self.turn)]}_{length}"
             examples += generate(task, "train", 1, start=self.next_item[task])
             self.next_item[task] += 1
             self.drawn += 1
@@ -204,7 +224,7 @@ def run(args: argparse.Namespace) -> dict:
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
-    sampler = Sampler(args.seed, args.curriculum, args.tokens_per_step)
+    sampler = Sampler(args.seed, args.curriculum, args.tokens_per_step, args.kind_weights)
     eval_sets = {task: generate(task, "test", args.eval_items, start=EVAL_START) for task in TEXT_TASKS}
     history: list[dict] = []
     step_times: dict[int, list[float]] = {n: [] for n in WARMUP_LENGTHS + TEXT_LENGTHS}
