@@ -73,10 +73,11 @@ class CacheSide(EngineParts):
         union = heads.any(1)
         return union, None if bool((heads == union[:, None]).all()) else heads
 
-    def _query_heads(self, heads: torch.Tensor) -> torch.Tensor:
-        """``(B, H_kv, m)`` per KV head -> ``(B, H, m)`` per query head (GQA groups share their KV head)."""
+    def _per_head_allowed(self, allowed: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """``allowed`` ``(B, q, m)`` narrowed per query head to the entries its KV head attends to
+        (``heads`` ``(B, H_kv, m)``; GQA groups share their KV head): ``(B, H, q, m)``."""
         query_heads = self.adapter.text_config.num_attention_heads
-        return heads.repeat_interleave(query_heads // heads.shape[1], dim=1)
+        return allowed[:, None] & heads.repeat_interleave(query_heads // heads.shape[1], dim=1)[:, :, None, :]
 
     def _cache_view(self, idx: int, cache: LedgerCache, held: Rows, rows: Rows, hidden: torch.Tensor,
                     kwargs: dict) -> CacheView:
@@ -96,7 +97,7 @@ class CacheSide(EngineParts):
             query_real = (ledger.real.gather(1, pos) & rows.valid.gather(1, cols))
             allowed = self._allowed(Rows(pos, rows.valid.gather(1, cols)), held) & query_real[..., None]
             if heads is not None:  # (B, H, q, m): entries a head was evicted from are not its keys
-                allowed = allowed[:, None] & self._query_heads(heads)[:, :, None, :]
+                allowed = self._per_head_allowed(allowed, heads)
             cos, sin = kwargs["position_embeddings"]
             with torch.no_grad():
                 return cache_attention(self.adapter.layers[idx], hidden, cos, sin, cols, cache.layers[idx].keys, allowed)

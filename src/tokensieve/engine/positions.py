@@ -34,7 +34,7 @@ class PositionsAndMasks(EngineParts):
                 state.memo[mkey] = self._mask(rows, keys, kwargs.get("attention_mask"), hidden.dtype)
             else:  # (B, H, n, m): each query head sees the cached entries its KV head kept, and this pass's
                 visible = torch.cat([heads, rows.valid[:, None].expand(-1, heads.shape[1], -1)], 2)
-                allowed = self._allowed(rows, keys)[:, None] & self._query_heads(visible)[:, :, None, :]
+                allowed = self._per_head_allowed(self._allowed(rows, keys), visible)
                 state.memo[mkey] = self._mask_tensor(allowed, kwargs.get("attention_mask"), hidden.dtype)
         kw["attention_mask"] = state.memo[mkey]
         return kw
