@@ -9,7 +9,7 @@ import sys
 from typing import NoReturn
 
 from .. import __version__
-from . import bench_cmd, calibrate_cmd, compare_cmd, eval_cmd, flops_cmd, methods_cmd, recipes_cmd, train_tiny_text_cmd
+from . import bench_cmd, calibrate_cmd, compare_cmd, eval_cmd, export_lmms_cmd, flops_cmd, methods_cmd, recipes_cmd, train_tiny_text_cmd
 
 INTERRUPTED = 130
 """Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="tokensieve", description="Training-free token pruning for transformers models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (flops_cmd, methods_cmd, recipes_cmd, eval_cmd, compare_cmd, calibrate_cmd, bench_cmd):
+    for module in (flops_cmd, methods_cmd, recipes_cmd, eval_cmd, compare_cmd, calibrate_cmd, bench_cmd, export_lmms_cmd):
         module.add_parser(sub)
     from ..tiny import train
 
