@@ -5,7 +5,9 @@ one ``none`` run that every cell reuses. A method's budget axis is its kind's: p
 methods meet a FLOPs budget through their ``flops`` option (FastV tries K=2 and falls back to K=1
 where K=2 cannot reach the budget; FitPrune first fits a recipe for the budget on training items,
 kept in the output folder and reused, with the authors' search, or tokensieve's with
-``fitprune:search=feasible``); KV-cache methods meet a cache budget through their ``keep`` option
+``fitprune:search=feasible``; the in-LLM scorers FastV, PDrop, DART and TransPrune prune by a
+schedule fitted per budget with ``name:schedule=fitted``, :mod:`tokensieve.schedule_fitting`, all the
+row's budgets fitted in one descent and kept in the folder); KV-cache methods meet a cache budget through their ``keep`` option
 (the fraction of the prompt's cache entries kept per layer; kvpress's ``compression_ratio`` is
 ``1 - keep``), and LazyLLM takes the same axis as its ``keep`` (the fraction kept at each of its
 pruning layers). Results are written after every cell; a rerun skips the cells already written.
@@ -29,11 +31,12 @@ from tqdm.auto import tqdm
 
 from . import __version__, methods
 from .adapters import adapter_for
-from .evaluation import Prompting, calibrate_on_tasks, evaluate, model_runtime, resolve_tasks
+from .evaluation import Prompting, calibrate_on_tasks, evaluate, fit_schedules_on_tasks, model_runtime, resolve_tasks
 from .flops import Shape
 from .methods.composition import split_flops, takes_flops_share
 from .protocols import check_protocol, resolve
 from .recipe import Recipe
+from .schedule_fitting import FITTED
 from .tasks import Example, TextExample, generate
 
 FASTV_LAYERS = (2, 1)
@@ -44,7 +47,7 @@ DEFAULT_KEEPS = (0.75, 0.5, 0.25, 0.1)
 SETTINGS = "settings.json"
 OUTPUTS = ("results.json", "results.csv", "results.md", "accuracy_vs_flops.png", "accuracy_vs_kv.png",
            "accuracy_vs_ttft.png")
-RECIPES = "recipe_flops*.json"
+RECIPES = "recipe_*flops*.json"
 PROBE_LAYERS = 1024
 """Decoder depth specs are checked against before a model is loaded: deeper than any model, so that
 only a layer beyond the model's own depth is left to catch once it is loaded."""
@@ -53,6 +56,9 @@ SET_BY_BENCH = {"flops": {"flops": "the bench sets flops", "recipe": "the bench 
 """Per budget axis, the options the bench sets itself."""
 SEARCHES = ("release", "feasible")
 """FitPrune's recipe search (``fitprune:search=feasible``), a bench option: the method does not take it."""
+SCHEDULES = ("own", "fitted")
+"""A scorer's schedule (``fastv:schedule=fitted``), a bench option: its own (``flops`` solved as the
+method does) or a recipe fitted per budget (:mod:`tokensieve.schedule_fitting`)."""
 SETTING_NAMES = {"model": "--model", "tasks": "--task", "limit": "--limit", "batch_size": "--batch-size",
                  "device": "--device", "dtype": "--dtype", "items_sha256": "test items (sha256)",
                  "protocol": "--protocol"}
@@ -110,7 +116,8 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     cls = methods.REGISTRY[name]
     hints = typing.get_type_hints(cls)
     set_here = SET_BY_BENCH[axis(name)]
-    settable = [o for o in cls.options() if o not in set_here] + (["search"] if name == "fitprune" else [])
+    settable = ([o for o in cls.options() if o not in set_here] + (["search"] if name == "fitprune" else [])
+                + (["schedule"] if name in FITTED else []))
     options: dict[str, Any] = {}
     for part in parts:
         key, sep, text = part.partition("=")
@@ -119,6 +126,11 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
         if name == "fitprune" and key == "search":
             if text not in SEARCHES:
                 raise ValueError(f"{spec!r}: search takes one of {', '.join(SEARCHES)}")
+            options[key] = text
+            continue
+        if name in FITTED and key == "schedule":
+            if text not in SCHEDULES:
+                raise ValueError(f"{spec!r}: schedule takes one of {', '.join(SCHEDULES)}")
             options[key] = text
             continue
         if key not in settable:
@@ -191,10 +203,10 @@ def _describe(hint: Any) -> str:
     return {int: "an integer", float: "a number", str: "text", bool: "true or false"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
-def cell_options(name: str, budget: float) -> list[dict[str, Any]]:
-    """Option sets to try, in order, for ``name`` at ``budget`` (FitPrune's recipe is added when the
-    cell runs; a composition's options are :func:`composition_cell`'s)."""
-    if "+" in name:
+def cell_options(name: str, budget: float, schedule: str = "own") -> list[dict[str, Any]]:
+    """Option sets to try, in order, for ``name`` at ``budget`` (FitPrune's recipe and a fitted
+    schedule are added when the cell runs; a composition's options are :func:`composition_cell`'s)."""
+    if "+" in name or schedule == "fitted":
         return [{}]
     if name == "fastv":
         return [{"layer": k, "flops": budget} for k in FASTV_LAYERS]
@@ -232,16 +244,20 @@ def check_specs(names: list[str], budgets: list[float], num_layers: int = PROBE_
         if not isinstance(k, (int, float)) or not 0 < k <= 1:
             raise ValueError(f"KV budgets (--keep) must be in (0, 1], got {k}")
     for spec, (name, fixed) in specs.items():
+        schedule = fixed.get("schedule", "own")
         for budget in (keeps if axis(name) == "keep" else budgets):
             errors = []
-            for options in cell_options(name, budget):
+            for options in cell_options(name, budget, schedule):
                 if "+" in name:
                     probe = lambda share: Recipe(removed={}, visual_tokens=1, num_layers=num_layers, budget=share)  # noqa: E731
                     options, fixed = composition_cell(name, fixed, budget, probe), {}
                 if name == "fitprune":
                     options = {**options, "recipe": Recipe(removed={}, visual_tokens=1, num_layers=num_layers, budget=budget)}
+                if schedule == "fitted":
+                    options = {"recipe": Recipe(removed={1: 1}, visual_tokens=2, num_layers=num_layers, method=name)}
                 try:
-                    methods.get(name, **{**options, **{k: v for k, v in fixed.items() if k != "search"}}).bind(num_layers)
+                    rule = {k: v for k, v in fixed.items() if k not in ("search", "schedule")}
+                    methods.get(name, **{**options, **rule}).bind(num_layers)
                     break
                 except (TypeError, ValueError) as err:
                     errors.append(str(err))
@@ -351,16 +367,19 @@ def run_bench(model: Any, prompting: Prompting, task: str, names: list[str], bud
         name, fixed = specs.get(spec, ("none", {}))
         fixed = dict(fixed)
         search = fixed.pop("search", "release")
+        schedule = fixed.pop("schedule", "own")
         start = bar.n
         result = None
         errors = []
-        for options in ([{}] if name == "none" else cell_options(name, budget)):
+        for options in ([{}] if name == "none" else cell_options(name, budget, schedule)):
             try:
                 if "+" in name:
                     options, fixed = composition_cell(
                         name, fixed, budget, lambda share: _recipe(model, prompting, share, out, model_name, search)), {}
                 if name == "fitprune":
                     options = {**options, "recipe": _recipe(model, prompting, budget, out, model_name, search)}
+                if schedule == "fitted":
+                    options = {"recipe": _fitted(model, prompting, name, fixed, budget, budgets, out, model_name)}
                 result = evaluate(model, prompting, task, name, {**options, **fixed}, limit, batch_size,
                                   settings["max_new_tokens"], progress=bar, baseline=baseline,
                                   protocol=settings["protocol"])
@@ -389,6 +408,28 @@ def _recipe(model: Any, prompting: Prompting, budget: float, out: Path, model_na
     recipe = calibrate_on_tasks(model, prompting, "all", budget, model_name=model_name, progress=False, search=search)
     recipe.save(path)
     return recipe
+
+
+def _fitted(model: Any, prompting: Prompting, name: str, rule: dict[str, Any], budget: float, budgets: list[float],
+            out: Path, model_name: str) -> Recipe:
+    """The recipe fitted for ``name`` (with its rule's options ``rule``) at ``budget``, from the folder or,
+    if missing, fitted with the other missing budgets of the row in one descent and saved there."""
+    def path(b: float) -> Path:
+        tag = "".join(f"_{k}={v}" for k, v in sorted(rule.items()))
+        return out / f"recipe_{name}{tag}_flops{b}.json"
+
+    if not path(budget).exists():
+        missing = [b for b in budgets if not path(b).exists()]
+        try:
+            fitted = fit_schedules_on_tasks(model, prompting, name, missing, options=rule, model_name=model_name,
+                                            progress=False)
+        except ValueError:  # some budget of the row is out of reach: this one alone (raising if it is)
+            missing = [budget]
+            fitted = fit_schedules_on_tasks(model, prompting, name, missing, options=rule, model_name=model_name,
+                                            progress=False)
+        for b, recipe in zip(missing, fitted):
+            recipe.save(path(b))
+    return Recipe.load(path(budget))
 
 
 def rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -302,10 +302,28 @@ def calibrate_on_tasks(model: Any, prompting: Prompting, task: str, budget: floa
     from .calibration import calibrate
 
     batches = calibration_batches(model, prompting, task, samples, seed, batch_size)
-    describe = {"model": model_name, "seed": seed,
-                "calibration": f"tasks={','.join(resolve_tasks(task))} split=train items {seed}*k.. ({samples} samples)",
-                **model_runtime(model)}
+    describe = _calibration_record(model, task, samples, seed, model_name)
     return calibrate(model, batches, budget, visual_only=visual_only, progress=progress, describe=describe, search=search)
+
+
+def fit_schedules_on_tasks(model: Any, prompting: Prompting, method: str, budgets: list[float], task: str = "all",
+                           options: dict[str, Any] | None = None, samples: int = 64, seed: int = 0,
+                           batch_size: int = 64, step: float = 1 / 16, model_name: str = "", progress: bool = True):
+    """Fit ``method``'s schedule for each FLOPs budget on training-split items of the task suite (see
+    :func:`tokensieve.schedule_fitting.fit_schedules`); each recipe's ``extra`` records the device,
+    dtype, torch and transformers versions."""
+    from .schedule_fitting import fit_schedules
+
+    batches = calibration_batches(model, prompting, task, samples, seed, batch_size)
+    describe = _calibration_record(model, task, samples, seed, model_name)
+    return fit_schedules(model, batches, method, budgets, options=options, step=step, progress=progress, describe=describe)
+
+
+def _calibration_record(model: Any, task: str, samples: int, seed: int, model_name: str) -> dict[str, Any]:
+    """What a fitted recipe records of its calibration set and runtime."""
+    return {"model": model_name, "seed": seed,
+            "calibration": f"tasks={','.join(resolve_tasks(task))} split=train items {seed}*k.. ({samples} samples)",
+            **model_runtime(model)}
 
 
 def calibration_batches(model: Any, prompting: Prompting, task: str, samples: int, seed: int = 0,

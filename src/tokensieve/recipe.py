@@ -1,8 +1,13 @@
-"""FitPrune recipes: how many visual tokens each decoder layer removes, saved as JSON.
+"""Recipes: how many visual tokens each decoder layer removes, saved as JSON.
 
 A recipe holds ``removed[layer]`` counts for the visual-token count it was fitted on, and the same as
 fractions of that count, so that it also applies to inputs with other visual-token counts (LLaVA-NeXT
 anyres, Qwen2-VL): a sample with ``n`` visual tokens removes ``round(fraction * n)`` at each layer.
+
+``method`` says whose recipe it is and so where the removals happen: FitPrune's (fitted by its own
+rule, :mod:`tokensieve.calibration`) remove tokens *inside* layer ``l``, after its attention; the
+recipes fitted for another in-LLM scorer (:mod:`tokensieve.schedule_fitting`) remove them *before*
+layer ``l``, ranked by that method's rule there (:mod:`tokensieve.methods.scheduled`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ class Recipe:
         alpha: the fitted attention-mass tolerance.
         flops_convention: ``"all"`` tokens or ``"visual"`` only.
         seconds: time the fitting took.
+        method: the method the recipe was fitted for (``"fitprune"``: removals inside the layer; any
+            other: before it).
+        objective: what the fitting minimised (empty for FitPrune's own rule).
     """
 
     removed: dict[int, int]
@@ -42,6 +50,8 @@ class Recipe:
     alpha: float | None = None
     flops_convention: str = "all"
     seconds: float | None = None
+    method: str = "fitprune"
+    objective: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -70,6 +80,15 @@ class Recipe:
         if visual_tokens == self.visual_tokens:
             return dict(self.removed)
         return {layer: round(f * visual_tokens) for layer, f in self.fractions.items()}
+
+    def kept_from(self, layer: int, visual_tokens: int) -> int:
+        """Visual tokens left, of an input's ``visual_tokens``, after the removals at layers up to
+        ``layer``: the counts' cumulative fraction, rounded once (so the fitted count itself for
+        inputs of ``self.visual_tokens``), at least one."""
+        removed = sum(n for l, n in self.removed.items() if l <= layer)
+        if visual_tokens == self.visual_tokens:
+            return max(1, visual_tokens - removed)
+        return max(1, visual_tokens - round(removed * visual_tokens / self.visual_tokens))
 
     def check_model(self, num_layers: int, model: str = "") -> None:
         """Raise ValueError if this recipe was fitted for a model with another layer count."""

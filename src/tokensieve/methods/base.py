@@ -16,6 +16,7 @@ import torch
 from ..flops import Shape, solve_kept
 from ..vision import VisionSignals
 from .option_types import check_option_types
+from .scheduled import Scheduled
 
 Queries = Literal["last", "all", "text", "instruction"]
 
@@ -320,17 +321,24 @@ def layer_schedule(num_layers: int, n_visual: int, layer: int, keep: float | Non
     return n_in, list(n_in)
 
 
-class OneLayerPruner(Method):
+class OneLayerPruner(Scheduled, Method):
     """Methods that prune once, before decoder layer ``self.layer`` (>= 1), reading layer ``layer - 1``,
-    keeping ``self.keep`` of the visual tokens (or meeting ``self.flops``): FastV, DART."""
+    keeping ``self.keep`` of the visual tokens (or meeting ``self.flops``): FastV, DART. With a fitted
+    ``recipe`` they prune before each layer ``l`` it names, reading layer ``l - 1``."""
 
     def bind(self, num_layers: int) -> None:
-        check_layer("layer", self.layer, num_layers, low=1)
+        if self.recipe is None:
+            check_layer("layer", self.layer, num_layers, low=1)
+        else:
+            self.recipe_layers(num_layers)
 
     def points(self) -> list[Point]:
-        return [Point(before=self.layer, attention_layer=self.layer - 1)]
+        layers = (self.layer,) if self.recipe is None else self.recipe_layers(self.recipe.num_layers)
+        return [Point(before=l, attention_layer=l - 1) for l in layers]
 
     def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
+        if self.recipe is not None:
+            return self.recipe_schedule(num_layers, n_visual)
         return layer_schedule(num_layers, n_visual, self.layer, self.keep)
 
 

@@ -29,16 +29,20 @@ positions (``list(set(image_indices + query_indices))``, image pivots listed fir
 decreasing key norm); the order matters because each pivot's choice leaves the pool. Positions are
 counted from the sample's first token (padding before it left out), which for a LLaVA prompt are the
 release's sequence indices, so a sample visits its pivots in a padded batch as it does alone.
+With a fitted ``recipe`` (:mod:`tokensieve.methods.scheduled`) the rule runs before each of its layers
+and keeps exactly the recipe's count there (as ``split="exact"``).
 Choice made here: fewer text tokens than ``text_pivots`` use them all (the release's ``topk`` fails).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 
+from ..recipe import Recipe
 from .base import OneLayerPruner, Selection, View, budget_keep, kept_counts
 
 
@@ -50,7 +54,8 @@ def release_order(image_positions: list[int], text_positions: list[int]) -> list
 @dataclass
 class DART(OneLayerPruner):
     """Options: ``layer`` K (>= 1), ``keep`` (default 0.5) or ``flops``, ``image_pivots``, ``text_pivots``,
-    ``split`` ("release": per-pivot ``floor(keep * N / P)``; "exact": exactly ``round(keep * N)`` kept)."""
+    ``split`` ("release": per-pivot ``floor(keep * N / P)``; "exact": exactly ``round(keep * N)`` kept);
+    or a fitted ``recipe`` in place of ``layer``, ``keep`` and ``flops``."""
 
     layer: int = 2
     keep: float | None = None
@@ -58,6 +63,7 @@ class DART(OneLayerPruner):
     image_pivots: int = 4
     text_pivots: int = 4
     split: Literal["release", "exact"] = "release"
+    recipe: Recipe | dict | str | Path | None = None
 
     name: ClassVar[str] = "dart"
     stages: ClassVar[tuple[str, ...]] = ("prefill",)
@@ -65,7 +71,9 @@ class DART(OneLayerPruner):
     needs: ClassVar[tuple[str, ...]] = ("keys", "hidden states", "text tokens")
 
     def validate(self) -> None:
-        self.keep = budget_keep(self.keep, self.flops)
+        self.load_recipe("layer", "keep", "flops")
+        if self.recipe is None:
+            self.keep = budget_keep(self.keep, self.flops)
         if self.image_pivots < 0 or self.text_pivots < 0 or self.image_pivots + self.text_pivots == 0:
             raise ValueError("image_pivots and text_pivots must be >= 0 and not both 0")
         if self.split not in ("release", "exact"):
@@ -86,7 +94,7 @@ class DART(OneLayerPruner):
         return min(n_visual, image + n_pivots * per)
 
     def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
-        if self.split == "exact" or self.flops is not None:
+        if self.split == "exact" or self.flops is not None or self.recipe is not None:
             return super().visual_schedule(num_layers, n_visual)
         kept = self.release_count(n_visual)
         n_in = [n_visual] * self.layer + [kept] * (num_layers - self.layer)
@@ -97,7 +105,8 @@ class DART(OneLayerPruner):
         text = view.query_valid("text")
         real = view.query_valid("all")
         normed = torch.nn.functional.normalize(view.final_norm(view.hidden).float(), dim=-1)
-        counts = kept_counts(view, self.layer, self.keep, self.flops)
+        exact = self.split == "exact" or self.recipe is not None
+        counts = self.recipe_kept(view) if self.recipe else kept_counts(view, self.layer, self.keep, self.flops)
         keep = ~view.visual
         for b in range(keep.shape[0]):
             cand = view.visual[b].nonzero().squeeze(1)
@@ -105,7 +114,7 @@ class DART(OneLayerPruner):
                 continue
             txt = text[b].nonzero().squeeze(1)
             n_txt = min(self.text_pivots, txt.numel())
-            if self.split == "release":
+            if not exact:
                 n_piv = min(self.image_pivots, cand.numel()) + n_txt
                 k = self.release_count(cand.numel(), n_piv, counts[b] if self.flops is not None else None)
                 if k >= cand.numel():
@@ -124,7 +133,7 @@ class DART(OneLayerPruner):
             slots = k - img_piv.numel()
             chosen = [img_piv]
             for i, pivot in enumerate(pivots):
-                if self.split == "release":
+                if not exact:
                     take = slots // len(pivots)
                 else:
                     take = slots // len(pivots) + (1 if i < slots % len(pivots) else 0)

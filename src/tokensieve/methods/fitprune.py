@@ -99,6 +99,9 @@ class FitPrune(Method):
             self.recipe = Recipe.from_dict(self.recipe)
         elif not isinstance(self.recipe, Recipe):
             self.recipe = Recipe.load(self.recipe)
+        if self.recipe.method != "fitprune":
+            raise ValueError(f"the recipe was fitted for {self.recipe.method} (its removals happen before each layer, "
+                             f"FitPrune's inside it): use --method {self.recipe.method}")
         if self.flops is not None and self.recipe.budget is not None and abs(self.flops - self.recipe.budget) > 1e-9:
             raise ValueError(f"the recipe was fitted for flops={self.recipe.budget}, not {self.flops}; calibrate one for {self.flops}")
         if self.score not in ("product", "fit"):

@@ -17,7 +17,8 @@ release's 8/16/24 of 32): the tokens entering layer ``layers[s]`` are chosen wit
 own attention, ``Point(before=l, attention_layer=l)``. ``ratio`` is lambda: stage ``s`` keeps
 ``floor(N * lambda ** (s + 1))`` (lambda's powers taken to 12 significant digits, as the scripts write
 them), but at least one token where the release would keep none. With ``flops`` lambda is solved per
-sample so that the whole schedule meets the budget.
+sample so that the whole schedule meets the budget. With a fitted ``recipe``
+(:mod:`tokensieve.methods.scheduled`) its layers are the stage layers and its counts what each keeps.
 
 Positions (``positions``): ``"auto"`` (default) as the release: the prompt is renumbered after each drop
 (``position_ids = arange(cur_len)`` in ``pdrop_rank_drop``), so a stage ranks with the positions the
@@ -30,10 +31,13 @@ encode the image grid and are kept; ``"keep"``: every token keeps its original p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from ..flops import Shape, prefill_flops
+from ..recipe import Recipe
 from .base import Method, Point, Selection, View, check_budget, check_fraction, top_visual
+from .scheduled import Scheduled
 
 
 def stage_kept(n_visual: int, ratio: float, stage: int) -> int:
@@ -53,14 +57,16 @@ def _schedule(n_visual: int, layers: list[int], ratio: float, num_layers: int) -
 
 
 @dataclass
-class PDrop(Method):
+class PDrop(Scheduled, Method):
     """Options: ``layers`` (the stage layers: the tokens entering each are ranked by its attention),
-    ``ratio`` lambda kept per stage, or ``flops`` target; ``positions``."""
+    ``ratio`` lambda kept per stage, or ``flops`` target, or a fitted ``recipe`` in place of the three;
+    ``positions``."""
 
     layers: tuple[int, ...] | None = None
     ratio: float = 0.5
     flops: float | None = None
     positions: Literal["auto", "keep", "renumber"] = "auto"
+    recipe: Recipe | dict | str | Path | None = None
     _lambdas: dict[int, float] = field(default_factory=dict, repr=False)
 
     name: ClassVar[str] = "pdrop"
@@ -70,6 +76,8 @@ class PDrop(Method):
     renumber_at: ClassVar[tuple[str, ...]] = ("prefill",)
 
     def bind(self, num_layers: int) -> None:
+        if self.recipe is not None:
+            self.layers = self.recipe_layers(num_layers)
         if self.layers is None:
             self.layers = tuple(sorted({max(1, num_layers * q // 4) for q in (1, 2, 3)}))
         self.layers = tuple(int(x) for x in self.layers)
@@ -79,6 +87,7 @@ class PDrop(Method):
             raise ValueError(f"pdrop stage layers must increase, got {self.layers}")
 
     def validate(self) -> None:
+        self.load_recipe("layers", "ratio", "flops")
         check_fraction("ratio", self.ratio)
         check_budget(None, self.flops)
 
@@ -89,6 +98,8 @@ class PDrop(Method):
         return [Point(before=layer, attention_layer=layer) for layer in self.layers]
 
     def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
+        if self.recipe is not None:
+            return self.recipe_schedule(num_layers, n_visual)
         counts = _schedule(n_visual, list(self.layers), self.ratio, num_layers)
         return counts, list(counts)
 
@@ -110,6 +121,8 @@ class PDrop(Method):
     def select(self, view: View) -> Selection:
         stage = self.layers.index(view.point.before)
         probs = view.attention("last").mean(1)[:, 0]  # (B, n): layer `before`'s own attention, last token
+        if self.recipe is not None:
+            return Selection(keep=top_visual(probs, view.visual, self.recipe_kept(view)))
         if stage == 0:
             self._lambdas = {}
         counts = []

@@ -32,33 +32,40 @@ no TTV and ranks by IGA alone. ``flops`` scales the kept fractions by one factor
 token at the first stage) to meet a budget. Positions (``positions``): ``"auto"`` (default) as the
 release: renumbered after each drop (``position_ids = arange(cur_len)`` in ``transprune_rank_drop``),
 the decoded token's position moved down at each stage layer by the tokens it dropped
-(``transprune_forward``), except on M-RoPE models (kept there); ``"keep"``: original positions.
+(``transprune_forward``), except on M-RoPE models (kept there); ``"keep"``: original positions. With
+a fitted ``recipe`` (:mod:`tokensieve.methods.scheduled`) its layers are the stage layers (TTV accumulated
+over the span they define, as above) and its counts what each stage keeps.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 
+from ..recipe import Recipe
 from .base import Method, Point, Selection, View, top_visual
 from .schedule import scaled_layers, solve_scale
+from .scheduled import Scheduled
 
 PUBLISHED_LAYERS = (7, 9, 12)
 PUBLISHED_KEEP = (0.875, 0.625, 0.125)
 
 
 @dataclass
-class TransPrune(Method):
+class TransPrune(Scheduled, Method):
     """Options: ``layers`` (the layers whose entering tokens are pruned) and ``keep`` (per stage,
-    fractions of the input's visual tokens), or ``flops``; ``ttv_only``; ``positions``."""
+    fractions of the input's visual tokens), or ``flops``, or a fitted ``recipe`` in place of the three;
+    ``ttv_only``; ``positions``."""
 
     layers: tuple[int, ...] | None = None
     keep: tuple[float, ...] = PUBLISHED_KEEP
     flops: float | None = None
     ttv_only: bool = False
     positions: Literal["auto", "keep", "renumber"] = "auto"
+    recipe: Recipe | dict | str | Path | None = None
     _scales: dict[int, float] = field(default_factory=dict, repr=False)
 
     name: ClassVar[str] = "transprune"
@@ -67,8 +74,14 @@ class TransPrune(Method):
     needs: ClassVar[tuple[str, ...]] = ("transitions", "attention", "text tokens")
     renumber_at: ClassVar[tuple[str, ...]] = ("prefill",)
 
+    def validate(self) -> None:
+        self.load_recipe("layers", "keep", "flops")
+
     def bind(self, num_layers: int) -> None:
         self.num_layers = num_layers
+        if self.recipe is not None:
+            self.layers = self.recipe_layers(num_layers)  # each >= 1, so TTV has a layer before it
+            return
         if self.layers is None:
             self.layers = scaled_layers(PUBLISHED_LAYERS, 32, num_layers)
         self.layers = tuple(int(x) for x in self.layers)
@@ -109,6 +122,8 @@ class TransPrune(Method):
         return counts
 
     def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
+        if self.recipe is not None:
+            return self.recipe_schedule(num_layers, n_visual)
         counts = self._visual(n_visual, 1.0)
         return counts, list(counts)
 
@@ -127,6 +142,8 @@ class TransPrune(Method):
             iga = (probs * text[..., None]).sum(1) / text.sum(1, keepdim=True).clamp(min=1)
             iga = iga.masked_fill(~view.visual, 0.0)
             score = score + iga / iga.sum(1, keepdim=True).clamp(min=1e-12)
+        if self.recipe is not None:
+            return Selection(keep=top_visual(score, view.visual, self.recipe_kept(view)))
         counts = []
         for b, n_in in enumerate(view.visual_input):
             scale = 1.0
