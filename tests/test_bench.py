@@ -187,3 +187,28 @@ def test_cache_methods_run_on_their_kv_budget_axis_with_a_kv_plot(tmp_path, text
 def test_bad_kv_budget_grids_are_refused_before_any_work(names, budgets, keeps, message):
     with pytest.raises(ValueError, match=message):
         bench.check_specs(names, budgets, keeps=keeps)
+
+
+def test_fitted_schedule_rows_fit_the_reachable_budgets_in_one_descent(tmp_path, monkeypatch):
+    from tokensieve import schedule_fitting
+
+    descents = []
+    fit = schedule_fitting.fit_schedules
+
+    def counted(model, batches, method, budgets, **kwargs):  # 8 calibration samples, 4 steps of 1/4: a quick fit
+        descents.append(list(budgets))
+        few = [{k: v[:8] for k, v in batches[0].items()}]
+        return fit(model, few, method, budgets, **{**kwargs, "step": 0.25})
+
+    monkeypatch.setattr(schedule_fitting, "fit_schedules", counted)
+    model, prompting = untrained()
+    results = bench.run_bench(model, prompting, "counting", ["pdrop:schedule=fitted"], [0.8, 0.6, 0.01], 2, 2, tmp_path,
+                              "untrained")
+    cells = {r["bench"]["budget"]: r for r in results if r["bench"]["method"] == "pdrop:schedule=fitted"}
+    assert "out of reach" in cells[0.01]["error"]
+    # 0.01 is out of reach: dropped, the others fitted in one descent; its own cell then fails alone
+    assert descents == [[0.8, 0.6, 0.01], [0.8, 0.6], [0.01]]
+    for budget in (0.8, 0.6):
+        recipe = json.loads((tmp_path / f"recipe_pdrop_flops{budget}.json").read_text())
+        assert recipe["method"] == "pdrop" and recipe["achieved"] <= budget
+        assert cells[budget]["tflops"] / cells[budget]["tflops_unpruned"] <= budget + 0.02

@@ -418,15 +418,16 @@ def _fitted(model: Any, prompting: Prompting, name: str, rule: dict[str, Any], b
         tag = "".join(f"_{k}={v}" for k, v in sorted(rule.items()))
         return out / f"recipe_{name}{tag}_flops{b}.json"
 
-    if not path(budget).exists():
-        missing = [b for b in budgets if not path(b).exists()]
+    missing = sorted((b for b in budgets if not path(b).exists()), reverse=True)
+    while not path(budget).exists():
         try:
             fitted = fit_schedules_on_tasks(model, prompting, name, missing, options=rule, model_name=model_name,
                                             progress=False)
-        except ValueError:  # some budget of the row is out of reach: this one alone (raising if it is)
-            missing = [budget]
-            fitted = fit_schedules_on_tasks(model, prompting, name, missing, options=rule, model_name=model_name,
-                                            progress=False)
+        except ValueError:
+            if missing[-1] == budget:
+                raise
+            missing.pop()  # the lowest budget is out of reach: fit the others
+            continue
         for b, recipe in zip(missing, fitted):
             recipe.save(path(b))
     return Recipe.load(path(budget))
