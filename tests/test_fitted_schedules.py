@@ -11,6 +11,8 @@ property that one descent for several budgets gives each budget's own fit.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from reference_models import decoder_input, image_span, last_logits, tiny_llava
@@ -211,3 +213,20 @@ def test_bench_takes_a_fitted_schedule_as_a_row():
         bench.parse_method("fitprune:schedule=fitted")
     with pytest.raises(ValueError, match="cannot run"):
         bench.check_specs(["fastv:layer=3:schedule=fitted"], [0.5])
+
+
+def test_flops_and_eval_take_a_fitted_recipe_file(tmp_path, capsys):
+    from tokensieve.cli import main
+    from tokensieve.cli.eval_cmd import check_method
+
+    path = tmp_path / "r.json"
+    Recipe(removed={1: 72, 4: 36}, visual_tokens=144, num_layers=32, method="pdrop").save(path)
+    assert main(["flops", "--model", "llava-1.5-7b", "--recipe", str(path), "--image-tokens", "144", "--text-tokens", "0",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["visual_tokens_per_layer"] == [144] + [72] * 3 + [36] * 28
+    options = {"recipe": str(path)}
+    check_method("pdrop", options)
+    assert isinstance(options["recipe"], Recipe) and options["recipe"].method == "pdrop"
+    with pytest.raises(ValueError, match="fitted for pdrop"):
+        check_method("fastv", {"recipe": str(path)})

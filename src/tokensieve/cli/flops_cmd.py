@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import methods
 from ..flops import builtin_configs, load_shape, prefill_flops, schedule_from_removed
+from ..recipe import Recipe
 from .options import add_method_flags, method_options
 
 
@@ -43,7 +44,8 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
     if args.image_tokens < 0 or args.text_tokens < 0:
         raise ValueError("--image-tokens and --text-tokens must be >= 0")
     if args.method is None and getattr(args, "recipe", None) is not None:
-        args.method = "fitprune"  # a recipe (file or published name, `tokensieve recipes`) is FitPrune's
+        args.recipe = Recipe.load(args.recipe)  # a file or a published name (`tokensieve recipes`)
+        args.method = args.recipe.method  # whose recipe it is: FitPrune's, or a fitted scorer's
     if (args.method is None) == (args.schedule is None):
         raise ValueError("give exactly one of --method (or --recipe) or --schedule")
     options = method_options(args, args.method)
