@@ -4,9 +4,12 @@ transformers release that passes the cache differently fails loudly."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
-from tiny_models import PAD, batch, build, collate, samples
+from tiny_models import PAD, TEXT, batch, build, collate, samples
 
 import tokensieve
 from tokensieve import compat, methods
@@ -14,8 +17,19 @@ from tokensieve import compat, methods
 VISION = ["llava", "llava-next", "qwen2-vl", "qwen2.5-vl"]
 _MODELS: dict[str, torch.nn.Module] = {}
 
+def _decision_modules() -> str:
+    """Random LVPruning decision modules for the 4-layer, 32-wide tiny models (weights are a file)."""
+    from tokensieve.learned.decision import DecisionConfig, DecisionModules
+
+    path = Path(tempfile.mkdtemp()) / "lvpruning.safetensors"
+    torch.manual_seed(0)
+    DecisionModules(DecisionConfig(hidden=TEXT["hidden_size"], layers=(1, 2), keep=(0.5, 0.25), num_layers=4)).save(path)
+    return str(path)
+
+
 # Each registered method set to keep every token (4-layer tiny models).
 KEEP_ALL = {
+    "lvpruning": {"weights": _decision_modules(), "keep": (1.0, 1.0)},
     "none": {},
     "fastv": {"keep": 1.0},
     "fitprune": {"recipe": {"removed": {}, "visual_tokens": 16, "num_layers": 4}, "fractions": True},
@@ -83,7 +97,7 @@ def test_keeping_everything_is_exact_for_every_method(family, name):
 
 
 PRUNING = {"fitprune": {"recipe": {"removed": {1: 4, 2: 4}, "visual_tokens": 16, "num_layers": 4}},
-           "transprune": {"layers": (0, 1, 2)}}
+           "transprune": {"layers": (0, 1, 2)}, "lvpruning": {"weights": KEEP_ALL["lvpruning"]["weights"]}}
 
 
 @pytest.mark.parametrize("name", sorted(n for n, c in methods.REGISTRY.items() if c.visual and n != "none"))

@@ -17,6 +17,7 @@ from .fastv import FastV
 from .fitprune import FitPrune, FitPruneSearch
 from .h2o import H2O
 from .lazyllm import LazyLLM
+from .lvpruning import LVPruning
 from .none import Unpruned
 from .pagedeviction import PagedEviction
 from .pdrop import PDrop
@@ -29,7 +30,7 @@ from .transprune import TransPrune
 from .vflowopt import VFlowOpt
 from .visionzip import VisionZip
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Unpruned, FastV, FitPrune, RandomDrop, Pool, StreamingLLM, H2O, SnapKV, A2SF, PagedEviction, LazyLLM, DivPrune, FasterVLM, DART, PDrop, VisionZip, ToMe, TransPrune, AIM, VFlowOpt)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Unpruned, FastV, FitPrune, RandomDrop, Pool, StreamingLLM, H2O, SnapKV, A2SF, PagedEviction, LazyLLM, DivPrune, FasterVLM, DART, PDrop, VisionZip, ToMe, TransPrune, AIM, VFlowOpt, LVPruning)}
 
 
 def get(name: str | Method | list[str | Method], **options: Any) -> Method:
