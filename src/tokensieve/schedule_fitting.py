@@ -43,9 +43,6 @@ from .recipe import Recipe
 FITTED = ("fastv", "pdrop", "dart", "transprune")
 """The methods a schedule can be fitted for."""
 
-OWN_BUDGET = {"fastv": ("layer", "keep", "flops"), "dart": ("layer", "keep", "flops"),
-              "pdrop": ("layers", "ratio", "flops"), "transprune": ("layers", "keep", "flops")}
-"""Each method's own schedule options, which a fitted recipe replaces."""
 
 
 def check_fit(method: str, options: dict[str, Any]) -> None:
@@ -53,7 +50,7 @@ def check_fit(method: str, options: dict[str, Any]) -> None:
     and leave its schedule to the fit."""
     if method not in FITTED:
         raise ValueError(f"a schedule can be fitted for {', '.join(FITTED)}, not {method!r}")
-    clash = sorted(set(options) & set(OWN_BUDGET[method] + ("recipe",)))
+    clash = sorted(set(options) & {*methods.REGISTRY[method].schedule_options, "recipe"})
     if clash:
         raise ValueError(f"the fit chooses {method}'s schedule; drop {', '.join(clash)}")
     methods.get(method, **options)

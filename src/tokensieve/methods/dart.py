@@ -66,12 +66,13 @@ class DART(OneLayerPruner):
     recipe: Recipe | dict | str | Path | None = None
 
     name: ClassVar[str] = "dart"
+    schedule_options: ClassVar[tuple[str, ...]] = ("layer", "keep", "flops")
     stages: ClassVar[tuple[str, ...]] = ("prefill",)
     paper: ClassVar[str] = "Wen et al., Stop Looking for Important Tokens in MLLMs: Duplication Matters More, EMNLP 2025"
     needs: ClassVar[tuple[str, ...]] = ("keys", "hidden states", "text tokens")
 
     def validate(self) -> None:
-        self.load_recipe("layer", "keep", "flops")
+        self.load_recipe()
         if self.recipe is None:
             self.keep = budget_keep(self.keep, self.flops)
         if self.image_pivots < 0 or self.text_pivots < 0 or self.image_pivots + self.text_pivots == 0:

@@ -40,12 +40,13 @@ class FastV(OneLayerPruner):
     recipe: Recipe | dict | str | Path | None = None
 
     name: ClassVar[str] = "fastv"
+    schedule_options: ClassVar[tuple[str, ...]] = ("layer", "keep", "flops")
     stages: ClassVar[tuple[str, ...]] = ("prefill",)
     paper: ClassVar[str] = "Chen et al., An Image is Worth 1/2 Tokens After Layer 2, ECCV 2024"
     needs: ClassVar[tuple[str, ...]] = ("attention",)
 
     def validate(self) -> None:
-        self.load_recipe("layer", "keep", "flops")
+        self.load_recipe()
         if self.recipe is None:
             self.keep = budget_keep(self.keep, self.flops)
         if self.variant not in ("code", "paper"):

@@ -70,6 +70,7 @@ class PDrop(Scheduled, Method):
     _lambdas: dict[int, float] = field(default_factory=dict, repr=False)
 
     name: ClassVar[str] = "pdrop"
+    schedule_options: ClassVar[tuple[str, ...]] = ("layers", "ratio", "flops")
     stages: ClassVar[tuple[str, ...]] = ("prefill",)
     paper: ClassVar[str] = "Xing et al., PyramidDrop: Pyramid Visual Redundancy Reduction, CVPR 2025"
     needs: ClassVar[tuple[str, ...]] = ("attention",)
@@ -87,7 +88,7 @@ class PDrop(Scheduled, Method):
             raise ValueError(f"pdrop stage layers must increase, got {self.layers}")
 
     def validate(self) -> None:
-        self.load_recipe("layers", "ratio", "flops")
+        self.load_recipe()
         check_fraction("ratio", self.ratio)
         check_budget(None, self.flops)
 

@@ -27,11 +27,12 @@ class Scheduled:
 
     recipe: Recipe | dict | str | Path | None
     name: ClassVar[str]
+    schedule_options: ClassVar[tuple[str, ...]]
+    """The method's own schedule options, which a recipe replaces (they must keep their defaults)."""
 
-    def load_recipe(self, *own: str) -> None:
-        """Load ``recipe`` in place and check it is this method's; ``own`` names the method's own
-        budget options, which must keep their defaults next to a recipe. Call it before the method
-        resolves its defaults."""
+    def load_recipe(self) -> None:
+        """Load ``recipe`` in place and check it is this method's and that the options of
+        :attr:`schedule_options` keep their defaults. Call it before the method resolves its defaults."""
         if self.recipe is None:
             return
         if isinstance(self.recipe, dict):
@@ -42,9 +43,17 @@ class Scheduled:
             raise ValueError(f"the recipe was fitted for {self.recipe.method}, not {self.name}: "
                              f"use --method {self.recipe.method}, or fit one with `tokensieve calibrate --method {self.name}`")
         defaults = {f.name: f.default for f in fields(self)}
-        clash = [option for option in own if getattr(self, option) != defaults[option]]
+        clash = [option for option in self.schedule_options if getattr(self, option) != defaults[option]]
         if clash:
             raise ValueError(f"{self.name}: a recipe sets where and how much it prunes; drop {', '.join(clash)}")
+
+    def report_options(self) -> dict:
+        """The options as reports record them: with a recipe, its layers in place of the own schedule's."""
+        options = super().report_options()
+        if self.recipe is not None:
+            options = {k: v for k, v in options.items() if k not in self.schedule_options}
+            options["recipe_layers"] = [l for l, n in self.recipe.removed.items() if n > 0]
+        return options
 
     def recipe_layers(self, num_layers: int) -> tuple[int, ...]:
         """The layers the recipe prunes before, checked against a ``num_layers``-layer model."""

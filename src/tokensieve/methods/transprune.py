@@ -69,13 +69,14 @@ class TransPrune(Scheduled, Method):
     _scales: dict[int, float] = field(default_factory=dict, repr=False)
 
     name: ClassVar[str] = "transprune"
+    schedule_options: ClassVar[tuple[str, ...]] = ("layers", "keep", "flops")
     stages: ClassVar[tuple[str, ...]] = ("prefill",)
     paper: ClassVar[str] = "Li et al., TransPrune: Token Transition Variation for Efficient LVLM, CVPR 2026"
     needs: ClassVar[tuple[str, ...]] = ("transitions", "attention", "text tokens")
     renumber_at: ClassVar[tuple[str, ...]] = ("prefill",)
 
     def validate(self) -> None:
-        self.load_recipe("layers", "keep", "flops")
+        self.load_recipe()
 
     def bind(self, num_layers: int) -> None:
         self.num_layers = num_layers
