@@ -130,6 +130,18 @@ def test_keeping_everything_is_exact_and_flops_budgets_are_met(tmp_path):
     assert sample.flops / sample.flops_unpruned <= 0.6
 
 
+def tokensieve_model_of_depth(layers: int):
+    """The tiny LLaVA's shape with another number of decoder layers (random weights)."""
+    from tiny_models import TEXT, _vision
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    base = tiny_llava()
+    config = LlavaConfig(vision_config=_vision(), text_config=LlamaConfig(**{**TEXT, "num_hidden_layers": layers}),
+                         image_token_id=base.config.image_token_id, vision_feature_layer=base.config.vision_feature_layer)
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval()
+
+
 def test_bad_options_are_refused(tmp_path):
     model = tiny_llava()
     _, path = _modules(tmp_path, model)
@@ -139,8 +151,12 @@ def test_bad_options_are_refused(tmp_path):
         methods.get("lvpruning", weights=path, decision="threshold", keep=(0.5, 0.25))
     with pytest.raises(ValueError, match="no decision-module weights"):
         methods.get("lvpruning", weights=str(tmp_path / "missing.safetensors"))
-    with pytest.raises(ValueError, match="trained for a 4-layer model"):
-        methods.get("lvpruning", weights=path).bind(6)
+    with pytest.raises(ValueError, match="this model has 3 layers"):
+        methods.get("lvpruning", weights=path).bind(3)
+    other = tokensieve_model_of_depth(6)
+    with pytest.raises(ValueError, match="trained for a 4-layer model of hidden size 32; this one has 6 layers"):
+        with torch.no_grad(), tokensieve.prune(other, "lvpruning", weights=path):
+            other(**tiny_inputs(0))
     with pytest.raises(ValueError, match="module layers must increase"):
         DecisionConfig(hidden=8, layers=(3, 1), keep=(0.5, 0.25), num_layers=4)
     assert DecisionModules.record(path) == {"note": "random"}
@@ -201,3 +217,10 @@ def test_a_partial_checkpoint_resumes_the_modules_and_the_optimiser(tmp_path):
         assert torch.equal(optimizer.state[a]["exp_avg"], optimizer2.state[b]["exp_avg"])
     with pytest.raises(ValueError, match="nothing to resume"):
         _load_partial(tmp_path / "none.safetensors", again, optimizer2)
+
+
+def test_bench_takes_lvpruning_rows_on_the_flops_axis():
+    from tokensieve import bench
+
+    assert bench.axis("lvpruning") == "flops"
+    bench.check_specs(["lvpruning", "lvpruning:decision=topk"], [0.5, 0.3])

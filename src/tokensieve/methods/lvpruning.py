@@ -82,9 +82,8 @@ class LVPruning(Method):
         return self.keep if self.keep is not None else self._modules.config.keep
 
     def bind(self, num_layers: int) -> None:
-        if num_layers != self._modules.config.num_layers:
-            raise ValueError(f"the decision modules were trained for a {self._modules.config.num_layers}-layer model, "
-                             f"not {num_layers} layers")
+        if max(self.layers) >= num_layers:
+            raise ValueError(f"the decision modules sit before layers {self.layers}; this model has {num_layers} layers")
 
     def points(self) -> list[Point]:
         return [Point(before=layer) for layer in self.layers]
@@ -103,9 +102,10 @@ class LVPruning(Method):
 
     @torch.no_grad()
     def select(self, view: View) -> Selection:
-        if view.hidden.shape[-1] != self._modules.config.hidden:
-            raise ValueError(f"the decision modules take hidden size {self._modules.config.hidden}, "
-                             f"this model's is {view.hidden.shape[-1]}")
+        config = self._modules.config
+        if (view.shape.layers, view.shape.hidden) != (config.num_layers, config.hidden):
+            raise ValueError(f"the decision modules were trained for a {config.num_layers}-layer model of hidden size "
+                             f"{config.hidden}; this one has {view.shape.layers} layers of {view.shape.hidden}")
         stage = self.layers.index(view.point.before)
         if stage == 0:
             self._scales = {}
