@@ -32,7 +32,7 @@ from typing import ClassVar, Literal
 import torch
 
 from .base import Method, Point, Selection, View, check_budget, top_visual
-from .schedule import solve_scale
+from .schedule import budget_scales
 
 SHIPPED = Path(__file__).resolve().parent.parent / "learned" / "checkpoints" / "lvpruning_tiny.safetensors"
 """The decision modules trained for the shipped tiny LLaVA (``docs/tiny_model.md``)."""
@@ -126,17 +126,9 @@ class LVPruning(Method):
             decided = view.visual & (keep_prob > 0.5)
             counts = [max(1, int(decided[b].sum())) for b in range(decided.shape[0])]
             return Selection(keep=top_visual(keep_prob, view.visual, counts))
-        counts = []
-        for b, n_in in enumerate(view.visual_input):
-            scale = 1.0
-            if self.flops is not None:
-                if b not in self._scales:
-                    text_tokens = int(view.query_valid("all")[b].sum()) - n_in
-                    self._scales[b] = solve_scale(view.shape, n_in, text_tokens, lambda c: self._counts(n_in, c),
-                                                  self.flops, f"lvpruning with modules at {self.layers}",
-                                                  most=1 / min(self.fractions()))
-                scale = self._scales[b]
-            counts.append(self._counts(n_in, scale)[view.point.before])
+        scales = budget_scales(view, self.flops, self._scales, self._counts, f"lvpruning with modules at {self.layers}",
+                               1 / min(self.fractions()))
+        counts = [self._counts(n_in, c)[view.point.before] for c, n_in in zip(scales, view.visual_input)]
         return Selection(keep=top_visual(keep_prob, view.visual, counts))
 
     def report_options(self) -> dict:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..flops import Shape, prefill_flops
+
+if TYPE_CHECKING:
+    from .base import View
 
 
 def scaled_layers(published: tuple[int, ...], published_depth: int, num_layers: int) -> tuple[int, ...]:
@@ -41,3 +44,17 @@ def solve_scale(shape: Shape, n_visual: int, n_text: int, visual_per_layer: Call
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if ratio(mid) <= target else (lo, mid)
     return lo
+
+
+def budget_scales(view: "View", flops: float | None, solved: dict[int, float],
+                  visual_per_layer: Callable[[int, float], list[int]], what: str, most: float) -> list[float]:
+    """Per sample of ``view``, the scale of its schedule ``visual_per_layer(n_visual, c)`` that meets
+    ``flops`` (:func:`solve_scale`; 1.0 without a budget), solved once per sample of a pass and kept in
+    ``solved`` (the caller empties it at its first stage)."""
+    scales = []
+    for b, n_in in enumerate(view.visual_input):
+        if flops is not None and b not in solved:
+            text_tokens = int(view.query_valid("all")[b].sum()) - n_in
+            solved[b] = solve_scale(view.shape, n_in, text_tokens, lambda c: visual_per_layer(n_in, c), flops, what, most=most)
+        scales.append(1.0 if flops is None else solved[b])
+    return scales

@@ -47,7 +47,7 @@ import torch
 
 from ..recipe import Recipe
 from .base import Method, Point, Selection, View, top_visual
-from .schedule import scaled_layers, solve_scale
+from .schedule import budget_scales, scaled_layers
 from .scheduled import Scheduled
 
 PUBLISHED_LAYERS = (7, 9, 12)
@@ -145,15 +145,7 @@ class TransPrune(Scheduled, Method):
             score = score + iga / iga.sum(1, keepdim=True).clamp(min=1e-12)
         if self.recipe is not None:
             return Selection(keep=top_visual(score, view.visual, self.recipe_kept(view)))
-        counts = []
-        for b, n_in in enumerate(view.visual_input):
-            scale = 1.0
-            if self.flops is not None:
-                if b not in self._scales:
-                    text_tokens = int(view.query_valid("all")[b].sum()) - n_in
-                    self._scales[b] = solve_scale(view.shape, n_in, text_tokens, lambda c: self._visual(n_in, c),
-                                                  self.flops, f"transprune with stages at {self.layers}",
-                                                  most=1 / self.keep[0])
-                scale = self._scales[b]
-            counts.append(self._kept(stage, scale, n_in))
+        scales = budget_scales(view, self.flops, self._scales, self._visual, f"transprune with stages at {self.layers}",
+                               1 / self.keep[0])
+        counts = [self._kept(stage, c, n_in) for c, n_in in zip(scales, view.visual_input)]
         return Selection(keep=top_visual(score, view.visual, counts))
