@@ -38,11 +38,11 @@ from . import methods
 from .adapters import adapter_for
 from .engine import prune
 from .flops import Shape, prefill_flops
+from .methods.scheduled import Scheduled
 from .recipe import Recipe
 
-FITTED = ("fastv", "pdrop", "dart", "transprune")
-"""The methods a schedule can be fitted for."""
-
+FITTED = tuple(name for name, cls in methods.REGISTRY.items() if issubclass(cls, Scheduled))
+"""The methods a schedule can be fitted for: those that take a fitted recipe."""
 
 
 def check_fit(method: str, options: dict[str, Any]) -> None:
