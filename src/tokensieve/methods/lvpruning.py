@@ -26,6 +26,7 @@ for the tiny LLaVA).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -36,6 +37,15 @@ from .schedule import budget_scales
 
 SHIPPED = Path(__file__).resolve().parent.parent / "learned" / "checkpoints" / "lvpruning_tiny.safetensors"
 """The decision modules trained for the shipped tiny LLaVA (``docs/tiny_model.md``)."""
+
+
+@lru_cache(maxsize=8)
+def _load(path: str, stamp: int) -> object:
+    """The decision modules of ``path``, read once per file version (``stamp``: its modification time):
+    a method is built for every ``prune()`` context, an evaluation builds one per batch."""
+    from ..learned.decision import DecisionModules
+
+    return DecisionModules.load(path)
 
 
 @dataclass
@@ -56,8 +66,6 @@ class LVPruning(Method):
     needs: ClassVar[tuple[str, ...]] = ("hidden states", "text tokens")
 
     def validate(self) -> None:
-        from ..learned.decision import DecisionModules
-
         check_budget(None, self.flops)
         if self.keep is not None and self.flops is not None:
             raise ValueError("give keep or flops, not both")
@@ -65,7 +73,8 @@ class LVPruning(Method):
             raise ValueError(f"decision must be 'topk' or 'threshold', got {self.decision!r}")
         if self.decision == "threshold" and (self.keep is not None or self.flops is not None):
             raise ValueError("decision='threshold' keeps what the modules decide; keep and flops are top-k budgets")
-        self._modules = DecisionModules.load(self.weights or SHIPPED)
+        path = Path(self.weights or SHIPPED)
+        self._modules = _load(str(path.resolve()), path.stat().st_mtime_ns if path.is_file() else 0)
         config = self._modules.config
         if self.keep is not None:
             self.keep = tuple(float(k) for k in self.keep)

@@ -19,7 +19,7 @@ Two prompt constructions (:data:`~.model_args.PROMPTS`):
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -210,11 +210,11 @@ def _conversation(request: Request, text_only: bool = False) -> list[dict[str, A
 
 
 def _row(request: Request, answer: str, sample: SampleReport) -> dict[str, Any]:
-    """One request's report row."""
-    fields = asdict(sample)
+    """One request's report row (the sample's fields read directly: copying the whole report, per-head
+    cache positions included, for a few of them would cost more than the row)."""
     return {"task": request.task, "doc_id": request.doc_id, "answer": answer, "flops": sample.flops,
             "flops_unpruned": sample.flops_unpruned, "flops_ratio": sample.flops / max(1, sample.flops_unpruned),
-            **{k: fields[k] for k in SAMPLE_FIELDS}}
+            **{k: getattr(sample, k) for k in SAMPLE_FIELDS}}
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
