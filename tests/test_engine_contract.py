@@ -27,9 +27,25 @@ def _decision_modules() -> str:
     return str(path)
 
 
+def _atp_heads(keep_all: bool) -> str:
+    """ATP threshold heads for the 4-layer tiny models: thresholds near 0 (every token stays) or the
+    untrained ones (``theta_r = 1``: tokens above the mean score stay)."""
+    from tokensieve.learned.atp_heads import ATPConfig, ThresholdHeads
+
+    path = Path(tempfile.mkdtemp()) / "atp.safetensors"
+    heads = ThresholdHeads(ATPConfig(attention_layers=(0, 2), num_layers=4, budget="flops", target=0.5))
+    if keep_all:
+        with torch.no_grad():
+            for head in heads.heads:
+                head[2].bias.copy_(torch.tensor([-30.0, 0.0]))
+    heads.save(path, {"kept": [0.5, 0.25]})
+    return str(path)
+
+
 # Each registered method set to keep every token (4-layer tiny models).
 KEEP_ALL = {
     "lvpruning": {"weights": _decision_modules(), "keep": (1.0, 1.0)},
+    "atp": {"weights": _atp_heads(keep_all=True)},
     "none": {},
     "fastv": {"keep": 1.0},
     "fitprune": {"recipe": {"removed": {}, "visual_tokens": 16, "num_layers": 4}, "fractions": True},
@@ -97,7 +113,8 @@ def test_keeping_everything_is_exact_for_every_method(family, name):
 
 
 PRUNING = {"fitprune": {"recipe": {"removed": {1: 4, 2: 4}, "visual_tokens": 16, "num_layers": 4}},
-           "transprune": {"layers": (0, 1, 2)}, "lvpruning": {"weights": KEEP_ALL["lvpruning"]["weights"]}}
+           "transprune": {"layers": (0, 1, 2)}, "lvpruning": {"weights": KEEP_ALL["lvpruning"]["weights"]},
+           "atp": {"weights": _atp_heads(keep_all=False)}}
 
 
 @pytest.mark.parametrize("name", sorted(n for n, c in methods.REGISTRY.items() if c.visual and n != "none"))

@@ -12,8 +12,10 @@ from test_reference_fastv_dart import _layer, _lm, tiny_inputs
 
 import tokensieve
 from tokensieve import methods
+from tokensieve.learned.batches import instruction_rows
 from tokensieve.learned.decision import DecisionConfig, DecisionModules
-from tokensieve.learned.train_lvpruning import SoftDrop, _load_partial, _save_partial, instruction_rows
+from tokensieve.learned.partial import load_partial, save_partial
+from tokensieve.learned.train_lvpruning import SoftDrop
 
 LOGITS_ATOL = 1e-4
 
@@ -208,15 +210,15 @@ def test_a_partial_checkpoint_resumes_the_modules_and_the_optimiser(tmp_path):
     out = modules.at(1)(torch.randn(1, 3, 8), torch.randn(1, 2, 8), torch.ones(1, 2, dtype=torch.bool)).sum()
     out.backward()
     optimizer.step()
-    _save_partial(tmp_path / "p.safetensors", modules, optimizer, 7)
+    save_partial(tmp_path / "p.safetensors", modules, optimizer, 7)
     again = DecisionModules(config)
     optimizer2 = torch.optim.AdamW(again.parameters(), lr=1e-2)
-    assert _load_partial(tmp_path / "p.safetensors", again, optimizer2) == 7
+    assert load_partial(tmp_path / "p.safetensors", again, optimizer2) == 7
     for a, b in zip(modules.parameters(), again.parameters()):
         assert torch.equal(a, b)
         assert torch.equal(optimizer.state[a]["exp_avg"], optimizer2.state[b]["exp_avg"])
     with pytest.raises(ValueError, match="nothing to resume"):
-        _load_partial(tmp_path / "none.safetensors", again, optimizer2)
+        load_partial(tmp_path / "none.safetensors", again, optimizer2)
 
 
 def test_bench_takes_lvpruning_rows_on_the_flops_axis():

@@ -55,6 +55,7 @@ def attention_rows(
     temperature: float = 1.0,
     projected_q: torch.Tensor | None = None,
     projected_k: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention probabilities of chosen query rows against all rows, at one decoder layer.
 
@@ -69,6 +70,7 @@ def attention_rows(
         projected_q, projected_k: ``(B, n, out)`` the layer's ``q_proj`` / ``k_proj`` outputs for all
             ``n`` rows where already computed (the engine's :mod:`~tokensieve.engine.projections`);
             computed here from the normed input otherwise.
+        bias: ``(B, 1 or H, q, n)`` added to the scaled logits (a training-time soft mask), or None.
 
     Returns:
         ``(B, H, q, n)`` float32 probabilities; rows sum to 1 over allowed keys.
@@ -85,7 +87,7 @@ def attention_rows(
     k = k.view(batch, n, -1, attn.head_dim).transpose(1, 2)
     rows = torch.arange(n, device=hidden.device).expand(batch, n)
     _, k = rotate(k, k, take_rows(cos, rows), take_rows(sin, rows), attn)
-    return _softmax_rows(q, k, allowed, attn.scaling / temperature)
+    return _softmax_rows(q, k, allowed, attn.scaling / temperature, bias)
 
 
 def cache_attention(
@@ -132,11 +134,14 @@ def _rotate_queries(layer: nn.Module, projected: torch.Tensor, cos: torch.Tensor
     return q
 
 
-def _softmax_rows(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
-    """fp32 softmax of ``q k^T * scale`` with GQA key sharing; disallowed entries get 0. ``allowed`` is
-    ``(B, q, m)``, or ``(B, H, q, m)`` where each query head sees its own entries."""
+def _softmax_rows(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, scale: float,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 softmax of ``q k^T * scale (+ bias)`` with GQA key sharing; disallowed entries get 0.
+    ``allowed`` is ``(B, q, m)``, or ``(B, H, q, m)`` where each query head sees its own entries."""
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)
+    if bias is not None:
+        scores = scores + bias.float()
     allowed = allowed[:, None] if allowed.dim() == 3 else allowed
     scores.masked_fill_(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)

@@ -155,8 +155,9 @@ def evaluate(
     Returns the JSON-ready result: accuracy, baseline_accuracy, agreement, visual_tokens_kept (mean
     and per layer), tflops, tflops_unpruned (per-sample means), ttft_ms and decode_ms_per_token
     (medians over batches / steps), kv_bytes and kv_bytes_unpruned (per-sample means after prefill),
-    per-task accuracies, per-item answers (``items``), and the settings (with the device, dtype, torch
-    and transformers versions).
+    per-task accuracies, per-item answers, visual tokens entering each layer and FLOPs ratio
+    (``items``: instance-adaptive methods such as ATP keep their own counts), and the settings (with the
+    device, dtype, torch and transformers versions).
 
     ``baseline``: an earlier result of method "none" on the same items, reused instead of generating
     the unpruned answers again. ``progress``: a bool, or a tqdm bar to advance. ``max_new_tokens``: by
@@ -278,7 +279,8 @@ def summarise(rows: list[dict[str, Any]], tasks: list[str], timing: dict[str, li
         "samples": len(rows),
         "settings": settings,
         "timing": {"prefill": timing["prefill"], "decode": timing["decode"]},
-        "items": [{"task": r["task"], "answer": r["answer"], "predicted": r["predicted"]} for r in rows],
+        "items": [{"task": r["task"], "answer": r["answer"], "predicted": r["predicted"], "visual_tokens": r["visual"],
+                   "flops_ratio": r["flops"] / r["flops_unpruned"]} for r in rows],
     }
 
 

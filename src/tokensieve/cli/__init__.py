@@ -9,7 +9,7 @@ import sys
 from typing import NoReturn
 
 from .. import __version__
-from . import bench_cmd, calibrate_cmd, compare_cmd, eval_cmd, export_lmms_cmd, flops_cmd, methods_cmd, recipes_cmd, train_lvpruning_cmd, train_tiny_text_cmd
+from . import bench_cmd, calibrate_cmd, compare_cmd, eval_cmd, export_lmms_cmd, flops_cmd, methods_cmd, recipes_cmd, train_atp_cmd, train_lvpruning_cmd, train_tiny_text_cmd
 
 INTERRUPTED = 130
 """Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(sub)
     train_tiny_text_cmd.add_parser(sub)
     train_lvpruning_cmd.add_parser(sub)
+    train_atp_cmd.add_parser(sub)
     return parser
 
 

@@ -16,13 +16,16 @@ JSON, so a file loads without code knowing its shape.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
+
+from . import module_file
+
+KIND = "decision-module"
+"""What this module file holds (:mod:`tokensieve.learned.module_file`)."""
 
 
 @dataclass(frozen=True)
@@ -86,8 +89,7 @@ class DecisionModules(nn.Module):
 
     def save(self, path: str | Path, record: dict | None = None) -> None:
         """Weights and the config (and ``record``, e.g. how they were trained) in one safetensors file."""
-        meta = {"config": json.dumps(asdict(self.config)), "record": json.dumps(record or {})}
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path), metadata=meta)
+        module_file.write(path, self, KIND, asdict(self.config), record)
 
     @classmethod
     def load(cls, path: str | Path) -> "DecisionModules":
@@ -96,21 +98,10 @@ class DecisionModules(nn.Module):
         Raises:
             ValueError: no such file, or not a decision-module file.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"no decision-module weights at {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if "config" not in meta:
-            raise ValueError(f"{path} holds no decision-module config (not written by tokensieve train-lvpruning)")
-        data = json.loads(meta["config"])
+        data, weights = module_file.read(path, KIND, "train-lvpruning")
         config = DecisionConfig(**{**data, "layers": tuple(data["layers"]), "keep": tuple(data["keep"])})
         modules = cls(config)
-        modules.load_state_dict(load_file(str(path)))
+        modules.load_state_dict(weights)
         return modules.eval()
 
-    @staticmethod
-    def record(path: str | Path) -> dict:
-        """What :meth:`save` recorded with the weights."""
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get("record", "{}"))
+    record = staticmethod(module_file.record)

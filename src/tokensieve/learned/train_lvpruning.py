@@ -7,9 +7,8 @@ raoyongming/DynamicViT ``losses.py`` and ``softmax_with_policy``), whose trainin
 
 * hard Gumbel-Softmax decisions (temperature 1) with the straight-through gradient; a token dropped
   at one module stays dropped (each module's decision multiplies the earlier ones);
-* from a module's layer on, each visual key column carries its decision ``w`` (1 kept, 0 dropped):
-  ``log(w + 1e-6)`` is added to the attention scores, so attention is ``exp(a) w / sum exp(a) w``
-  (DynamicViT's masked softmax) and gradients reach the decisions; every token still sees itself;
+* from a module's layer on, each visual key column carries its decision ``w`` (1 kept, 0 dropped) as
+  DynamicViT's masked softmax (:mod:`tokensieve.learned.key_masks`), so gradients reach the decisions;
 * loss: the answers' next-token cross-entropy plus ``ratio_weight`` (2.0) times the mean over modules
   of the squared gap between the fraction of visual tokens a sample keeps and the module's target;
 * ``decisions="topk"`` (tokensieve's): each module keeps exactly its target count of the tokens
@@ -26,7 +25,6 @@ Checkpoints: the modules (and the optimiser's moments) are saved every ``save_ev
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,31 +32,17 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..adapters import adapter_for
+from .batches import Batches, learning_rate
 from .decision import DecisionConfig, DecisionModules
+from .key_masks import KeyMasks, LayerInput
+from .partial import load_partial, save_partial
 
-EPS = 1e-6
 DECISIONS = ("gumbel", "topk")
 """How training decides: per token by Gumbel-Softmax with the ratio loss (the paper's mechanism), or
 the target count by Gumbel-top-k (the ratio met by construction; tokensieve's)."""
-
-
-def instruction_rows(input_ids: torch.Tensor, image_id: int, prompt_end: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, T)`` long indices of each row's instruction tokens (after its last image token, before
-    ``prompt_end[b]``, the answer's index), left-aligned, and ``(B, T)`` bool of which are real."""
-    rows = []
-    for b in range(input_ids.shape[0]):
-        last = int((input_ids[b] == image_id).nonzero().max())
-        rows.append(torch.arange(last + 1, prompt_end[b]))
-    width = max(len(r) for r in rows)
-    index = torch.zeros(len(rows), width, dtype=torch.long)
-    valid = torch.zeros(len(rows), width, dtype=torch.bool)
-    for b, r in enumerate(rows):
-        index[b, : len(r)], valid[b, : len(r)] = r, True
-    return index, valid
 
 
 class SoftDrop:
@@ -88,41 +72,22 @@ class SoftDrop:
     @contextmanager
     def applied(self, layers: torch.nn.ModuleList, visual: torch.Tensor, text: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor) -> Iterator[None]:
-        """Within the block, the decoder ``layers`` from the first module's on see the decisions.
-        ``visual``: ``(B, N)`` indices of each row's visual tokens; ``text``: :func:`instruction_rows`;
-        ``attention_mask``: ``(B, L)`` the batch's padding mask."""
-        length = attention_mask.shape[1]
-        allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & attention_mask.bool()[:, None, :]
-        base = torch.zeros(allowed.shape).masked_fill(~allowed, -1e9)[:, None]  # (B, 1, L, L)
-        eye = torch.eye(length, dtype=torch.bool)[None, None]
-        first = self.modules.config.layers[0]
-        state: dict[str, Any] = {"policy": torch.ones(visual.shape)}
-        self.kept = []
+        """Within the block, the decoder ``layers`` from the first module's on see the decisions
+        (:mod:`tokensieve.learned.key_masks`). ``visual``: ``(B, N)`` indices of each row's visual tokens;
+        ``text``: :func:`~tokensieve.learned.batches.instruction_rows`; ``attention_mask``: ``(B, L)`` the batch's padding mask."""
+        config = self.modules.config
 
-        def hook(index: int):
-            def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-                if index in self.modules.config.layers:
-                    hidden = args[0] if args else kwargs["hidden_states"]
-                    d = hidden.shape[-1]
-                    vis = hidden.gather(1, visual[..., None].expand(-1, -1, d))
-                    txt = hidden.gather(1, text[0][..., None].expand(-1, -1, d))
-                    logits = self.modules.at(index)(vis, txt, text[1])
-                    target = self.modules.config.keep[self.modules.config.layers.index(index)]
-                    state["policy"] = state["policy"] * self.decide(logits, state["policy"], target)
-                    self.kept.append(state["policy"].mean(1))
-                    weight = torch.ones(visual.shape[0], length).scatter(1, visual, state["policy"])
-                    state["mask"] = base + torch.where(eye, 0.0, torch.log(weight + EPS)[:, None, None, :])
-                kwargs["attention_mask"] = state["mask"]
-                return args, kwargs
-            return pre
+        def rule(seen: LayerInput) -> torch.Tensor:
+            d = seen.hidden.shape[-1]
+            vis = seen.hidden.gather(1, visual[..., None].expand(-1, -1, d))
+            txt = seen.hidden.gather(1, text[0][..., None].expand(-1, -1, d))
+            logits = self.modules.at(seen.index)(vis, txt, text[1])
+            return self.decide(logits, seen.policy, config.keep[config.layers.index(seen.index)])
 
-        layers_after = list(enumerate(layers))[first:]
-        handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in layers_after]
-        try:
+        masks = KeyMasks(config.layers, rule)
+        self.kept = masks.kept
+        with masks.applied(layers, visual, attention_mask):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
 
 def ratio_loss(kept: list[torch.Tensor], targets: tuple[float, ...]) -> torch.Tensor:
@@ -141,9 +106,6 @@ def train(model: Any, processor: Any, layers: tuple[int, ...], keep: tuple[float
         ValueError: bad layers or targets (:class:`DecisionConfig`), non-positive steps or batch size,
             ``resume`` without a partial checkpoint.
     """
-    from ..tiny.data import build_pool, collate
-    from ..tiny.train import draw_rows
-
     if steps < 1 or batch_size < 1:
         raise ValueError("steps and batch size must be positive")
     adapter = adapter_for(model)
@@ -157,27 +119,19 @@ def train(model: Any, processor: Any, layers: tuple[int, ...], keep: tuple[float
     partial = out.with_suffix(".partial.safetensors")
     step = 0
     if resume:
-        step = _load_partial(partial, modules, optimizer)
-    tokenizer = processor.tokenizer
-    image_id = model.config.image_token_index
-    pool = build_pool(tokenizer, "train", pool_per_task, start=seed * pool_per_task, progress=progress)
-    generator = torch.Generator().manual_seed(seed + step)
+        step = load_partial(partial, modules, optimizer)
+    batches = Batches(processor.tokenizer, model.config.image_token_index, pool_per_task, seed * pool_per_task,
+                      seed + step, progress)
     drop = SoftDrop(modules, tau, decisions)
     start = time.time()
     history = []
     bar = tqdm(total=steps, initial=step, desc="train-lvpruning", disable=not progress)
     while step < steps:
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        index = draw_rows(len(pool.ids), None, batch_size, generator)
-        batch = collate(pool, index, tokenizer.pad_token_id, with_answer=True)
-        batch.pop("patch_targets"), batch.pop("evidence")
-        ids = batch["input_ids"]
-        visual = torch.stack([(row == image_id).nonzero().squeeze(1) for row in ids])
-        ends = [pool.prompt_len[i] + ids.shape[1] - len(pool.ids[i]) for i in index.tolist()]
-        text = instruction_rows(ids, image_id, ends)
-        with drop.applied(adapter.layers, visual, text, batch["attention_mask"]):
-            answer = model(**batch).loss
+            group["lr"] = learning_rate(lr, step, steps, warmup)
+        batch = batches.draw(batch_size)
+        with drop.applied(adapter.layers, batch.visual, batch.text, batch.inputs["attention_mask"]):
+            answer = model(**batch.inputs).loss
         ratio = ratio_loss(drop.kept, config.keep)
         loss = answer + ratio_weight * ratio
         optimizer.zero_grad(set_to_none=True)
@@ -189,7 +143,7 @@ def train(model: Any, processor: Any, layers: tuple[int, ...], keep: tuple[float
         bar.update()
         if step % save_every == 0 or step == steps:
             history.append({"step": step, "answer_loss": float(answer), "ratio_loss": float(ratio), "kept": kept})
-            _save_partial(partial, modules, optimizer, step)
+            save_partial(partial, modules, optimizer, step)
     bar.close()
     record = {"decisions": decisions, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "ratio_weight": ratio_weight,
               "tau": tau, "pool_per_task": pool_per_task, "seed": seed, "train_seconds": round(time.time() - start, 1),
@@ -197,30 +151,3 @@ def train(model: Any, processor: Any, layers: tuple[int, ...], keep: tuple[float
     modules.eval().save(out, record)
     partial.unlink(missing_ok=True)
     return modules, record
-
-
-def _save_partial(path: Path, modules: DecisionModules, optimizer: torch.optim.Optimizer, step: int) -> None:
-    tensors = {f"module.{k}": v.detach().contiguous() for k, v in modules.state_dict().items()}
-    for i, p in enumerate(modules.parameters()):
-        state = optimizer.state.get(p, {})
-        for name in ("exp_avg", "exp_avg_sq"):
-            if name in state:
-                tensors[f"optim.{i}.{name}"] = state[name].contiguous()
-        if "step" in state:
-            tensors[f"optim.{i}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
-    save_file(tensors, str(path), metadata={"step": str(step)})
-
-
-def _load_partial(path: Path, modules: DecisionModules, optimizer: torch.optim.Optimizer) -> int:
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise ValueError(f"nothing to resume: no partial checkpoint at {path}")
-    tensors = load_file(str(path))
-    modules.load_state_dict({k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")})
-    for i, p in enumerate(modules.parameters()):
-        if f"optim.{i}.exp_avg" in tensors:
-            optimizer.state[p] = {"exp_avg": tensors[f"optim.{i}.exp_avg"], "exp_avg_sq": tensors[f"optim.{i}.exp_avg_sq"],
-                                  "step": tensors[f"optim.{i}.step"][0].clone()}
-    with safe_open(str(path), framework="pt") as f:
-        return int((f.metadata() or {})["step"])

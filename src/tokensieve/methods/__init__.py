@@ -8,6 +8,7 @@ from typing import Any
 from .base import CacheView, Grid, Method, Point, Selection, View, check_budget
 from .a2sf import A2SF
 from .aim import AIM
+from .atp import ATP
 from .cache_base import CacheScorer
 from .composition import Composition, split_flops, takes_flops_share
 from .dart import DART
@@ -30,7 +31,7 @@ from .transprune import TransPrune
 from .vflowopt import VFlowOpt
 from .visionzip import VisionZip
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Unpruned, FastV, FitPrune, RandomDrop, Pool, StreamingLLM, H2O, SnapKV, A2SF, PagedEviction, LazyLLM, DivPrune, FasterVLM, DART, PDrop, VisionZip, ToMe, TransPrune, AIM, VFlowOpt, LVPruning)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Unpruned, FastV, FitPrune, RandomDrop, Pool, StreamingLLM, H2O, SnapKV, A2SF, PagedEviction, LazyLLM, DivPrune, FasterVLM, DART, PDrop, VisionZip, ToMe, TransPrune, AIM, VFlowOpt, LVPruning, ATP)}
 
 
 def get(name: str | Method | list[str | Method], **options: Any) -> Method:
