@@ -311,3 +311,12 @@ def test_eval_reports_each_items_own_counts_and_flops():
     assert len({c[2] for c in counts}) > 1  # instance-adaptive
     ratios = [item["flops_ratio"] for item in result["items"]]
     assert math.isclose(sum(ratios) / len(ratios), result["tflops"] / result["tflops_unpruned"], rel_tol=0.05)
+
+
+def test_the_bench_command_checks_atp_against_the_models_depth_before_it_loads(tmp_path, capsys):
+    from tokensieve import models
+    from tokensieve.cli import main
+
+    assert models.decoder_layers("tiny") == 8 and models.decoder_layers(str(tmp_path)) is None
+    assert main(["bench", "--model", "tiny", "--methods", "atp", "--flops", "0.5,0.3", "-o", str(tmp_path / "b")]) == 2
+    assert "heads are shipped for flops 0.5, 0.4" in capsys.readouterr().err

@@ -22,6 +22,23 @@ def runs_text_tasks(name: str) -> bool | None:
     return {"tiny": False, "tiny-text": True}.get(name)
 
 
+def decoder_layers(name: str) -> int | None:
+    """The number of decoder layers of model ``name``, read from its ``config.json`` before it loads
+    (the shipped models, a local checkpoint directory); None where it is not known without loading."""
+    import json
+
+    if name in BUILTIN:
+        folder = Path(__file__).resolve().parent / ("tiny" if name == "tiny" else "tiny_text") / "checkpoint"
+    else:
+        folder = Path(name).expanduser()
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    layers = config.get("text_config", config).get("num_hidden_layers")
+    return layers if isinstance(layers, int) else None
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``"auto"`` (the first CUDA device when there is one, else the CPU), ``"cpu"``, ``"cuda"`` or
     ``"cuda:N"``.

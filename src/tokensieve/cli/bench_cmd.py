@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     names = comma_list(args.methods, "--methods")
     budgets, keeps = numbers(args.flops, "--flops"), numbers(args.keep, "--keep")
     check_output_dir(args.output, "-o")
-    bench.check_specs(names, budgets, keeps=keeps)
+    bench.check_specs(names, budgets, models.decoder_layers(args.model) or bench.PROBE_LAYERS, keeps=keeps)
     device = models.resolve_device(args.device)
     text = models.runs_text_tasks(args.model)
     if text is not None:  # a built-in model: its folder can be checked before it loads
