@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -60,6 +60,15 @@ class Batches:
         ends = [self.pool.prompt_len[i] + ids.shape[1] - len(self.pool.ids[i]) for i in index.tolist()]
         prompt = torch.tensor([self.pool.prompt_len[i] for i in index.tolist()])
         return Batch(inputs, visual, instruction_rows(ids, self.image_id, ends), prompt)
+
+
+def batches_for(model: Any, processor: Any, per_task: int, seed: int, progress: bool = True) -> Callable[[int], Batches]:
+    """The batches of a training run of ``seed`` on ``model``'s image tasks: ``per_task`` items of each
+    from item ``seed * per_task`` on, rows drawn by a generator seeded by ``seed + step`` (``step``: where
+    a resumed run starts)."""
+    def make(step: int) -> Batches:
+        return Batches(processor.tokenizer, model.config.image_token_index, per_task, seed * per_task, seed + step, progress)
+    return make
 
 
 def learning_rate(peak: float, step: int, steps: int, warmup: int) -> float:

@@ -26,7 +26,6 @@ fractions after each module are recorded with the weights (``record["kept"]``).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +36,10 @@ from ..attention import attention_rows
 from ..flops import Shape, layer_macs
 from ..methods.atp import attention_scores, grid_sample
 from ..methods.schedule import scaled_layers
+from . import loop
 from .atp_heads import ATPConfig, ThresholdHeads
-from .batches import Batch, Batches, learning_rate
+from .batches import Batch, batches_for
 from .key_masks import KeyMasks, LayerInput
-from .partial import load_partial, save_partial
 
 PUBLISHED_LAYERS = (4, 14, 24)
 """Attention layers of the modules on the 32-layer LLaMA of LLaVA-1.5-7B (the reimplementation's)."""
@@ -130,10 +129,6 @@ def train(model: Any, processor: Any, budget: str, target: float, out: Path, att
         ValueError: bad layers or target (:class:`ATPConfig`), non-positive steps or batch size,
             ``resume`` without a partial checkpoint.
     """
-    from tqdm.auto import tqdm
-
-    if steps < 1 or batch_size < 1:
-        raise ValueError("steps and batch size must be positive")
     adapter = adapter_for(model)
     num_layers = adapter.text_config.num_hidden_layers
     layers = attention_layers or scaled_layers(PUBLISHED_LAYERS, 32, num_layers)
@@ -142,42 +137,28 @@ def train(model: Any, processor: Any, budget: str, target: float, out: Path, att
     torch.manual_seed(seed)
     heads = ThresholdHeads(config).train()
     model.eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
-    partial = out.with_suffix(".partial.safetensors")
-    step = load_partial(partial, heads, optimizer) if resume else 0
-    batches = Batches(processor.tokenizer, model.config.image_token_index, pool_per_task, seed * pool_per_task,
-                      seed + step, progress)
     soft = SoftThresholds(heads, adapter.layers)
-    start, history = time.time(), []
-    bar = tqdm(total=steps, initial=step, desc="train-atp", disable=not progress)
-    while step < steps:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(lr, step, steps, warmup)
-        batch = batches.draw(batch_size)
+
+    def step_loss(batch: Batch) -> tuple[torch.Tensor, dict[str, float], list[float]]:
         with soft.masks(batch).applied(adapter.layers, batch.visual, batch.inputs["attention_mask"]):
             answer = model(**batch.inputs).loss
         spent = budget_spent(soft.kept, config, shape, batch.visual.shape[1], batch.prompt)
-        target, depth = budget_losses(soft.kept, config, spent)
-        loss = answer + target_weight * target + depth_weight * depth
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
+        off_target, depth = budget_losses(soft.kept, config, spent)
         kept = [round(float(k.detach().mean()), 3) for k in soft.kept]
-        bar.set_postfix(answer=f"{float(answer):.3f}", **{budget: f"{float(spent.detach().mean()):.3f}"}, kept=kept)
-        bar.update()
-        if step % save_every == 0 or step == steps:
-            history.append({"step": step, "answer_loss": float(answer), budget: float(spent.detach().mean()), "kept": kept})
-            save_partial(partial, heads, optimizer, step)
-    bar.close()
+        loss = answer + target_weight * off_target + depth_weight * depth
+        return loss, {"answer_loss": float(answer), budget: float(spent.detach().mean())}, kept
+
+    history, seconds = loop.run(heads, step_loss, batches_for(model, processor, pool_per_task, seed, progress), out,
+                                steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=0.0,
+                                save_every=save_every, resume=resume, desc="train-atp", progress=progress)
     record = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "target_weight": target_weight,
               "depth_weight": depth_weight, "pool_per_task": pool_per_task, "seed": seed,
-              "train_seconds": round(time.time() - start, 1),
+              "train_seconds": seconds,
               "parameters": sum(p.numel() for p in heads.parameters()), "history": history}
     heads.eval().save(out, record)
     record["kept"] = measured_schedule(model, processor, out, (seed + 1) * pool_per_task, progress)
     heads.save(out, record)
-    partial.unlink(missing_ok=True)
+    out.with_suffix(".partial.safetensors").unlink(missing_ok=True)
     return heads, record
 
 

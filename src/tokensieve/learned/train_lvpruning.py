@@ -25,20 +25,18 @@ Checkpoints: the modules (and the optimiser's moments) are saved every ``save_ev
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..adapters import adapter_for
-from .batches import Batches, learning_rate
+from . import loop
+from .batches import Batch, batches_for
 from .decision import DecisionConfig, DecisionModules
 from .key_masks import KeyMasks, LayerInput
-from .partial import load_partial, save_partial
 
 DECISIONS = ("gumbel", "topk")
 """How training decides: per token by Gumbel-Softmax with the ratio loss (the paper's mechanism), or
@@ -106,8 +104,6 @@ def train(model: Any, processor: Any, layers: tuple[int, ...], keep: tuple[float
         ValueError: bad layers or targets (:class:`DecisionConfig`), non-positive steps or batch size,
             ``resume`` without a partial checkpoint.
     """
-    if steps < 1 or batch_size < 1:
-        raise ValueError("steps and batch size must be positive")
     adapter = adapter_for(model)
     text_config = adapter.text_config
     config = DecisionConfig(hidden=text_config.hidden_size, layers=tuple(layers), keep=tuple(keep),
@@ -115,39 +111,21 @@ def train(model: Any, processor: Any, layers: tuple[int, ...], keep: tuple[float
     torch.manual_seed(seed)
     modules = DecisionModules(config).train()
     model.eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=0.01)
-    partial = out.with_suffix(".partial.safetensors")
-    step = 0
-    if resume:
-        step = load_partial(partial, modules, optimizer)
-    batches = Batches(processor.tokenizer, model.config.image_token_index, pool_per_task, seed * pool_per_task,
-                      seed + step, progress)
     drop = SoftDrop(modules, tau, decisions)
-    start = time.time()
-    history = []
-    bar = tqdm(total=steps, initial=step, desc="train-lvpruning", disable=not progress)
-    while step < steps:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(lr, step, steps, warmup)
-        batch = batches.draw(batch_size)
+
+    def step_loss(batch: Batch) -> tuple[torch.Tensor, dict[str, float], list[float]]:
         with drop.applied(adapter.layers, batch.visual, batch.text, batch.inputs["attention_mask"]):
             answer = model(**batch.inputs).loss
         ratio = ratio_loss(drop.kept, config.keep)
-        loss = answer + ratio_weight * ratio
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        kept = [round(float(k.mean()), 3) for k in drop.kept]
-        bar.set_postfix(answer=f"{float(answer):.3f}", ratio=f"{float(ratio):.4f}", kept=kept)
-        bar.update()
-        if step % save_every == 0 or step == steps:
-            history.append({"step": step, "answer_loss": float(answer), "ratio_loss": float(ratio), "kept": kept})
-            save_partial(partial, modules, optimizer, step)
-    bar.close()
+        kept = [round(float(k.detach().mean()), 3) for k in drop.kept]
+        return answer + ratio_weight * ratio, {"answer_loss": float(answer), "ratio_loss": float(ratio)}, kept
+
+    history, seconds = loop.run(modules, step_loss, batches_for(model, processor, pool_per_task, seed, progress), out,
+                                steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=0.01,
+                                save_every=save_every, resume=resume, desc="train-lvpruning", progress=progress)
     record = {"decisions": decisions, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "ratio_weight": ratio_weight,
-              "tau": tau, "pool_per_task": pool_per_task, "seed": seed, "train_seconds": round(time.time() - start, 1),
+              "tau": tau, "pool_per_task": pool_per_task, "seed": seed, "train_seconds": seconds,
               "parameters": sum(p.numel() for p in modules.parameters()), "history": history}
     modules.eval().save(out, record)
-    partial.unlink(missing_ok=True)
+    out.with_suffix(".partial.safetensors").unlink(missing_ok=True)
     return modules, record
