@@ -1,0 +1,189 @@
+"""``tokensieve train-tiny-ssm``: train the tiny Vim classifier (:mod:`tokensieve.ssm.model`) on the
+object-count task (:mod:`tokensieve.ssm.data`) on a CPU, from scratch.
+
+Schedule (step-based, so a run is reproducible from its flags): AdamW (weight decay 0.05, none on
+norms, position embeddings and the SSM's ``A_log``/``D``), linear warm-up then cosine decay; step ``s``
+trains on train-split items ``seed * 10**7 + s * batch .. + batch - 1`` (every item seen once). The
+recurrence runs as mamba.py's parallel scan in training when ``mambapy`` is installed
+(:func:`tokensieve.ssm.hf_mamba.set_parallel_scan`); evaluation uses the sequential reference loop.
+A partial checkpoint (weights, AdamW moments, step) is written every ``save_every`` steps to
+``<out>/partial.safetensors``; ``--resume`` continues from it and gives the same weights as an
+uninterrupted run. The output folder gets ``model.safetensors``, ``config.json`` and
+``training_summary.json`` (flags, loss history, time, parameters, held-out accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import data, hf_mamba
+from .model import TinyVim, VimConfig
+
+ITEMS_PER_SEED = 10**7
+
+
+def _numbers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-tiny-ssm", help="train the tiny Vim-style SSM classifier (object count) on the CPU")
+    p.add_argument("--out", type=Path, required=True, help="folder for model.safetensors, config.json, training_summary.json")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--hidden", type=int, default=VimConfig.hidden)
+    p.add_argument("--depth", type=int, default=VimConfig.depth)
+    p.add_argument("--state", type=int, default=VimConfig.state)
+    p.add_argument("--patch", type=int, default=VimConfig.patch)
+    p.add_argument("--prune-after", type=_numbers, default=VimConfig.prune_after,
+                   help="blocks (0-based) after which ToP prunes (recorded in the config)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/partial.safetensors")
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--eval-items", type=int, default=500, help="test items measured after training (0: none)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..cli.options import check_output_dir
+
+    check_output_dir(args.out, "--out")
+    for name in ("steps", "batch_size", "save_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.eval_items < 0:
+        raise ValueError(f"--eval-items must be >= 0, got {args.eval_items}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = VimConfig(hidden=args.hidden, depth=args.depth, state=args.state, patch=args.patch,
+                       prune_after=tuple(args.prune_after), labels=data.LABELS, classes=len(data.LABELS))
+    command = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "handler"}
+    model, summary = train(config, args.out, args.steps, args.batch_size, args.lr, args.warmup, args.seed,
+                           args.save_every, args.resume, eval_items=args.eval_items, command=command)
+    print(f"trained {summary['parameters']} parameters in {summary['train_seconds']} s; written to {args.out}")
+    if args.eval_items:
+        print(f"held-out accuracy {summary['heldout_accuracy']:.3f} on {args.eval_items} test items")
+    return 0
+
+
+def _no_decay(name: str) -> bool:
+    return name.endswith(("A_log", "D", "pos_embed", "bias")) or ".norm" in name or name.startswith("norm")
+
+
+def train(config: VimConfig, out: Path, steps: int = 600, batch_size: int = 32, lr: float = 2e-3, warmup: int = 30,
+          seed: int = 0, save_every: int = 50, resume: bool = False, eval_items: int = 500,
+          command: dict | None = None, progress: bool = True) -> tuple[TinyVim, dict]:
+    """Train a classifier of shape ``config``; save it to ``out``. Returns it (eval mode) and the summary.
+
+    Raises:
+        ValueError: ``resume`` without a partial checkpoint in ``out``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = TinyVim(config).train()
+    groups = [[p for n, p in model.named_parameters() if not _no_decay(n)],
+              [p for n, p in model.named_parameters() if _no_decay(n)]]
+    optimizer = torch.optim.AdamW([{"params": groups[0], "weight_decay": 0.05}, {"params": groups[1], "weight_decay": 0.0}],
+                                  lr=lr, betas=(0.9, 0.999))
+    partial = out / "partial.safetensors"
+    step, history, seconds = 0, [], 0.0
+    if resume:
+        step, history, seconds = _load_partial(partial, model, optimizer)
+    mixers = [m for block in model.blocks for m in (block.forward_mixer, block.backward_mixer)]
+    for mixer in mixers:
+        hf_mamba.set_parallel_scan(mixer, True)
+    start = time.time() - seconds
+    bar = tqdm(total=steps, initial=step, desc="train-tiny-ssm", disable=not progress)
+    window: list[tuple[float, float]] = []
+    while step < steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        images, labels = data.batch("train", batch_size, seed * ITEMS_PER_SEED + step * batch_size)
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        window.append((float(loss.detach()), float((logits.argmax(1) == labels).float().mean())))
+        bar.set_postfix(loss=f"{window[-1][0]:.3f}", acc=f"{window[-1][1]:.2f}")
+        bar.update()
+        if step % save_every == 0 or step == steps:
+            history.append({"step": step, "loss": round(sum(w[0] for w in window) / len(window), 4),
+                            "train_accuracy": round(sum(w[1] for w in window) / len(window), 4)})
+            window = []
+            _save_partial(partial, model, optimizer, step, history, time.time() - start)
+    bar.close()
+    for mixer in mixers:
+        hf_mamba.set_parallel_scan(mixer, False)
+    model.eval()
+    summary = {"command": command or {}, "task": data.TASK, "labels": list(data.LABELS), "steps": steps,
+               "batch_size": batch_size, "lr": lr, "warmup": warmup, "seed": seed,
+               "train_seconds": round(time.time() - start, 1), "parameters": model.parameter_count(),
+               "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "parallel_scan": hf_mamba.is_mambapy_available(), "history": history}
+    if eval_items:
+        summary["heldout_accuracy"] = accuracy(model, eval_items)
+        summary["heldout_items"] = eval_items
+    model.save(out, summary)
+    partial.unlink(missing_ok=True)
+    return model, summary
+
+
+@torch.no_grad()
+def accuracy(model: TinyVim, items: int, batch_size: int = 100) -> float:
+    """Unpruned accuracy on the first ``items`` test items."""
+    right = 0
+    for start in range(0, items, batch_size):
+        images, labels = data.batch("test", min(batch_size, items - start), start)
+        right += int((model(images).argmax(1) == labels).sum())
+    return right / items
+
+
+def _save_partial(path: Path, model: TinyVim, optimizer: torch.optim.Optimizer, step: int, history: list, seconds: float) -> None:
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    for i, p in enumerate(model.parameters()):
+        state = optimizer.state.get(p, {})
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in state:
+                tensors[f"optim.{i}.{name}"] = state[name].contiguous()
+        if "step" in state:
+            tensors[f"optim.{i}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
+    meta = {"step": str(step), "history": json.dumps(history), "seconds": str(seconds),
+            "rng": json.dumps(torch.random.get_rng_state().tolist())}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _load_partial(path: Path, model: TinyVim, optimizer: torch.optim.Optimizer) -> tuple[int, list, float]:
+    if not path.is_file():
+        raise ValueError(f"nothing to resume: no partial checkpoint at {path}")
+    tensors = load_file(str(path))
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    for i, p in enumerate(model.parameters()):
+        if f"optim.{i}.exp_avg" in tensors:
+            optimizer.state[p] = {"exp_avg": tensors[f"optim.{i}.exp_avg"], "exp_avg_sq": tensors[f"optim.{i}.exp_avg_sq"],
+                                  "step": tensors[f"optim.{i}.step"][0].clone()}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    torch.random.set_rng_state(torch.tensor(json.loads(meta["rng"]), dtype=torch.uint8))
+    return int(meta["step"]), json.loads(meta["history"]), float(meta["seconds"])
