@@ -213,7 +213,7 @@ def test_a_partial_checkpoint_resumes_the_modules_and_the_optimiser(tmp_path):
     save_partial(tmp_path / "p.safetensors", modules, optimizer, 7)
     again = DecisionModules(config)
     optimizer2 = torch.optim.AdamW(again.parameters(), lr=1e-2)
-    assert load_partial(tmp_path / "p.safetensors", again, optimizer2) == 7
+    assert load_partial(tmp_path / "p.safetensors", again, optimizer2) == (7, {})
     for a, b in zip(modules.parameters(), again.parameters()):
         assert torch.equal(a, b)
         assert torch.equal(optimizer.state[a]["exp_avg"], optimizer2.state[b]["exp_avg"])

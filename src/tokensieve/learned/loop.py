@@ -32,7 +32,7 @@ def run(modules: torch.nn.Module, step_loss: Step, batches: Callable[[int], Batc
         raise ValueError("steps and batch size must be positive")
     optimizer = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=weight_decay)
     partial = out.with_suffix(".partial.safetensors")
-    step = load_partial(partial, modules, optimizer) if resume else 0
+    step = load_partial(partial, modules, optimizer)[0] if resume else 0
     source = batches(step)
     start, history = time.time(), []
     bar = tqdm(total=steps, initial=step, desc=desc, disable=not progress)

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..learned.batches import learning_rate
+from ..learned.partial import load_partial, save_partial
 from . import data, hf_mamba
 from .model import TinyVim, VimConfig
 
@@ -107,7 +106,9 @@ def train(config: VimConfig, out: Path, steps: int = 600, batch_size: int = 32, 
     partial = out / "partial.safetensors"
     step, history, seconds = 0, [], 0.0
     if resume:
-        step, history, seconds = _load_partial(partial, model, optimizer)
+        step, meta = load_partial(partial, model, optimizer)
+        history, seconds = json.loads(meta["history"]), float(meta["seconds"])
+        torch.random.set_rng_state(torch.tensor(json.loads(meta["rng"]), dtype=torch.uint8))
     mixers = [m for block in model.blocks for m in (block.forward_mixer, block.backward_mixer)]
     for mixer in mixers:
         hf_mamba.set_parallel_scan(mixer, True)
@@ -116,7 +117,7 @@ def train(config: VimConfig, out: Path, steps: int = 600, batch_size: int = 32, 
     window: list[tuple[float, float]] = []
     while step < steps:
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = learning_rate(lr, step, steps, warmup)
         images, labels = data.batch("train", batch_size, seed * ITEMS_PER_SEED + step * batch_size)
         logits = model(images)
         loss = F.cross_entropy(logits, labels)
@@ -132,7 +133,9 @@ def train(config: VimConfig, out: Path, steps: int = 600, batch_size: int = 32, 
             history.append({"step": step, "loss": round(sum(w[0] for w in window) / len(window), 4),
                             "train_accuracy": round(sum(w[1] for w in window) / len(window), 4)})
             window = []
-            _save_partial(partial, model, optimizer, step, history, time.time() - start)
+            save_partial(partial, model, optimizer, step, {
+                "history": json.dumps(history), "seconds": str(time.time() - start),
+                "rng": json.dumps(torch.random.get_rng_state().tolist())})
     bar.close()
     for mixer in mixers:
         hf_mamba.set_parallel_scan(mixer, False)
@@ -158,32 +161,3 @@ def accuracy(model: TinyVim, items: int, batch_size: int = 100) -> float:
         images, labels = data.batch("test", min(batch_size, items - start), start)
         right += int((model(images).argmax(1) == labels).sum())
     return right / items
-
-
-def _save_partial(path: Path, model: TinyVim, optimizer: torch.optim.Optimizer, step: int, history: list, seconds: float) -> None:
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
-    for i, p in enumerate(model.parameters()):
-        state = optimizer.state.get(p, {})
-        for name in ("exp_avg", "exp_avg_sq"):
-            if name in state:
-                tensors[f"optim.{i}.{name}"] = state[name].contiguous()
-        if "step" in state:
-            tensors[f"optim.{i}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
-    meta = {"step": str(step), "history": json.dumps(history), "seconds": str(seconds),
-            "rng": json.dumps(torch.random.get_rng_state().tolist())}
-    save_file(tensors, str(path), metadata=meta)
-
-
-def _load_partial(path: Path, model: TinyVim, optimizer: torch.optim.Optimizer) -> tuple[int, list, float]:
-    if not path.is_file():
-        raise ValueError(f"nothing to resume: no partial checkpoint at {path}")
-    tensors = load_file(str(path))
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    for i, p in enumerate(model.parameters()):
-        if f"optim.{i}.exp_avg" in tensors:
-            optimizer.state[p] = {"exp_avg": tensors[f"optim.{i}.exp_avg"], "exp_avg_sq": tensors[f"optim.{i}.exp_avg_sq"],
-                                  "step": tensors[f"optim.{i}.step"][0].clone()}
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    torch.random.set_rng_state(torch.tensor(json.loads(meta["rng"]), dtype=torch.uint8))
-    return int(meta["step"]), json.loads(meta["history"]), float(meta["seconds"])
