@@ -232,9 +232,10 @@ def _batch(model, inputs) -> Batch:
 
 
 def test_training_masks_follow_the_thresholds_and_send_the_answer_loss_to_the_heads(tmp_path):
-    """Thresholds near 0 keep every token (the masked forward is the plain one), high thresholds drop
-    (it differs), the first module's soft mask is the sigmoid of the inference scores, and the loss has
-    a gradient on the heads."""
+    """Thresholds near 0 keep every token (with the hard forward of straight-through masks the masked
+    forward is the plain one; soft masks never reach 1 exactly), high thresholds drop (it differs), the
+    first module's soft mask is the sigmoid of the inference scores, and the loss has a gradient on the
+    heads."""
     model = sharpened_llava()
     layers = _lm(model).layers
     inputs = tiny_inputs(0)
@@ -242,11 +243,11 @@ def test_training_masks_follow_the_thresholds_and_send_the_answer_loss_to_the_he
     with torch.no_grad():
         plain = model(**inputs).logits
     keep_all, _ = _heads(tmp_path, (1e-6, 1e-6), (0.5, 0.5))
-    soft = SoftThresholds(keep_all, layers)
+    soft = SoftThresholds(keep_all, layers, "straight-through")
     with torch.no_grad(), soft.masks(batch).applied(layers, batch.visual, inputs["attention_mask"]):
         kept_all = model(**inputs).logits
-    assert torch.allclose(kept_all, plain, atol=1e-4)
-    assert all(float(k.min()) > 0.99 for k in soft.kept)
+    assert torch.allclose(kept_all, plain, atol=1e-5)
+    assert all(abs(float(k.min()) - 1) < 1e-6 for k in soft.kept)
 
     heads, _ = _heads(tmp_path, (1.0, 1.2), (0.9, 0.9), name="drop")
     soft = SoftThresholds(heads, layers)
@@ -320,3 +321,22 @@ def test_the_bench_command_checks_atp_against_the_models_depth_before_it_loads(t
     assert models.decoder_layers("tiny") == 8 and models.decoder_layers(str(tmp_path)) is None
     assert main(["bench", "--model", "tiny", "--methods", "atp", "--flops", "0.5,0.3", "-o", str(tmp_path / "b")]) == 2
     assert "heads are shipped for flops 0.5, 0.4" in capsys.readouterr().err
+
+
+def test_straight_through_training_masks_count_what_inference_keeps(tmp_path):
+    """``masks="straight-through"``: the forward's keep weights are the inference rule's decisions
+    (module 0's kept fraction is the count the method keeps there), the gradient still reaches the heads."""
+    model = sharpened_llava()
+    layers = _lm(model).layers
+    inputs = tiny_inputs(0)
+    heads, path = _heads(tmp_path, (1.0, 1.2), (0.9, 0.9))
+    soft = SoftThresholds(heads, layers, "straight-through")
+    batch = _batch(model, inputs)
+    with soft.masks(batch).applied(layers, batch.visual, inputs["attention_mask"]):
+        loss = model(**inputs).logits[0, -1].logsumexp(-1)
+    report, _ = _pruned(model, inputs, weights=path)
+    assert math.isclose(float(soft.kept[0]), len(report.samples[0].visual_kept["prefill:1"]) / 16, abs_tol=1e-6)
+    loss.backward()
+    assert float(heads.heads[0][2].weight.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="masks must be one of"):
+        SoftThresholds(heads, layers, "hard")

@@ -25,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="decoder layers whose attention the modules read (default: 4,14,24 of 32, moved proportionally)")
     p.add_argument("--target-weight", type=float, default=2.0, help="weight of |batch mean budget - target|")
     p.add_argument("--depth-weight", type=float, default=0.05, help="weight of the depth-weighted keep penalty")
+    p.add_argument("--masks", default="soft", choices=["soft", "straight-through"],
+                   help="training masks: the paper's soft sigmoids, or the inference rule's hard decisions with "
+                        "the soft gradient (tokensieve's)")
     add_loop_flags(p, steps=300, lr=3e-3)
     p.set_defaults(handler=run)
 
@@ -39,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     model, processor = prepare(args)
     _, record = train(model, processor, budget, target, args.out, args.layers, args.steps, args.batch_size, args.lr,
                       target_weight=args.target_weight, depth_weight=args.depth_weight,
-                      pool_per_task=args.pool_per_task, seed=args.seed, resume=args.resume)
+                      pool_per_task=args.pool_per_task, seed=args.seed, resume=args.resume, masks=args.masks)
     print(f"trained {record['parameters']} parameters in {record['train_seconds']} s; kept after each module "
           f"{record['kept']} (training-split items); written to {args.out}")
     if args.eval_items:

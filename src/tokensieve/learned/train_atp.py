@@ -18,6 +18,11 @@ follow the public reimplementation (Sneha421/AI6103-ATP-LLaVA ``llava/model/atp_
   mean keep over the decoder layers; the reimplementation's ``L_target`` counts tokens), plus
   ``depth_weight`` (0.05, the reimplementation's) times the sum over modules of the batch-mean kept
   fraction times the module's depth (its layer over the number of layers: ``L_atp``);
+* ``masks="straight-through"`` (tokensieve's option, not the paper's): the forward uses the inference
+  rule's hard decisions (``S_red > theta_r`` or sampled and ``S_sp > theta_s``) and the backward the
+  soft masks' gradient, so the budget loss counts what inference will keep. With the soft masks the
+  two differ at the last module (the 0.5 heads: a mean weight of 0.063 in training against 0.028 of
+  the tokens kept at inference);
 * data: training-split items of the five image tasks, AdamW with warmup and cosine decay.
 
 After training, the hard rule runs on 64 further training-split items per task; their mean kept
@@ -45,12 +50,19 @@ PUBLISHED_LAYERS = (4, 14, 24)
 """Attention layers of the modules on the 32-layer LLaMA of LLaVA-1.5-7B (the reimplementation's)."""
 
 
-class SoftThresholds:
-    """ATP's soft masks during one forward (module docstring). ``kept[s]``: ``(B,)`` mean keep weight
-    after module ``s``."""
+MASKS = ("soft", "straight-through")
+"""Training masks: the soft sigmoids (the paper's), or the inference rule's hard decisions with the
+soft masks' gradient (tokensieve's: the budget loss then counts what inference keeps)."""
 
-    def __init__(self, heads: ThresholdHeads, layers: torch.nn.ModuleList) -> None:
-        self.heads, self.layers = heads, layers
+
+class SoftThresholds:
+    """ATP's training masks during one forward (module docstring). ``kept[s]``: ``(B,)`` mean keep
+    weight after module ``s``."""
+
+    def __init__(self, heads: ThresholdHeads, layers: torch.nn.ModuleList, masks: str = "soft") -> None:
+        if masks not in MASKS:
+            raise ValueError(f"masks must be one of {', '.join(MASKS)}, got {masks!r}")
+        self.heads, self.layers, self.straight_through = heads, layers, masks == "straight-through"
         self.kept: list[torch.Tensor] = []
 
     def rule(self, batch: Batch):
@@ -77,7 +89,12 @@ class SoftThresholds:
             t = config.temperature
             redundant = torch.sigmoid((red.gather(1, visual) - theta_r[:, None]) * t)
             spatial = torch.where(sampled, torch.sigmoid((config.spatial_score - theta_s[:, None]) * t), 0.0)
-            return torch.maximum(redundant, spatial)
+            soft = torch.maximum(redundant, spatial)
+            if not self.straight_through:
+                return soft
+            hard = ((red.gather(1, visual) > theta_r[:, None])
+                    | (sampled & (config.spatial_score > theta_s[:, None]))).float()
+            return hard - soft.detach() + soft
 
         return decide
 
@@ -121,7 +138,7 @@ def budget_losses(kept: list[torch.Tensor], config: ATPConfig, spent: torch.Tens
 def train(model: Any, processor: Any, budget: str, target: float, out: Path, attention_layers: tuple[int, ...] | None = None,
           steps: int = 300, batch_size: int = 16, lr: float = 3e-3, warmup: int = 20, target_weight: float = 2.0,
           depth_weight: float = 0.05, pool_per_task: int = 400, seed: int = 0, save_every: int = 50,
-          resume: bool = False, progress: bool = True) -> tuple[ThresholdHeads, dict[str, Any]]:
+          resume: bool = False, masks: str = "soft", progress: bool = True) -> tuple[ThresholdHeads, dict[str, Any]]:
     """Train ATP heads for ``model`` (frozen) to meet ``target`` of ``budget`` (``"flops"`` or ``"keep"``)
     on average; save them to ``out``. Returns the heads and the training record.
 
@@ -137,7 +154,7 @@ def train(model: Any, processor: Any, budget: str, target: float, out: Path, att
     torch.manual_seed(seed)
     heads = ThresholdHeads(config).train()
     model.eval().requires_grad_(False)
-    soft = SoftThresholds(heads, adapter.layers)
+    soft = SoftThresholds(heads, adapter.layers, masks)
 
     def step_loss(batch: Batch) -> tuple[torch.Tensor, dict[str, float], list[float]]:
         with soft.masks(batch).applied(adapter.layers, batch.visual, batch.inputs["attention_mask"]):
@@ -151,7 +168,7 @@ def train(model: Any, processor: Any, budget: str, target: float, out: Path, att
     history, seconds = loop.run(heads, step_loss, batches_for(model, processor, pool_per_task, seed, progress), out,
                                 steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=0.0,
                                 save_every=save_every, resume=resume, desc="train-atp", progress=progress)
-    record = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "target_weight": target_weight,
+    record = {"masks": masks, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "target_weight": target_weight,
               "depth_weight": depth_weight, "pool_per_task": pool_per_task, "seed": seed,
               "train_seconds": seconds,
               "parameters": sum(p.numel() for p in heads.parameters()), "history": history}
