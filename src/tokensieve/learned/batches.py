@@ -3,7 +3,6 @@ in each row the visual tokens and the instruction are."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -69,8 +68,3 @@ def batches_for(model: Any, processor: Any, per_task: int, seed: int, progress: 
     def make(step: int) -> Batches:
         return Batches(processor.tokenizer, model.config.image_token_index, per_task, seed * per_task, seed + step, progress)
     return make
-
-
-def learning_rate(peak: float, step: int, steps: int, warmup: int) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
-    return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))

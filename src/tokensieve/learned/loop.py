@@ -3,6 +3,7 @@ warmup and cosine decay, a progress bar, and a resumable checkpoint every ``save
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -10,8 +11,14 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .batches import Batch, Batches, learning_rate
+from .batches import Batch, Batches
 from .partial import load_partial, save_partial
+
+
+def learning_rate(peak: float, step: int, steps: int, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
+    return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
 
 Step = Callable[[Batch], tuple[torch.Tensor, dict[str, float], list[float]]]
 """One step's forward: a batch -> (loss, numbers to show and record, kept fractions per module)."""

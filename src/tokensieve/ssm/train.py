@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..learned.batches import learning_rate
+from ..learned.loop import learning_rate
 from ..learned.partial import load_partial, save_partial
 from . import data, hf_mamba
 from .model import TinyVim, VimConfig
