@@ -56,7 +56,8 @@ CELL_NAMES: tuple[str, ...] = tuple(cell_name(c) for c in range(GRID * GRID))
 
 @dataclass(frozen=True)
 class Item:
-    """One drawn thing: a coloured shape, or a glyph in ink (``glyph`` set, ``shape`` None)."""
+    """One drawn thing: a coloured shape, or a glyph (``glyph`` set, ``shape`` None) in ink, or in
+    ``colour`` when one is given."""
 
     cell: int
     colour: str | None = None
@@ -98,7 +99,7 @@ def render(items: list[Item], rng: np.random.Generator) -> tuple[Image.Image, li
         slots = (CELL - SLOT) // STEP + 1
         y0 = row * CELL + STEP * int(rng.integers(slots)) + (SLOT - h) // 2
         x0 = col * CELL + STEP * int(rng.integers(slots)) + (SLOT - w) // 2
-        colour = INK if item.glyph is not None else COLOURS[item.colour]  # type: ignore[index]
+        colour = INK if item.colour is None else COLOURS[item.colour]
         canvas[y0 : y0 + h, x0 : x0 + w][mask] = colour
         boxes.append((x0, y0, x0 + w, y0 + h))
     return Image.fromarray(canvas, "RGB"), boxes

@@ -1,0 +1,131 @@
+"""``tokensieve train-tiny-detector``: train the tiny YOLOS (:mod:`.model`) on the detection scenes
+(:mod:`.data`) on a CPU, from scratch, with transformers' own Hungarian loss (DETR's: class
+cross-entropy with "no object" weighted ``eos_coefficient``, L1 x5 and generalised IoU x2 on the boxes).
+
+Schedule (step-based, so a run is reproducible from its flags): AdamW (weight decay 1e-4), linear
+warm-up then cosine decay, gradients clipped at norm 0.1 (DETR's); step ``s`` trains on train scenes
+``seed * 10**7 + s * batch .. + batch - 1``. A partial checkpoint (weights, AdamW moments, step,
+history, RNG) is written every ``save_every`` steps to ``<out>/partial.safetensors``; ``--resume``
+continues from it. The output folder gets the model (``save_pretrained``: ``config.json``,
+``model.safetensors``) and ``training_summary.json`` (flags, loss history, time, held-out mAP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import YolosForObjectDetection
+
+from ..learned.loop import learning_rate
+from ..learned.partial import load_partial, save_partial
+from . import data, model
+
+ITEMS_PER_SEED = 10**7
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-tiny-detector", help="train the tiny YOLOS detector on the scene generator on the CPU")
+    p.add_argument("--out", type=Path, required=True, help="folder for config.json, model.safetensors, training_summary.json")
+    p.add_argument("--steps", type=int, default=12000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--detection-tokens", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/partial.safetensors")
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--eval-items", type=int, default=500, help="test scenes measured after training (0: none)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..cli.options import check_output_dir
+
+    check_output_dir(args.out, "--out")
+    for name in ("steps", "batch_size", "save_every", "warmup"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.detection_tokens < data.MAX_OBJECTS:
+        raise ValueError(f"--detection-tokens must be at least {data.MAX_OBJECTS} (objects per scene), got {args.detection_tokens}")
+    if args.eval_items < 0:
+        raise ValueError(f"--eval-items must be >= 0, got {args.eval_items}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "handler"}
+    config = model.config(args.hidden, args.layers, args.heads, args.detection_tokens)
+    summary = train(config, args.out, args.steps, args.batch_size, args.lr, args.warmup, args.seed,
+                    args.save_every, args.resume, args.eval_items, command)
+    print(f"trained {summary['parameters']} parameters in {summary['train_seconds']} s; written to {args.out}")
+    if args.eval_items:
+        print(f"held-out mAP {summary['heldout']['map']:.3f} (mAP@0.5 {summary['heldout']['map_50']:.3f}) "
+              f"on {args.eval_items} test scenes")
+    return 0
+
+
+def train(config, out: Path, steps: int, batch_size: int = 16, lr: float = 3e-4, warmup: int = 500, seed: int = 0,
+          save_every: int = 200, resume: bool = False, eval_items: int = 500, command: dict | None = None,
+          progress: bool = True) -> dict:
+    """Train a detector of shape ``config`` and save it to ``out``; the training summary.
+
+    Raises:
+        ValueError: ``resume`` without a partial checkpoint in ``out``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    detector = model.initialise(YolosForObjectDetection(config)).train()
+    optimizer = torch.optim.AdamW(detector.parameters(), lr=lr, weight_decay=1e-4)
+    partial = out / "partial.safetensors"
+    step, history, seconds = 0, [], 0.0
+    if resume:
+        step, meta = load_partial(partial, detector, optimizer)
+        history, seconds = json.loads(meta["history"]), float(meta["seconds"])
+        torch.random.set_rng_state(torch.tensor(json.loads(meta["rng"]), dtype=torch.uint8))
+    start = time.time() - seconds
+    bar = tqdm(total=steps, initial=step, desc="train-tiny-detector", disable=not progress)
+    window: list[dict[str, float]] = []
+    while step < steps:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(lr, step, steps, warmup)
+        batch = data.scenes("train", batch_size, seed * ITEMS_PER_SEED + step * batch_size)
+        output = detector(data.pixels(batch), labels=data.targets(batch))
+        optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        torch.nn.utils.clip_grad_norm_(detector.parameters(), 0.1)
+        optimizer.step()
+        step += 1
+        window.append({"loss": float(output.loss.detach())} | {k: float(v.detach()) for k, v in output.loss_dict.items()})
+        bar.set_postfix(loss=f"{window[-1]['loss']:.3f}", ce=f"{window[-1]['loss_ce']:.3f}")
+        bar.update()
+        if step % save_every == 0 or step == steps:
+            history.append({"step": step} | {k: round(sum(w[k] for w in window) / len(window), 4) for k in window[0]})
+            window = []
+            save_partial(partial, detector, optimizer, step, {
+                "history": json.dumps(history), "seconds": str(time.time() - start),
+                "rng": json.dumps(torch.random.get_rng_state().tolist())})
+    bar.close()
+    detector.eval()
+    summary = {"command": command or {}, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
+               "seed": seed, "train_seconds": round(time.time() - start, 1),
+               "parameters": sum(p.numel() for p in detector.parameters()), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "history": history}
+    if eval_items:
+        from .evaluate import detection_map
+
+        summary["heldout"] = detection_map(detector, eval_items)
+        summary["heldout_items"] = eval_items
+    detector.save_pretrained(out, safe_serialization=True)
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    partial.unlink(missing_ok=True)
+    return summary
