@@ -215,13 +215,17 @@ def test_evaluate_settings(detector, classifier) -> None:
     assert oracle["kept_per_item"] == [max(int(t), 1) for t in truth] and oracle["flops_ratio"] < 1.0
     b = evaluate.evaluate(detector, "bavit", 0.5, classifier, items=6, progress=False)
     r = evaluate.evaluate(detector, "random", 0.5, classifier, items=6, progress=False)
+    extra = 1 + detector.config.num_detection_tokens
     for kept_b, kept_r in zip(b["kept_per_item"], r["kept_per_item"]):  # equal FLOPs: the classifier's cost in patches
-        extra = 1 + detector.config.num_detection_tokens
-        budget = prune.encoder_flops(detector.config, kept_b + extra) + evaluate.classifier_flops(classifier, 144)
-        assert prune.encoder_flops(detector.config, kept_r + extra) <= budget
-        assert kept_r == 144 or prune.encoder_flops(detector.config, kept_r + 1 + extra) > budget
-        assert kept_r > kept_b
+        budget = 2 * 2 * (4 * (kept_b + extra) * 32 * 32 + 2 * (kept_b + extra) ** 2 * 32 + 2 * (kept_b + extra) * 32 * 128)
+        budget += evaluate.classifier_flops(classifier, 144)
+
+        def cost(n: int) -> int:
+            return 2 * 2 * (4 * (n + extra) * 32 * 32 + 2 * (n + extra) ** 2 * 32 + 2 * (n + extra) * 32 * 128)
+        assert cost(kept_r) <= budget and (kept_r == 144 or cost(kept_r + 1) > budget) and kept_r > kept_b
     assert r["flops_ratio"] <= b["flops_ratio"]
+    att = evaluate.evaluate(detector, "attention", 0.5, classifier, items=6, progress=False)
+    assert att["flops_ratio"] <= b["flops_ratio"] or min(att["kept_per_item"]) == 1
     with pytest.raises(ValueError, match="needs the BAViT"):
         evaluate.evaluate(detector, "bavit", 1.0, None, items=2, progress=False)
     with pytest.raises(ValueError, match="unknown method"):
@@ -273,3 +277,36 @@ def test_command_line_errors(capsys) -> None:
     assert main(["eval-detect", "--items", "0"]) == 2
     assert main(["train-bavit", "--out", "/tmp/x", "--layers", "0"]) == 2
     assert main(["train-tiny-detector", "--out", "/tmp/x", "--detection-tokens", "2"]) == 2
+
+
+@torch.no_grad()
+def test_attention_baseline_against_a_written_out_forward(detector) -> None:
+    x = data.pixels(data.scenes("test", 2))
+    with prune.keep_attended(detector, 1, 30) as log:
+        out = detector(x)
+    heads, width = 2, 16
+    for b in range(2):
+        h = detector.vit.embeddings(x[b:b + 1])[0]  # (153, 32)
+        first = detector.vit.encoder.layer[0]
+        normed = first.layernorm_before(h)
+        q = first.attention.attention.query(normed).view(-1, heads, width)
+        k = first.attention.attention.key(normed).view(-1, heads, width)
+        score = torch.zeros(144)
+        for head in range(heads):
+            for det in range(145, 153):
+                weights = torch.softmax(torch.stack([q[det, head] @ k[j, head] / math.sqrt(width) for j in range(153)]), 0)
+                score += weights[1:145] / (heads * 8)
+        kept = sorted(torch.topk(score, 30).indices.tolist())
+        assert log[0][b].tolist() == kept
+        h = first(h[None])
+        h = h[:, [0] + [1 + p for p in kept] + list(range(145, 153))]
+        for layer in detector.vit.encoder.layer[1:]:
+            h = layer(h)
+        h = detector.vit.layernorm(h)[:, -8:]
+        assert torch.allclose(out.logits[b], detector.class_labels_classifier(h)[0], atol=1e-5)
+    with pytest.raises(ValueError, match="layer must be"):
+        with prune.keep_attended(detector, 0, 10):
+            pass
+    with pytest.raises(ValueError, match="count must be"):
+        with prune.keep_attended(detector, 1, 145):
+            pass

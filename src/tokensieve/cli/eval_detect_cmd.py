@@ -19,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classifier", default="bavit", help="'bavit' (shipped) or a folder train-bavit wrote")
     p.add_argument("--method", default="bavit", choices=METHODS,
                    help="bavit: drop the classifier's background patches; oracle: the same rule on the exact labels; "
-                        "random: as many patches as BAViT drops, at random; none: every patch")
+                        "random: patches at random, and attention: layer 0 whole, then the patches the detection tokens "
+                        "attended to most, both for the FLOPs BAViT spends; none: every patch")
     p.add_argument("--drop", type=float, default=1.0, help="share of the background patches dropped, in [0, 1] (default 1: all)")
     p.add_argument("--items", type=int, default=500, help="test scenes (default 500)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     detector = model.load(args.detector)
-    needs_classifier = args.method in ("bavit", "random") or args.throughput
+    needs_classifier = args.method in ("bavit", "random", "attention") or args.throughput
     classifier = bavit.BAViT.load(args.classifier) if needs_classifier else None
     report = evaluate.evaluate(detector, args.method, args.drop, classifier, args.items, args.seed)
     report["settings"] |= {"detector": str(args.detector), "classifier": str(args.classifier) if classifier else None}

@@ -22,7 +22,7 @@ from transformers.image_transforms import center_to_corners_format
 
 from . import bavit, data, prune
 
-METHODS = ("none", "bavit", "oracle", "random")
+METHODS = ("none", "bavit", "oracle", "random", "attention")
 
 
 def _pycocotools():
@@ -87,32 +87,38 @@ def detection_map(detector: YolosForObjectDetection, items: int, batch_size: int
     return coco_map(scenes, results)
 
 
-def kept_patches(method: str, drop: float, pixels: torch.Tensor, scene: data.Scene, classifier: bavit.BAViT | None,
-                 detector_config, generator: torch.Generator) -> torch.Tensor:
-    """``(K,)`` ascending patch indices one image (``pixels (1, 3, 96, 96)``) keeps under ``method``."""
-    patch = detector_config.patch_size
-    patches = (data.IMAGE_SIZE // patch) ** 2
-    if method == "none":
-        return torch.arange(patches)
+ATTENTION_LAYER = 1
+"""``attention`` ranks patches by the detection tokens' attention in layer 0 and prunes before layer 1."""
+
+
+def _bavit_kept(drop: float, pixels: torch.Tensor, scene: data.Scene, classifier: bavit.BAViT | None,
+                patch: int, oracle: bool) -> torch.Tensor:
+    """``(K,)`` ascending patch indices one image (``pixels (1, 3, 96, 96)``) keeps under BAViT's rule,
+    on the classifier's probabilities or (``oracle``) on the exact labels."""
     rule = bavit.Drop(drop)
-    if method == "oracle":
+    if oracle:
         truth = data.patch_labels([scene], patch, bavit.FOREGROUND_SHARE)[0]
         return rule.kept(torch.where(truth, 0.0, 1.0))
     assert classifier is not None
-    kept = rule.kept(classifier.background_probability(pixels)[0])
-    if method == "random":
-        kept = torch.randperm(patches, generator=generator)[: equal_flops_count(detector_config, classifier, kept.numel())]
-        kept = kept.sort().values
-    return kept
+    return rule.kept(classifier.background_probability(pixels)[0])
 
 
-def equal_flops_count(detector_config, classifier: bavit.BAViT, kept: int) -> int:
-    """The most patches the detector can take for the FLOPs of BAViT + the detector on ``kept`` patches."""
-    patches = (data.IMAGE_SIZE // detector_config.patch_size) ** 2
-    extra = 1 + detector_config.num_detection_tokens
-    budget = prune.encoder_flops(detector_config, kept + extra) + classifier_flops(classifier, patches)
-    count = kept
-    while count < patches and prune.encoder_flops(detector_config, count + 1 + extra) <= budget:
+def detector_flops(config, patches_per_layer: list[int]) -> int:
+    """FLOPs of the detector when encoder layer ``l`` sees ``patches_per_layer[l]`` patches (plus its
+    [CLS] and detection tokens); the patch embedding always runs on the whole grid."""
+    grid = (data.IMAGE_SIZE // config.patch_size) ** 2
+    extra = 1 + config.num_detection_tokens
+    layers = sum(2 * prune.vit_layer_macs(n + extra, config.hidden_size, config.intermediate_size) for n in patches_per_layer)
+    return prune.embedding_flops(config, grid) + layers
+
+
+def equal_flops_count(config, budget: int, full_layers: int = 0) -> int:
+    """The most patches (at least 1) the detector's layers ``full_layers`` on can take when layers
+    before them see every patch and the whole pass may cost ``budget`` FLOPs."""
+    grid = (data.IMAGE_SIZE // config.patch_size) ** 2
+    rest = config.num_hidden_layers - full_layers
+    count = 1
+    while count < grid and detector_flops(config, [grid] * full_layers + [count + 1] * rest) <= budget:
         count += 1
     return count
 
@@ -125,44 +131,57 @@ def evaluate(detector: YolosForObjectDetection, method: str = "bavit", drop: flo
 
     Raises:
         ValueError: unknown method, ``items`` below 1, ``drop`` outside [0, 1], a classifier whose
-            patches are not the detector's, or ``bavit`` / ``random`` without a classifier.
+            patches are not the detector's, or ``bavit`` / ``random`` / ``attention`` without a classifier.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     if items < 1:
         raise ValueError(f"items must be at least 1, got {items}")
     bavit.Drop(drop)
-    patch = detector.config.patch_size
-    if method in ("bavit", "random"):
+    cfg = detector.config
+    if method in ("bavit", "random", "attention"):
         if classifier is None:
             raise ValueError(f"method {method!r} needs the BAViT classifier")
-        if classifier.vit.config.patch_size != patch:
-            raise ValueError(f"the classifier's patches are {classifier.vit.config.patch_size} px, the detector's {patch} px")
+        if classifier.vit.config.patch_size != cfg.patch_size:
+            raise ValueError(f"the classifier's patches are {classifier.vit.config.patch_size} px, the detector's {cfg.patch_size} px")
     generator = torch.Generator().manual_seed(seed)
     scenes = data.scenes("test", items)
-    patches = (data.IMAGE_SIZE // patch) ** 2
-    extra = 1 + detector.config.num_detection_tokens
-    full = prune.embedding_flops(detector.config, patches) + prune.encoder_flops(detector.config, patches + extra)
+    grid = (data.IMAGE_SIZE // cfg.patch_size) ** 2
+    layers = cfg.num_hidden_layers
+    full = detector_flops(cfg, [grid] * layers)
     results, unpruned, counts, spent = [], [], [], 0
     for i, scene in enumerate(tqdm(scenes, desc=f"eval-detect {method}", disable=not progress)):
         pixels = data.pixels([scene])
-        kept = kept_patches(method, drop, pixels, scene, classifier, detector.config, generator)
-        with prune.keep_patches(detector, kept[None]):
-            out = detector(pixels)
+        if method == "none":
+            out, count, cost = detector(pixels), grid, full
+        else:
+            kept = _bavit_kept(drop, pixels, scene, classifier, cfg.patch_size, method == "oracle")
+            cost = detector_flops(cfg, [kept.numel()] * layers)
+            if method in ("bavit", "random", "attention"):
+                cost += classifier_flops(classifier, grid)  # random and attention get BAViT's whole budget
+            if method == "attention":
+                count = equal_flops_count(cfg, cost, ATTENTION_LAYER)
+                with prune.keep_attended(detector, ATTENTION_LAYER, count):
+                    out = detector(pixels)
+                cost = detector_flops(cfg, [grid] * ATTENTION_LAYER + [count] * (layers - ATTENTION_LAYER))
+            else:
+                if method == "random":
+                    kept = torch.randperm(grid, generator=generator)[: equal_flops_count(cfg, cost)].sort().values
+                    cost = detector_flops(cfg, [kept.numel()] * layers)
+                with prune.keep_patches(detector, kept[None]):
+                    out = detector(pixels)
+                count = int(kept.numel())
         results += detections(out.logits[0], out.pred_boxes[0], i)
         reference = detector(pixels)
         unpruned += detections(reference.logits[0], reference.pred_boxes[0], i)
-        counts.append(int(kept.numel()))
-        spent += prune.embedding_flops(detector.config, patches) + prune.encoder_flops(detector.config, kept.numel() + extra)
-        if method == "bavit":
-            spent += classifier_flops(classifier, patches)  # random's count is chosen to spend as much
-    report = {"settings": {"method": method, "drop": drop, "items": items, "seed": seed,
-                           "detector_patches": patches, "foreground_share": bavit.FOREGROUND_SHARE},
-              **coco_map(scenes, results), "unpruned": coco_map(scenes, unpruned),
-              "patches_kept_mean": round(sum(counts) / items, 2), "patches_kept_min": min(counts),
-              "patches_kept_max": max(counts), "flops": round(spent / items), "flops_unpruned": full,
-              "flops_ratio": round(spent / items / full, 4), "kept_per_item": counts}
-    return report
+        counts.append(count)
+        spent += cost
+    return {"settings": {"method": method, "drop": drop, "items": items, "seed": seed, "detector_patches": grid,
+                         "foreground_share": bavit.FOREGROUND_SHARE},
+            **coco_map(scenes, results), "unpruned": coco_map(scenes, unpruned),
+            "patches_kept_mean": round(sum(counts) / items, 2), "patches_kept_min": min(counts),
+            "patches_kept_max": max(counts), "flops": round(spent / items), "flops_unpruned": full,
+            "flops_ratio": round(spent / items / full, 4), "kept_per_item": counts}
 
 
 def classifier_flops(classifier: bavit.BAViT, patches: int) -> int:

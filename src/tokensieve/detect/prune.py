@@ -48,6 +48,54 @@ def keep_patches(detector: YolosForObjectDetection, kept: torch.Tensor) -> Itera
         handle.remove()
 
 
+@contextmanager
+def keep_attended(detector: YolosForObjectDetection, layer: int, count: int) -> Iterator[list[torch.Tensor]]:
+    """Inside the block, ``detector``'s encoder layers ``layer`` on see only the ``count`` patches the
+    detection tokens attended to most in layer ``layer - 1``: its softmax attention (recomputed from
+    that layer's own normed input and query/key projections), averaged over heads and detection
+    tokens. Training-free, tokensieve's baseline (the rule of FastV's last-query ranking and EViT's
+    [CLS] ranking, with YOLOS's detection tokens as the queries). Yields the list that receives each
+    forward's ``(B, count)`` kept patch indices, ascending.
+
+    Raises:
+        ValueError: ``layer`` outside [1, layers - 1], or ``count`` outside [1, patches].
+    """
+    layers = detector.vit.encoder.layer
+    patches = detector.vit.embeddings.patch_embeddings.num_patches
+    detection = detector.config.num_detection_tokens
+    if not 1 <= layer < len(layers):
+        raise ValueError(f"layer must be in [1, {len(layers) - 1}], got {layer}")
+    if not 1 <= count <= patches:
+        raise ValueError(f"count must be in [1, {patches}], got {count}")
+    source, kept_log, seen = layers[layer - 1], [], {}
+
+    def remember(module: torch.nn.Module, args: tuple) -> None:
+        seen["input"] = args[0]
+
+    def prune(module: torch.nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
+        b, n, _ = hidden.shape
+        attention = source.attention.attention
+        heads, width = attention.num_attention_heads, attention.attention_head_size
+        normed = source.layernorm_before(seen.pop("input"))
+        q = attention.query(normed[:, -detection:]).view(b, detection, heads, width).transpose(1, 2)
+        k = attention.key(normed).view(b, -1, heads, width).transpose(1, 2)
+        probs = (q @ k.transpose(-1, -2) * width ** -0.5).softmax(-1)  # (B, heads, detection, N)
+        score = probs[..., 1:1 + patches].mean(dim=(1, 2))
+        kept = score.topk(count, dim=-1).indices.sort(dim=-1).values
+        kept_log.append(kept)
+        rows = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=hidden.device), 1 + kept,
+                          torch.arange(n - detection, n, device=hidden.device).expand(b, -1)], dim=1)
+        return (hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1])), *args[1:])
+
+    handles = [source.register_forward_pre_hook(remember), layers[layer].register_forward_pre_hook(prune)]
+    try:
+        yield kept_log
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def vit_layer_macs(tokens: int, hidden: int, intermediate: int) -> int:
     """Multiply-accumulates of one ViT encoder layer on ``tokens`` tokens: q, k, v and output
     projections ``4 n d^2``, scores and weighted sum ``2 n^2 d``, the two-matrix MLP ``2 n d m``."""
