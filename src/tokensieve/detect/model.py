@@ -24,7 +24,7 @@ CHECKPOINT = Path(__file__).parent / "checkpoint" / "detector"
 """The shipped detector (``tokensieve train-tiny-detector`` writes one like it)."""
 
 
-def config(hidden: int = 128, layers: int = 6, heads: int = 4, detection_tokens: int = 8, patch: int = 8) -> YolosConfig:
+def config(hidden: int = 128, layers: int = 4, heads: int = 4, detection_tokens: int = 8, patch: int = 8) -> YolosConfig:
     """A YOLOS configuration for the scenes: ``hidden`` width, ``layers`` encoder layers, ``heads``
     attention heads (MLP width 4 x hidden), ``detection_tokens``, ``patch`` pixels per patch side."""
     return YolosConfig(
