@@ -1,5 +1,5 @@
 """BAViT before the tiny YOLOS detector: mAP, patches kept, FLOPs ratio and batch-1 throughput at each
-drop level for ``bavit``, the exact-label ``oracle`` and ``random`` (as many patches as BAViT drops);
+drop level for ``bavit``, the exact-label ``oracle``, and ``random`` and ``attention`` at BAViT's FLOPs;
 writes ``<out>.json`` and prints a markdown table (``docs/bavit.md``). Each row is what
 ``tokensieve eval-detect`` prints for the same flags.
 
@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     detector, classifier = model.load(args.detector), bavit.BAViT.load(args.classifier)
-    rows = [("none", 0.0)] + [(m, d) for d in DROPS for m in ("bavit", "oracle", "random")]
+    rows = [("none", 0.0)] + [(m, d) for d in DROPS for m in ("bavit", "oracle", "random", "attention")]
     results = []
     print("| method | drop | mAP | mAP@0.5 | patches kept | FLOPs ratio | images/s (batch 1) |")
     print("|---|---|---|---|---|---|---|")

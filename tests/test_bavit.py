@@ -310,3 +310,42 @@ def test_attention_baseline_against_a_written_out_forward(detector) -> None:
     with pytest.raises(ValueError, match="count must be"):
         with prune.keep_attended(detector, 1, 145):
             pass
+
+
+def test_batch_drop_keeps_one_count_and_each_images_own_patches() -> None:
+    gen = torch.Generator().manual_seed(3)
+    background = torch.rand(4, 144, generator=gen) ** 0.5
+    for drop in (0.25, 1.0):
+        rule = bavit.Drop(drop)
+        batch = rule.kept_batch(background)
+        k = max(len(reference_drop(row.tolist(), drop)) for row in background)
+        assert batch.shape == (4, k)
+        for row, kept in zip(background, batch):
+            own = reference_drop(row.tolist(), drop)
+            assert set(own) <= set(kept.tolist()) and kept.tolist() == sorted(kept.tolist())
+            extra = sorted(set(kept.tolist()) - set(own))
+            leaving = sorted(set(range(144)) - set(kept.tolist()))
+            assert all(row[e] <= row[x] for e in extra for x in leaving)  # the least background come back
+
+
+def test_sparse_fine_tuning_trains_on_what_bavit_keeps(detector, classifier, tmp_path, monkeypatch) -> None:
+    from tokensieve.detect import train_detector
+
+    counts: list[int] = []
+    real = prune.keep_patches
+
+    def spy(det, kept):
+        counts.append(kept.shape[1])
+        return real(det, kept)
+
+    monkeypatch.setattr(train_detector.prune, "keep_patches", spy)
+    summary = train_detector.train(detector.config, tmp_path, steps=2, batch_size=3, warmup=1, save_every=2,
+                                   eval_items=0, progress=False, initial=detector.state_dict(),
+                                   sparse=(classifier, (1.0, 0.0)))
+    batch = data.scenes("train", 3, 0)
+    with torch.no_grad():
+        expected = bavit.Drop(1.0).kept_batch(classifier.background_probability(data.pixels(batch))).shape[1]
+    assert counts == [expected, 144] and summary["sparse_drops"] == [1.0, 0.0]
+    trained = model.load(tmp_path).state_dict()
+    assert any(not torch.equal(trained[k], v) for k, v in detector.state_dict().items())
+    assert main(["train-tiny-detector", "--out", str(tmp_path / "x"), "--sparse-classifier", "bavit"]) == 2

@@ -101,11 +101,24 @@ class Drop:
         if not 0.0 <= self.drop <= 1.0:
             raise ValueError(f"drop must be in [0, 1] (the share of background patches dropped), got {self.drop}")
 
+    def order(self, background: torch.Tensor) -> torch.Tensor:
+        """``(P,)`` patch indices of one image from the last to leave to the first: the patches predicted
+        foreground (they never leave), then the background ones from least to most background (of
+        equal probabilities, the lower index leaves first)."""
+        key = torch.where(background > 0.5, background, torch.full_like(background, -1.0))
+        return torch.argsort(key, descending=True, stable=True).flip(0)
+
+    def count(self, background: torch.Tensor) -> int:
+        """How many patches one image keeps, from its ``(P,)`` background probabilities."""
+        n_drop = int(self.drop * int((background > 0.5).sum()))
+        return background.numel() - min(n_drop, background.numel() - 1)
+
     def kept(self, background: torch.Tensor) -> torch.Tensor:
         """``(K,)`` ascending patch indices kept, from one image's ``(P,)`` background probabilities."""
-        is_background = background > 0.5
-        n_drop = int(self.drop * int(is_background.sum()))
-        n_drop = min(n_drop, background.numel() - 1)
-        order = torch.argsort(torch.where(is_background, background, torch.full_like(background, -1.0)), descending=True,
-                              stable=True)
-        return order[n_drop:].sort().values
+        return self.order(background)[: self.count(background)].sort().values
+
+    def kept_batch(self, background: torch.Tensor) -> torch.Tensor:
+        """``(B, K)`` ascending patch indices for a batch ``(B, P)`` that must keep one count: ``K`` is the
+        largest count an image keeps, and the others also keep their next patches in :meth:`order`."""
+        k = max(self.count(row) for row in background)
+        return torch.stack([self.order(row)[:k].sort().values for row in background])

@@ -4,7 +4,15 @@ cross-entropy with "no object" weighted ``eos_coefficient``, L1 x5 and generalis
 
 Schedule (step-based, so a run is reproducible from its flags): AdamW (weight decay 1e-4), linear
 warm-up then cosine decay, gradients clipped at norm 0.1 (DETR's); step ``s`` trains on train scenes
-``seed * 10**7 + s * batch .. + batch - 1``. A partial checkpoint (weights, AdamW moments, step,
+``seed * 10**7 + s * batch .. + batch - 1``. 
+Sparse fine-tuning (BAViT's optional second step; ``--init-from`` a trained detector and
+``--sparse-classifier``): the detector trains on what BAViT leaves, step ``s`` at drop level
+``drops[s % len(drops)]``, the classifier frozen. A batch must keep one count, so each image keeps its
+own patches plus its next least-background ones up to the batch's largest count
+(:meth:`.bavit.Drop.kept_batch`); evaluation runs each image alone on exactly its own. The paper
+does not say how it fine-tunes: this schedule is tokensieve's choice.
+
+A partial checkpoint (weights, AdamW moments, step,
 history, RNG) is written every ``save_every`` steps to ``<out>/partial.safetensors``; ``--resume``
 continues from it. The output folder gets the model (``save_pretrained``: ``config.json``,
 ``model.safetensors``) and ``training_summary.json`` (flags, loss history, time, held-out mAP).
@@ -23,7 +31,7 @@ from transformers import YolosForObjectDetection
 
 from ..learned.loop import learning_rate
 from ..learned.partial import load_partial, save_partial
-from . import data, model
+from . import bavit, data, model, prune
 
 ITEMS_PER_SEED = 10**7
 
@@ -39,6 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--detection-tokens", type=int, default=8)
+    p.add_argument("--init-from", type=Path, help="start from this trained detector's weights (a folder) instead of scratch")
+    p.add_argument("--sparse-classifier", help="fine-tune on the patches this BAViT classifier keeps ('bavit': the shipped one)")
+    p.add_argument("--sparse-drops", default="0,0.25,0.5,0.75,1", help="drop levels cycled over the steps of sparse fine-tuning")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--resume", action="store_true", help="continue from <out>/partial.safetensors")
@@ -62,10 +73,20 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--lr must be positive, got {args.lr}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    drops = _drops(args.sparse_drops)
+    if args.sparse_classifier and not args.init_from:
+        raise ValueError("--sparse-classifier fine-tunes a trained detector: give it with --init-from")
     command = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "handler"}
-    config = model.config(args.hidden, args.layers, args.heads, args.detection_tokens)
+    if args.init_from:
+        start = model.load(args.init_from)
+        config = start.config
+        initial = start.state_dict()
+    else:
+        config, initial = model.config(args.hidden, args.layers, args.heads, args.detection_tokens), None
+    classifier = bavit.BAViT.load(args.sparse_classifier) if args.sparse_classifier else None
     summary = train(config, args.out, args.steps, args.batch_size, args.lr, args.warmup, args.seed,
-                    args.save_every, args.resume, args.eval_items, command)
+                    args.save_every, args.resume, args.eval_items, command, initial=initial,
+                    sparse=(classifier, drops) if classifier else None)
     print(f"trained {summary['parameters']} parameters in {summary['train_seconds']} s; written to {args.out}")
     if args.eval_items:
         print(f"held-out mAP {summary['heldout']['map']:.3f} (mAP@0.5 {summary['heldout']['map_50']:.3f}) "
@@ -73,10 +94,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drops(text: str) -> tuple[float, ...]:
+    try:
+        drops = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--sparse-drops: expected comma-separated numbers, got {text!r}") from None
+    for drop in drops:
+        bavit.Drop(drop)
+    return drops
+
+
 def train(config, out: Path, steps: int, batch_size: int = 16, lr: float = 3e-4, warmup: int = 500, seed: int = 0,
           save_every: int = 200, resume: bool = False, eval_items: int = 500, command: dict | None = None,
-          progress: bool = True) -> dict:
-    """Train a detector of shape ``config`` and save it to ``out``; the training summary.
+          progress: bool = True, initial: dict[str, torch.Tensor] | None = None,
+          sparse: tuple[bavit.BAViT, tuple[float, ...]] | None = None) -> dict:
+    """Train a detector of shape ``config`` (from ``initial`` weights if given, else from scratch) and
+    save it to ``out``; the training summary. ``sparse``: a classifier and the drop levels to
+    fine-tune on what it keeps.
 
     Raises:
         ValueError: ``resume`` without a partial checkpoint in ``out``.
@@ -84,7 +118,10 @@ def train(config, out: Path, steps: int, batch_size: int = 16, lr: float = 3e-4,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    detector = model.initialise(YolosForObjectDetection(config)).train()
+    detector = model.initialise(YolosForObjectDetection(config))
+    if initial is not None:
+        detector.load_state_dict(initial)
+    detector.train()
     optimizer = torch.optim.AdamW(detector.parameters(), lr=lr, weight_decay=1e-4)
     partial = out / "partial.safetensors"
     step, history, seconds = 0, [], 0.0
@@ -99,7 +136,15 @@ def train(config, out: Path, steps: int, batch_size: int = 16, lr: float = 3e-4,
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(lr, step, steps, warmup)
         batch = data.scenes("train", batch_size, seed * ITEMS_PER_SEED + step * batch_size)
-        output = detector(data.pixels(batch), labels=data.targets(batch))
+        pixels = data.pixels(batch)
+        if sparse is None:
+            output = detector(pixels, labels=data.targets(batch))
+        else:
+            classifier, drops = sparse
+            with torch.no_grad():
+                kept = bavit.Drop(drops[step % len(drops)]).kept_batch(classifier.background_probability(pixels))
+            with prune.keep_patches(detector, kept):
+                output = detector(pixels, labels=data.targets(batch))
         optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
         torch.nn.utils.clip_grad_norm_(detector.parameters(), 0.1)
@@ -116,7 +161,8 @@ def train(config, out: Path, steps: int, batch_size: int = 16, lr: float = 3e-4,
                 "rng": json.dumps(torch.random.get_rng_state().tolist())})
     bar.close()
     detector.eval()
-    summary = {"command": command or {}, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
+    summary = {"command": command or {}, "init_from": (command or {}).get("init_from"),
+               "sparse_drops": list(sparse[1]) if sparse else None, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
                "seed": seed, "train_seconds": round(time.time() - start, 1),
                "parameters": sum(p.numel() for p in detector.parameters()), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "history": history}
