@@ -41,9 +41,10 @@ def test_foreground_is_exactly_the_object_pixels() -> None:
         for rgb in COLOURS.values():
             coloured |= (pixels == rgb).all(-1)
         inside = np.zeros_like(coloured)
-        for (x0, y0, x1, y1), label in zip(s.boxes.astype(int), s.labels):
+        assert (s.labels == 0).all() and len(s.kinds) == len(s.labels)
+        for (x0, y0, x1, y1), kind in zip(s.boxes.astype(int), s.kinds):
             inside[y0:y1, x0:x1] = True
-            shape_pixels = (pixels[y0:y1, x0:x1] == COLOURS[data.CLASSES[label].split()[0]]).all(-1)
+            shape_pixels = (pixels[y0:y1, x0:x1] == COLOURS[kind.split()[0]]).all(-1)
             assert np.array_equal(s.foreground[y0:y1, x0:x1], shape_pixels)
         assert not (s.foreground & ~inside).any()  # glyph pixels outside the boxes are background
         clutter += int((coloured & ~inside).any())
