@@ -350,3 +350,10 @@ def test_sparse_fine_tuning_trains_on_what_bavit_keeps(detector, classifier, tmp
     trained = model.load(tmp_path).state_dict()
     assert any(not torch.equal(trained[k], v) for k, v in detector.state_dict().items())
     assert main(["train-tiny-detector", "--out", str(tmp_path / "x"), "--sparse-classifier", "bavit"]) == 2
+
+
+def test_throughput_reports_both_pipelines(detector, classifier) -> None:
+    both = evaluate.throughput(detector, classifier, 1.0, images=3, repeats=1)
+    assert set(both) == {"detector_images_per_s", "bavit_detector_images_per_s", "speedup"}
+    assert both["speedup"] == pytest.approx(both["bavit_detector_images_per_s"] / both["detector_images_per_s"], rel=0.01)
+    assert set(evaluate.throughput(detector, None, 1.0, images=3, repeats=1)) == {"detector_images_per_s"}

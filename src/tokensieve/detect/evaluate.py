@@ -193,29 +193,27 @@ def classifier_flops(classifier: bavit.BAViT, patches: int) -> int:
 @torch.no_grad()
 def throughput(detector: YolosForObjectDetection, classifier: bavit.BAViT | None, drop: float, images: int = 200,
                repeats: int = 3) -> dict[str, float]:
-    """Images per second at batch 1 on test scenes ``0 .. images - 1``: the detector on every patch, and
-    BAViT + the detector on what it keeps (the classifier's time included); best of ``repeats`` passes."""
-    scenes = data.scenes("test", images)
-    pixels = [data.pixels([s]) for s in scenes]
-    plans = [bavit.Drop(drop).kept(classifier.background_probability(x)[0]) for x in pixels] if classifier else None
+    """Images per second at batch 1 on test scenes ``0 .. images - 1``: the detector on every patch and,
+    given a classifier, BAViT + the detector on what it keeps (the classifier's time included); the
+    best of ``repeats`` passes after one warm-up pass each."""
+    pixels = [data.pixels([s]) for s in data.scenes("test", images)]
+    rule = bavit.Drop(drop)
 
     def full() -> None:
         for x in pixels:
             detector(x)
 
     def pruned() -> None:
-        assert classifier is not None
         for x in pixels:
-            kept = bavit.Drop(drop).kept(classifier.background_probability(x)[0])
-            with prune.keep_patches(detector, kept[None]):
+            with prune.keep_patches(detector, rule.kept(classifier.background_probability(x)[0])[None]):
                 detector(x)
 
+    runs = {"detector": full} | ({"bavit_detector": pruned} if classifier is not None else {})
     timings = {}
-    for name, fn in (("detector", full), ("bavit_detector", pruned)) if plans else (("detector", full),):
-        fn()  # warm-up
-        best = min(_seconds(fn) for _ in range(repeats))
-        timings[f"{name}_images_per_s"] = round(images / best, 1)
-    if plans:
+    for name, fn in runs.items():
+        fn()
+        timings[f"{name}_images_per_s"] = round(images / min(_seconds(fn) for _ in range(repeats)), 1)
+    if classifier is not None:
         timings["speedup"] = round(timings["bavit_detector_images_per_s"] / timings["detector_images_per_s"], 3)
     return timings
 
