@@ -11,7 +11,7 @@ from tiny_models import IMAGE, batch, build, collate, layer_input, samples
 import tokensieve
 from tokensieve.flops import Shape, prefill_flops
 
-VISION = ["llava", "llava-next", "qwen2-vl", "qwen2.5-vl"]
+VISION = ["llava", "llava-next", "llava-next-video", "qwen2-vl", "qwen2.5-vl"]
 TEXT = ["llama", "qwen2"]
 _MODELS: dict[tuple[str, str], torch.nn.Module] = {}
 

@@ -14,7 +14,7 @@ from tiny_models import PAD, TEXT, batch, build, collate, samples
 import tokensieve
 from tokensieve import compat, methods
 
-VISION = ["llava", "llava-next", "qwen2-vl", "qwen2.5-vl"]
+VISION = ["llava", "llava-next", "llava-next-video", "qwen2-vl", "qwen2.5-vl"]
 _MODELS: dict[str, torch.nn.Module] = {}
 
 def _decision_modules() -> str:
@@ -71,7 +71,8 @@ KEEP_ALL = {
 # at prune() (FasterVLM reads LLaVA-NeXT's crops).
 UNSUPPORTED = {
     ("llava-next", m) for m in ("pool", "visionzip", "tome", "vflowopt")
-} | {(f, m) for f in ("qwen2-vl", "qwen2.5-vl") for m in ("fastervlm", "visionzip", "tome", "vflowopt")}
+} | {(f, m) for f in ("qwen2-vl", "qwen2.5-vl") for m in ("fastervlm", "visionzip", "tome", "vflowopt")} \
+  | {("llava-next-video", m) for m in ("fastervlm", "visionzip", "tome", "vflowopt")}
 
 
 def model_of(family: str) -> torch.nn.Module:

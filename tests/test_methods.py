@@ -248,7 +248,7 @@ def test_aim_schedule_reaches_zero_visual_tokens():
     assert ids.shape[1] == inputs["input_ids"].shape[1] + 2
 
 
-ALL_FAMILIES = ["llava", "llava-next", "qwen2-vl", "qwen2.5-vl"]
+ALL_FAMILIES = ["llava", "llava-next", "llava-next-video", "qwen2-vl", "qwen2.5-vl"]
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)

@@ -11,6 +11,8 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen2VLConfig,
@@ -26,6 +28,7 @@ VOCAB = 64
 IMAGE = 60
 VIDEO = 61
 PAD = 0
+VIDEO_FRAMES = 3
 TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD)
 
@@ -47,6 +50,11 @@ def build(family: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
                               image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]],
                               vision_feature_layer=-2, vision_feature_select_strategy="default")
         model = LlavaNextForConditionalGeneration(cfg)
+    elif family == "llava-next-video":
+        cfg = LlavaNextVideoConfig(vision_config=_vision(), text_config=LlamaConfig(**TEXT), image_token_index=IMAGE,
+                                   video_token_index=VIDEO, image_grid_pinpoints=[[32, 32]], spatial_pool_stride=2,
+                                   vision_feature_layer=-2, vision_feature_select_strategy="default")
+        model = LlavaNextVideoForConditionalGeneration(cfg)
     elif family in ("qwen2-vl", "qwen2.5-vl"):
         text = dict(TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
         vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=4, patch_size=4, spatial_merge_size=2,
@@ -92,7 +100,8 @@ def samples(family: str, model: torch.nn.Module, sizes: list[int], seed: int = 0
     """Per-sample parts: ``ids`` (list), ``pixels`` (list of tensors) and per-image ``meta``.
 
     Sample i has ``sizes[i]`` images (0 = text only) and its own text lengths. LLaVA-NeXT images get
-    different sizes (different anyres token counts); Qwen2-VL images get different grids.
+    different sizes (different anyres token counts); Qwen2-VL images get different grids; LLaVA-NeXT-Video
+    gets ``sizes[i]`` videos of ``VIDEO_FRAMES`` frames (2x2 pooled tokens each).
     """
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -107,6 +116,9 @@ def samples(family: str, model: torch.nn.Module, sizes: list[int], seed: int = 0
                 ids += [IMAGE] * _next_tokens(model, h, w) + _text(gen, 1)
                 pixels.append(_next_pixels(model, h, w, gen))
                 meta.append([h, w])
+            elif family == "llava-next-video":
+                ids += [VIDEO] * (VIDEO_FRAMES * 4) + _text(gen, 1)
+                pixels.append(torch.randn(VIDEO_FRAMES, 3, 32, 32, generator=gen))
             elif family in ("qwen2-vl", "qwen2.5-vl"):
                 t, h, w = [(1, 4, 4), (1, 4, 8), (1, 8, 4)][(i + j) % 3]
                 ids += [62] + [IMAGE] * (t * h * w // 4) + [63]
@@ -125,6 +137,8 @@ def collate(family: str, parts: list[dict]) -> dict[str, torch.Tensor]:
     meta = [m for p in parts for m in p["meta"]]
     if pixels and family == "llava":
         out["pixel_values"] = torch.stack(pixels)
+    elif pixels and family == "llava-next-video":
+        out["pixel_values_videos"] = torch.stack(pixels)
     elif pixels and family == "llava-next":
         width = max(x.shape[0] for x in pixels)
         out["pixel_values"] = torch.stack([torch.cat([x, x.new_zeros(width - x.shape[0], *x.shape[1:])]) for x in pixels])

@@ -7,9 +7,10 @@ from torch import nn
 from .base import Adapter, Layout
 from .causal_lm import CausalLMAdapter
 from .llava import LlavaAdapter, LlavaNextAdapter
+from .llava_next_video import LlavaNextVideoAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, CausalLMAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, Qwen2VLAdapter, CausalLMAdapter)
 
 
 def adapter_for(model: nn.Module) -> Adapter:
