@@ -12,16 +12,12 @@ and ``record.json`` (flags, loss history, time, held-out token accuracy).
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from ..learned.loop import learning_rate
-from ..learned.partial import load_partial, save_partial
+from ..learned.fit import fit
 from . import bavit, data
 
 ITEMS_PER_SEED = 10**7
@@ -82,42 +78,25 @@ def train(vit_config, out: Path, steps: int, batch_size: int = 32, lr: float = 1
     torch.manual_seed(seed)
     model = bavit.BAViT(vit_config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    partial = out / "partial.safetensors"
-    step, history, seconds = 0, [], 0.0
-    if resume:
-        step, meta = load_partial(partial, model, optimizer)
-        history, seconds = json.loads(meta["history"]), float(meta["seconds"])
-    start = time.time() - seconds
-    bar = tqdm(total=steps, initial=step, desc="train-bavit", disable=not progress)
-    window: list[float] = []
-    while step < steps:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(lr, step, steps, warmup)
+
+    def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch = data.scenes("train", batch_size, seed * ITEMS_PER_SEED + step * batch_size)
         labels = data.patch_labels(batch, vit_config.patch_size, bavit.FOREGROUND_SHARE).long()
         loss = F.cross_entropy(model(data.pixels(batch)).flatten(0, 1), labels.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        window.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{window[-1]:.4f}")
-        bar.update()
-        if step % save_every == 0 or step == steps:
-            history.append({"step": step, "loss": round(sum(window) / len(window), 5)})
-            window = []
-            save_partial(partial, model, optimizer, step, {"history": json.dumps(history), "seconds": str(time.time() - start)})
-    bar.close()
+        return loss, {"loss": float(loss.detach())}
+
+    history, seconds = fit(model, optimizer, step_loss, out, steps=steps, lr=lr, warmup=warmup, save_every=save_every,
+                           resume=resume, clip=None, desc="train-bavit", progress=progress)
     model.eval()
     record = {"command": command or {}, "layers": vit_config.num_hidden_layers, "steps": steps, "batch_size": batch_size,
               "lr": lr, "warmup": warmup, "seed": seed, "foreground_share": bavit.FOREGROUND_SHARE,
-              "train_seconds": round(time.time() - start, 1), "parameters": sum(p.numel() for p in model.parameters()),
+              "train_seconds": seconds, "parameters": sum(p.numel() for p in model.parameters()),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "history": history}
     if eval_items:
         record["heldout"] = token_accuracy(model, eval_items)
         record["heldout_items"] = eval_items
     model.save(out, record)
-    partial.unlink(missing_ok=True)
+    (out / "partial.safetensors").unlink(missing_ok=True)
     return record
 
 

@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import YolosForObjectDetection
 
-from ..learned.loop import learning_rate
-from ..learned.partial import load_partial, save_partial
+from ..learned.fit import fit
 from . import bavit, data, model, prune
 
 ITEMS_PER_SEED = 10**7
@@ -123,18 +120,8 @@ def train(config, out: Path, steps: int, batch_size: int = 16, lr: float = 3e-4,
         detector.load_state_dict(initial)
     detector.train()
     optimizer = torch.optim.AdamW(detector.parameters(), lr=lr, weight_decay=1e-4)
-    partial = out / "partial.safetensors"
-    step, history, seconds = 0, [], 0.0
-    if resume:
-        step, meta = load_partial(partial, detector, optimizer)
-        history, seconds = json.loads(meta["history"]), float(meta["seconds"])
-        torch.random.set_rng_state(torch.tensor(json.loads(meta["rng"]), dtype=torch.uint8))
-    start = time.time() - seconds
-    bar = tqdm(total=steps, initial=step, desc="train-tiny-detector", disable=not progress)
-    window: list[dict[str, float]] = []
-    while step < steps:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(lr, step, steps, warmup)
+
+    def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch = data.scenes("train", batch_size, seed * ITEMS_PER_SEED + step * batch_size)
         pixels = data.pixels(batch)
         if sparse is None:
@@ -145,25 +132,14 @@ def train(config, out: Path, steps: int, batch_size: int = 16, lr: float = 3e-4,
                 kept = bavit.Drop(drops[step % len(drops)]).kept_batch(classifier.background_probability(pixels))
             with prune.keep_patches(detector, kept):
                 output = detector(pixels, labels=data.targets(batch))
-        optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
-        torch.nn.utils.clip_grad_norm_(detector.parameters(), 0.1)
-        optimizer.step()
-        step += 1
-        window.append({"loss": float(output.loss.detach())} | {k: float(v.detach()) for k, v in output.loss_dict.items()})
-        bar.set_postfix(loss=f"{window[-1]['loss']:.3f}", ce=f"{window[-1]['loss_ce']:.3f}")
-        bar.update()
-        if step % save_every == 0 or step == steps:
-            history.append({"step": step} | {k: round(sum(w[k] for w in window) / len(window), 4) for k in window[0]})
-            window = []
-            save_partial(partial, detector, optimizer, step, {
-                "history": json.dumps(history), "seconds": str(time.time() - start),
-                "rng": json.dumps(torch.random.get_rng_state().tolist())})
-    bar.close()
+        return output.loss, {"loss": float(output.loss.detach())} | {k: float(v.detach()) for k, v in output.loss_dict.items()}
+
+    history, seconds = fit(detector, optimizer, step_loss, out, steps=steps, lr=lr, warmup=warmup, save_every=save_every,
+                           resume=resume, clip=0.1, desc="train-tiny-detector", progress=progress)
     detector.eval()
     summary = {"command": command or {}, "init_from": (command or {}).get("init_from"),
                "sparse_drops": list(sparse[1]) if sparse else None, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
-               "seed": seed, "train_seconds": round(time.time() - start, 1),
+               "seed": seed, "train_seconds": seconds,
                "parameters": sum(p.numel() for p in detector.parameters()), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "history": history}
     if eval_items:
@@ -173,5 +149,5 @@ def train(config, out: Path, steps: int, batch_size: int = 16, lr: float = 3e-4,
         summary["heldout_items"] = eval_items
     detector.save_pretrained(out, safe_serialization=True)
     (out / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    partial.unlink(missing_ok=True)
+    (out / "partial.safetensors").unlink(missing_ok=True)
     return summary

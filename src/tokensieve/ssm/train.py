@@ -15,16 +15,12 @@ uninterrupted run. The output folder gets ``model.safetensors``, ``config.json``
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from ..learned.loop import learning_rate
-from ..learned.partial import load_partial, save_partial
+from ..learned.fit import fit
 from . import data, hf_mamba
 from .model import TinyVim, VimConfig
 
@@ -103,53 +99,31 @@ def train(config: VimConfig, out: Path, steps: int = 600, batch_size: int = 32, 
               [p for n, p in model.named_parameters() if _no_decay(n)]]
     optimizer = torch.optim.AdamW([{"params": groups[0], "weight_decay": 0.05}, {"params": groups[1], "weight_decay": 0.0}],
                                   lr=lr, betas=(0.9, 0.999))
-    partial = out / "partial.safetensors"
-    step, history, seconds = 0, [], 0.0
-    if resume:
-        step, meta = load_partial(partial, model, optimizer)
-        history, seconds = json.loads(meta["history"]), float(meta["seconds"])
-        torch.random.set_rng_state(torch.tensor(json.loads(meta["rng"]), dtype=torch.uint8))
     mixers = [m for block in model.blocks for m in (block.forward_mixer, block.backward_mixer)]
     for mixer in mixers:
         hf_mamba.set_parallel_scan(mixer, True)
-    start = time.time() - seconds
-    bar = tqdm(total=steps, initial=step, desc="train-tiny-ssm", disable=not progress)
-    window: list[tuple[float, float]] = []
-    while step < steps:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(lr, step, steps, warmup)
+
+    def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         images, labels = data.batch("train", batch_size, seed * ITEMS_PER_SEED + step * batch_size)
         logits = model(images)
         loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        step += 1
-        window.append((float(loss.detach()), float((logits.argmax(1) == labels).float().mean())))
-        bar.set_postfix(loss=f"{window[-1][0]:.3f}", acc=f"{window[-1][1]:.2f}")
-        bar.update()
-        if step % save_every == 0 or step == steps:
-            history.append({"step": step, "loss": round(sum(w[0] for w in window) / len(window), 4),
-                            "train_accuracy": round(sum(w[1] for w in window) / len(window), 4)})
-            window = []
-            save_partial(partial, model, optimizer, step, {
-                "history": json.dumps(history), "seconds": str(time.time() - start),
-                "rng": json.dumps(torch.random.get_rng_state().tolist())})
-    bar.close()
+        return loss, {"loss": float(loss.detach()), "train_accuracy": float((logits.argmax(1) == labels).float().mean())}
+
+    history, seconds = fit(model, optimizer, step_loss, out, steps=steps, lr=lr, warmup=warmup, save_every=save_every,
+                           resume=resume, clip=1.0, desc="train-tiny-ssm", progress=progress)
     for mixer in mixers:
         hf_mamba.set_parallel_scan(mixer, False)
     model.eval()
     summary = {"command": command or {}, "task": data.TASK, "labels": list(data.LABELS), "steps": steps,
                "batch_size": batch_size, "lr": lr, "warmup": warmup, "seed": seed,
-               "train_seconds": round(time.time() - start, 1), "parameters": model.parameter_count(),
+               "train_seconds": seconds, "parameters": model.parameter_count(),
                "threads": torch.get_num_threads(), "torch": torch.__version__,
                "parallel_scan": hf_mamba.is_mambapy_available(), "history": history}
     if eval_items:
         summary["heldout_accuracy"] = accuracy(model, eval_items)
         summary["heldout_items"] = eval_items
     model.save(out, summary)
-    partial.unlink(missing_ok=True)
+    (out / "partial.safetensors").unlink(missing_ok=True)
     return model, summary
 
 

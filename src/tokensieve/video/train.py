@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import VideoMAEForVideoClassification
 
-from ..learned.loop import learning_rate
-from ..learned.partial import load_partial, save_partial
+from ..learned.fit import fit
 from ..tasks.video import generate_clips
 from . import data
 from .model import tiny_config
@@ -104,20 +101,10 @@ def train(out: Path, steps: int = 2000, batch_size: int = 32, lr: float = 1e-3, 
               [p for n, p in trained.named_parameters() if _no_decay(n)]]
     optimizer = torch.optim.AdamW([{"params": groups[0], "weight_decay": 0.05}, {"params": groups[1], "weight_decay": 0.0}],
                                   lr=lr, betas=(0.9, 0.999))
-    partial = out / "partial.safetensors"
-    step, history, seconds = 0, [], 0.0
-    if resume:
-        step, meta = load_partial(partial, trained, optimizer)
-        history, seconds = json.loads(meta["history"]), float(meta["seconds"])
-        torch.random.set_rng_state(torch.tensor(json.loads(meta["rng"]), dtype=torch.uint8))
     last: dict[str, torch.Tensor] = {}  # the last encoder layer's output (B, T * N, d), for the probe
     hook = model.videomae.encoder.layer[-1].register_forward_hook(lambda m, a, out: last.__setitem__("hidden", out))
-    start = time.time() - seconds
-    bar = tqdm(total=steps, initial=step, desc="train-tiny-videomae", disable=not progress)
-    window: list[tuple[float, float]] = []
-    while step < steps:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(lr, step, steps, warmup)
+
+    def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         clips = generate_clips(data.TASK, "train", batch_size, seed * ITEMS_PER_SEED + step * batch_size)
         labels = torch.tensor([data.label(c) for c in clips])
         logits = model(pixel_values=data.to_tensor(clips)).logits
@@ -126,34 +113,22 @@ def train(out: Path, steps: int = 2000, batch_size: int = 32, lr: float = 1e-3, 
             evidence = data.evidence_tokens(clips)
             tokens = probe(last.pop("hidden"))[evidence]
             loss = loss + grounding * F.cross_entropy(tokens, labels[:, None].expand_as(evidence)[evidence])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
-        optimizer.step()
-        step += 1
-        window.append((float(loss.detach()), float((logits.argmax(1) == labels).float().mean())))
-        bar.set_postfix(loss=f"{window[-1][0]:.3f}", acc=f"{window[-1][1]:.2f}")
-        bar.update()
-        if step % save_every == 0 or step == steps:
-            history.append({"step": step, "loss": round(sum(w[0] for w in window) / len(window), 4),
-                            "train_accuracy": round(sum(w[1] for w in window) / len(window), 4)})
-            window = []
-            save_partial(partial, trained, optimizer, step, {
-                "history": json.dumps(history), "seconds": str(time.time() - start),
-                "rng": json.dumps(torch.random.get_rng_state().tolist())})
-    bar.close()
+        return loss, {"loss": float(loss.detach()), "train_accuracy": float((logits.argmax(1) == labels).float().mean())}
+
+    history, seconds = fit(trained, optimizer, step_loss, out, steps=steps, lr=lr, warmup=warmup, save_every=save_every,
+                           resume=resume, clip=1.0, desc="train-tiny-videomae", progress=progress)
     hook.remove()
     model.eval()
     summary = {"command": command or {}, "task": data.TASK, "labels": list(data.LABELS), "steps": steps,
                "batch_size": batch_size, "lr": lr, "warmup": warmup, "seed": seed, "grounding": grounding,
-               "train_seconds": round(time.time() - start, 1), "parameters": sum(p.numel() for p in model.parameters()),
+               "train_seconds": seconds, "parameters": sum(p.numel() for p in model.parameters()),
                "threads": torch.get_num_threads(), "torch": torch.__version__, "history": history}
     if eval_items:
         summary["heldout_accuracy"] = accuracy(model, eval_items)
         summary["heldout_items"] = eval_items
     model.save_pretrained(out)
     (out / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    partial.unlink(missing_ok=True)
+    (out / "partial.safetensors").unlink(missing_ok=True)
     return model, summary
 
 
