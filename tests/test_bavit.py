@@ -357,3 +357,12 @@ def test_throughput_reports_both_pipelines(detector, classifier) -> None:
     assert set(both) == {"detector_images_per_s", "bavit_detector_images_per_s", "speedup"}
     assert both["speedup"] == pytest.approx(both["bavit_detector_images_per_s"] / both["detector_images_per_s"], rel=0.01)
     assert set(evaluate.throughput(detector, None, 1.0, images=3, repeats=1)) == {"detector_images_per_s"}
+
+
+def test_the_shipped_models_load_offline_and_work() -> None:
+    detector, classifier = model.load("tiny-detector"), bavit.BAViT.load("bavit")
+    assert detector.config.num_labels == len(data.CLASSES) and classifier.vit.config.num_hidden_layers == 2
+    assert evaluate.detection_map(detector, 60)["map"] > 0.6  # 0.745 on 500 scenes (training_summary.json)
+    assert train_bavit.token_accuracy(classifier, 60)["accuracy"] > 0.99
+    record = json.loads((bavit.CHECKPOINT / "record.json").read_text())
+    assert record["command"]["layers"] == 2 and record["heldout"]["accuracy"] >= 0.99
