@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..cli import training_flags
 from ..learned.fit import fit
 from . import bavit, data
 
@@ -33,28 +34,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/partial.safetensors")
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--eval-items", type=int, default=500, help="test scenes measured after training (0: none)")
+    training_flags.add(p, save_every=100, eval_items=500, eval_what="test scenes")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli.options import check_output_dir
-
-    check_output_dir(args.out, "--out")
-    for name in ("layers", "steps", "batch_size", "save_every", "warmup"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.eval_items < 0:
-        raise ValueError(f"--eval-items must be >= 0, got {args.eval_items}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    command = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "handler"}
+    command = training_flags.check(args, ("layers", "warmup"))
     record = train(bavit.config(args.layers, args.hidden, args.heads), args.out, args.steps, args.batch_size, args.lr,
                    args.warmup, args.seed, args.save_every, args.resume, args.eval_items, command)
     print(f"trained {record['parameters']} parameters in {record['train_seconds']} s; written to {args.out}")

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from transformers import YolosForObjectDetection
 
+from ..cli import training_flags
 from ..learned.fit import fit
 from . import bavit, data, model, prune
 
@@ -47,33 +48,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init-from", type=Path, help="start from this trained detector's weights (a folder) instead of scratch")
     p.add_argument("--sparse-classifier", help="fine-tune on the patches this BAViT classifier keeps ('bavit': the shipped one)")
     p.add_argument("--sparse-drops", default="0,0.25,0.5,0.75,1", help="drop levels cycled over the steps of sparse fine-tuning")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/partial.safetensors")
-    p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--eval-items", type=int, default=500, help="test scenes measured after training (0: none)")
+    training_flags.add(p, save_every=200, eval_items=500, eval_what="test scenes")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli.options import check_output_dir
-
-    check_output_dir(args.out, "--out")
-    for name in ("steps", "batch_size", "save_every", "warmup"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    command = training_flags.check(args, ("warmup",))
     if args.detection_tokens < data.MAX_OBJECTS:
         raise ValueError(f"--detection-tokens must be at least {data.MAX_OBJECTS} (objects per scene), got {args.detection_tokens}")
-    if args.eval_items < 0:
-        raise ValueError(f"--eval-items must be >= 0, got {args.eval_items}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     drops = _drops(args.sparse_drops)
     if args.sparse_classifier and not args.init_from:
         raise ValueError("--sparse-classifier fine-tunes a trained detector: give it with --init-from")
-    command = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "handler"}
     if args.init_from:
         start = model.load(args.init_from)
         config = start.config

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..cli import training_flags
 from ..learned.fit import fit
 from . import data, hf_mamba
 from .model import TinyVim, VimConfig
@@ -47,30 +48,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patch", type=int, default=VimConfig.patch)
     p.add_argument("--prune-after", type=_numbers, default=VimConfig.prune_after,
                    help="blocks (0-based) after which ToP prunes (recorded in the config)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/partial.safetensors")
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--eval-items", type=int, default=500, help="test items measured after training (0: none)")
+    training_flags.add(p, save_every=50, eval_items=500, eval_what="test items")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli.options import check_output_dir
-
-    check_output_dir(args.out, "--out")
-    for name in ("steps", "batch_size", "save_every"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.eval_items < 0:
-        raise ValueError(f"--eval-items must be >= 0, got {args.eval_items}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    command = training_flags.check(args)
     config = VimConfig(hidden=args.hidden, depth=args.depth, state=args.state, patch=args.patch,
                        prune_after=tuple(args.prune_after), labels=data.LABELS, classes=len(data.LABELS))
-    command = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "handler"}
     model, summary = train(config, args.out, args.steps, args.batch_size, args.lr, args.warmup, args.seed,
                            args.save_every, args.resume, eval_items=args.eval_items, command=command)
     print(f"trained {summary['parameters']} parameters in {summary['train_seconds']} s; written to {args.out}")

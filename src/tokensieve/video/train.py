@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import VideoMAEForVideoClassification
 
+from ..cli import training_flags
 from ..learned.fit import fit
 from ..tasks.video import generate_clips
 from . import data
@@ -45,30 +46,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--grounding", type=float, default=1.0,
                    help="weight of the training-only grounding probe's loss (0: none; the probe is discarded)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/partial.safetensors")
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--eval-items", type=int, default=1000, help="test clips measured after training (0: none)")
+    training_flags.add(p, save_every=50, eval_items=1000, eval_what="test clips")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli.options import check_output_dir
-
-    check_output_dir(args.out, "--out")
-    for name in ("steps", "batch_size", "save_every", "hidden", "depth", "heads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.eval_items < 0 or args.grounding < 0:
-        raise ValueError(f"--eval-items and --grounding must be >= 0, got {args.eval_items} and {args.grounding}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
+    command = training_flags.check(args, ("hidden", "depth", "heads"))
+    if args.grounding < 0:
+        raise ValueError(f"--grounding must be >= 0, got {args.grounding}")
     if args.hidden % args.heads:
         raise ValueError(f"--hidden {args.hidden} is not a multiple of --heads {args.heads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    command = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "handler"}
     _, summary = train(args.out, args.steps, args.batch_size, args.lr, args.warmup, args.seed, args.save_every,
                        args.resume, eval_items=args.eval_items, hidden=args.hidden, depth=args.depth,
                        heads=args.heads, grounding=args.grounding, command=command)

@@ -1,0 +1,42 @@
+"""The flags every command that trains a model whole shares (``train-tiny-ssm``, ``train-tiny-videomae``,
+``train-tiny-detector``, ``train-bavit``): seed, threads, resume, checkpoint interval, held-out items,
+and their checks."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .options import check_output_dir
+
+
+def add(parser: argparse.ArgumentParser, *, save_every: int, eval_items: int, eval_what: str) -> None:
+    """``--seed --threads --resume --save-every --eval-items`` (``eval_what``: what the held-out items are)."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/partial.safetensors")
+    parser.add_argument("--save-every", type=int, default=save_every)
+    parser.add_argument("--eval-items", type=int, default=eval_items, help=f"{eval_what} measured after training (0: none)")
+
+
+def check(args: argparse.Namespace, positive: tuple[str, ...] = ()) -> dict:
+    """Check ``--out``, that ``--steps --batch-size --save-every`` and the flags ``positive`` are at least 1,
+    ``--eval-items`` at least 0 and ``--lr`` positive; set torch's threads. Returns the command's flags,
+    for the training record.
+
+    Raises:
+        ValueError: the first flag that fails.
+    """
+    import torch
+
+    check_output_dir(args.out, "--out")
+    for name in ("steps", "batch_size", "save_every", *positive):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.eval_items < 0:
+        raise ValueError(f"--eval-items must be >= 0, got {args.eval_items}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "handler"}
