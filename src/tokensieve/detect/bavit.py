@@ -9,7 +9,8 @@ US 2026/0087793 A1. No code is public. What the sources state:
 - trained on labels from segmentation maps and/or boxes with a cross-entropy accumulated over all
   tokens (the mean over images and tokens);
 - at inference the background tokens are dropped, "completely or partially", and the rest go to the
-  detector (YOLOS), which is not retrained (its optional "sparse fine-tuning" is not done here).
+  detector (YOLOS), which is not retrained; an optional "sparse fine-tuning" of the detector
+  recovers part of the loss (here ``train-tiny-detector --sparse-classifier``, :mod:`.train_detector`).
 
 Choices the sources leave open, made here:
 

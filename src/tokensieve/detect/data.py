@@ -108,8 +108,8 @@ def targets(batch: list[Scene]) -> list[dict[str, torch.Tensor]]:
 
 
 def patch_labels(batch: list[Scene], patch: int, min_share: float = 0.0) -> torch.Tensor:
-    """``(B, (96 / patch) ** 2)`` bool, row-major: a patch is foreground when more than ``min_share`` of
-    its pixels are object pixels (the default 0: any object pixel makes it foreground).
+    """``(B, (96 / patch) ** 2)`` bool, row-major: a patch is foreground when it holds an object pixel and
+    at least ``min_share`` of its pixels are object pixels (the default 0: any object pixel will do).
 
     Raises:
         ValueError: a patch size that does not divide the image, or ``min_share`` outside [0, 1).
@@ -121,4 +121,4 @@ def patch_labels(batch: list[Scene], patch: int, min_share: float = 0.0) -> torc
     side = IMAGE_SIZE // patch
     masks = torch.from_numpy(np.stack([s.foreground for s in batch])).float()
     share = masks.view(len(batch), side, patch, side, patch).mean(dim=(2, 4))
-    return (share > min_share).flatten(1)
+    return ((share > 0) & (share >= min_share)).flatten(1)
