@@ -72,6 +72,17 @@ def test_patch_labels_against_a_loop() -> None:
                 assert bool(labels[b, p]) == bool(expected), (b, p, share)
 
 
+def test_half_a_patch_is_foreground_at_the_papers_share() -> None:
+    mask = np.zeros((96, 96), dtype=bool)
+    mask[0:4, 0:8] = True  # patch 0: exactly half its pixels
+    mask[8, 8] = True  # patch 13: one pixel
+    s = data.Scene(data.scene("test", 0).image, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), mask)
+    assert data.patch_labels([s], 8, 0.5)[0].nonzero().squeeze(1).tolist() == [0]
+    assert data.patch_labels([s], 8)[0].nonzero().squeeze(1).tolist() == [0, 13]
+    with pytest.raises(ValueError, match="divide"):
+        data.patch_labels([s], 7)
+
+
 def test_targets_are_relative_centre_boxes() -> None:
     s = data.scene("test", 0)
     t = data.targets([s])[0]
