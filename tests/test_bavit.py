@@ -283,6 +283,15 @@ def test_detector_training_saves_a_loadable_model(tmp_path) -> None:
     assert json.loads((tmp_path / "training_summary.json").read_text())["steps"] == 3
 
 
+def test_a_missing_extra_is_a_one_line_error(capsys, monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pycocotools" else real(name, *a))
+    assert main(["eval-detect", "--items", "2"]) == 2
+    assert "pip install 'tokensieve[detect]'" in capsys.readouterr().err
+
+
 def test_command_line_errors(capsys) -> None:
     assert main(["eval-detect", "--drop", "1.5"]) == 2
     assert "drop must be in [0, 1]" in capsys.readouterr().err

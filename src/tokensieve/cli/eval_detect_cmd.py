@@ -34,7 +34,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..detect import bavit, evaluate, model
+    from .training_flags import require
 
+    require("pycocotools", "detect", "COCO mAP")
     if args.output:
         check_output_file(args.output, "--output")
     if args.items < 1:

@@ -19,6 +19,18 @@ def add(parser: argparse.ArgumentParser, *, save_every: int, eval_items: int, ev
     parser.add_argument("--eval-items", type=int, default=eval_items, help=f"{eval_what} measured after training (0: none)")
 
 
+def require(module: str, extra: str, why: str) -> None:
+    """Raise ValueError (a one-line command-line error) unless ``module`` can be imported.
+
+    Raises:
+        ValueError: ``module`` is not installed; the message names the extra that brings it.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"{why} needs {module}: pip install 'tokensieve[{extra}]' (or pip install -e '.[{extra}]')")
+
+
 def check(args: argparse.Namespace, positive: tuple[str, ...] = ()) -> dict:
     """Check ``--out``, that ``--steps --batch-size --save-every`` and the flags ``positive`` are at least 1,
     ``--eval-items`` at least 0 and ``--lr`` positive; set torch's threads. Returns the command's flags,

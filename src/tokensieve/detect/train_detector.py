@@ -54,6 +54,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     command = training_flags.check(args, ("warmup",))
+    training_flags.require("scipy", "detect", "transformers' Hungarian loss")
+    if args.eval_items:
+        training_flags.require("pycocotools", "detect", "the held-out mAP")
     if args.detection_tokens < data.MAX_OBJECTS:
         raise ValueError(f"--detection-tokens must be at least {data.MAX_OBJECTS} (objects per scene), got {args.detection_tokens}")
     drops = _drops(args.sparse_drops)
