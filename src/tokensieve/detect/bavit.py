@@ -54,11 +54,11 @@ def config(layers: int = 2, hidden: int = 64, heads: int = 2, patch: int = 8) ->
 class BAViT(nn.Module):
     """Patch-token foreground/background classifier: ``ViTModel`` without its [CLS] token, then a
     linear layer. ``forward(pixels (B, 3, 96, 96)) -> logits (B, P, 2)``, class 1 = foreground, patches
-    row-major."""
+    row-major. ``vit``: a ready ViT (a loaded one), else a new one of ``vit_config``."""
 
-    def __init__(self, vit_config: ViTConfig) -> None:
+    def __init__(self, vit_config: ViTConfig, vit: ViTModel | None = None) -> None:
         super().__init__()
-        self.vit = ViTModel(vit_config, add_pooling_layer=False)
+        self.vit = vit if vit is not None else ViTModel(vit_config, add_pooling_layer=False)
         self.vit.embeddings.register_forward_hook(lambda module, args, out: out[:, 1:])
         self.head = nn.Linear(vit_config.hidden_size, 2)
 
@@ -70,10 +70,12 @@ class BAViT(nn.Module):
         return self(pixels).softmax(-1)[..., 0]
 
     def save(self, folder: Path, record: dict) -> None:
-        """``bavit.safetensors`` (weights), ``config.json`` (the ViT config) and ``record.json``."""
+        """The ViT as ``save_pretrained`` writes it (``config.json``, ``model.safetensors``: transformers'
+        own names, which every supported release loads), the head as ``head.safetensors``, and
+        ``record.json``."""
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / "bavit.safetensors"))
-        (folder / "config.json").write_text(self.vit.config.to_json_string())
+        self.vit.save_pretrained(folder, safe_serialization=True)
+        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(folder / "head.safetensors"))
         (folder / "record.json").write_text(json.dumps(record, indent=1) + "\n")
 
     @classmethod
@@ -81,14 +83,15 @@ class BAViT(nn.Module):
         """The shipped classifier (``"bavit"``) or one in a folder ``train-bavit`` wrote; eval mode.
 
         Raises:
-            FileNotFoundError: no ``config.json`` and ``bavit.safetensors`` there.
+            FileNotFoundError: no ``config.json``, ``model.safetensors`` and ``head.safetensors`` there.
         """
         folder = CHECKPOINT if str(source) == "bavit" else Path(source)
-        if not (folder / "config.json").is_file() or not (folder / "bavit.safetensors").is_file():
-            raise FileNotFoundError(f"no BAViT classifier in {folder}: expected config.json and bavit.safetensors "
-                                    "(train one with `tokensieve train-bavit --out DIR`)")
-        model = cls(ViTConfig.from_json_file(str(folder / "config.json")))
-        model.load_state_dict(load_file(str(folder / "bavit.safetensors")))
+        if not all((folder / name).is_file() for name in ("config.json", "model.safetensors", "head.safetensors")):
+            raise FileNotFoundError(f"no BAViT classifier in {folder}: expected config.json, model.safetensors and "
+                                    "head.safetensors (train one with `tokensieve train-bavit --out DIR`)")
+        vit = ViTModel.from_pretrained(folder, add_pooling_layer=False, use_safetensors=True)
+        model = cls(vit.config, vit)
+        model.head.load_state_dict(load_file(str(folder / "head.safetensors")))
         return model.eval()
 
 

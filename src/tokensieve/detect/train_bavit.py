@@ -5,7 +5,7 @@ Loss: the cross-entropy of every patch token's foreground/background label, aver
 and tokens of a batch (the paper's accumulated token cross-entropy; no class weights). Schedule
 (step-based, reproducible from the flags): AdamW (weight decay 0.05), linear warm-up then cosine decay;
 step ``s`` trains on train scenes ``seed * 10**7 + s * batch .. + batch - 1``. Resumable from
-``<out>/partial.safetensors`` (``--resume``). The folder gets ``bavit.safetensors``, ``config.json``
+``<out>/partial.safetensors`` (``--resume``). The folder gets the ViT (``config.json``, ``model.safetensors``), ``head.safetensors``
 and ``record.json`` (flags, loss history, time, held-out token accuracy).
 """
 
@@ -26,7 +26,7 @@ ITEMS_PER_SEED = 10**7
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-bavit", help="train the BAViT foreground/background token classifier on the CPU")
-    p.add_argument("--out", type=Path, required=True, help="folder for bavit.safetensors, config.json, record.json")
+    p.add_argument("--out", type=Path, required=True, help="folder for the ViT (config.json, model.safetensors), head.safetensors, record.json")
     p.add_argument("--layers", type=int, default=2, help="ViT layers (the paper: 2, or 10)")
     p.add_argument("--hidden", type=int, default=64, help="width (the detector's is 128)")
     p.add_argument("--heads", type=int, default=2)
