@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..tasks import SPLIT_SIZE, SPLITS
+from ..tasks import split_seed
 from ..tasks.glyphs import GLYPHS
 from ..tasks.scene import COLOURS, GRID, IMAGE_SIZE, SHAPES, Item, item_mask, render
 
@@ -61,11 +61,7 @@ def scene(split: str, i: int) -> Scene:
     Raises:
         ValueError: unknown split or index out of range.
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-    if not 0 <= i < SPLIT_SIZE:
-        raise ValueError(f"scene index {i} out of range [0, 2**40)")
-    rng = np.random.default_rng([SEED_KEY, SPLITS[split] + i])
+    rng = np.random.default_rng([SEED_KEY, split_seed(split, i, "scene")])
     n_objects = int(rng.integers(1, MAX_OBJECTS + 1))
     n_clutter = int(rng.integers(0, MAX_CLUTTER + 1))
     cells = [int(c) for c in rng.permutation(GRID * GRID)[: n_objects + n_clutter]]

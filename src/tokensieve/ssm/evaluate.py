@@ -4,14 +4,11 @@ per block, FLOPs pruned and unpruned and their ratio, and per item the predictio
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-import transformers
-
+from .. import held_out
 from . import data, prune
 from .model import CHECKPOINT, TinyVim
 
@@ -27,43 +24,17 @@ def evaluate(model: TinyVim, setting: prune.SsmPrune, items: int = 500, batch_si
     if items < 1 or batch_size < 1:
         raise ValueError(f"items and batch size must be at least 1, got {items} and {batch_size}")
     resolved = prune.plan(model.config, setting)
-    right = right_unpruned = agree = 0
-    rows = []
     start = time.time()
-    for first in range(0, items, batch_size):
-        n = min(batch_size, items - first)
-        key = (first, n)
-        if cache is not None and key in cache:
-            images, labels, unpruned = cache[key]
-        else:
-            images, labels = data.batch("test", n, first)
-            with torch.no_grad():
-                unpruned = model(images).argmax(1)
-            if cache is not None:
-                cache[key] = (images, labels, unpruned)
-        logits, kept = prune.run(model, images, setting, resolved, seeds=list(range(first, first + n)))
-        predicted = logits.argmax(1)
-        right += int((predicted == labels).sum())
-        right_unpruned += int((unpruned == labels).sum())
-        agree += int((predicted == unpruned).sum())
-        if per_item:
-            for i in range(n):
-                rows.append({"item": first + i, "label": data.LABELS[int(labels[i])],
-                             "prediction": data.LABELS[int(predicted[i])],
-                             "unpruned_prediction": data.LABELS[int(unpruned[i])],
-                             "kept_positions": [k[i].tolist() for k in kept]})
+    scores = held_out.tally(items, batch_size, lambda n, first: data.batch("test", n, first), lambda x: model(x).argmax(1),
+                            lambda x, seeds: prune.run(model, x, setting, resolved, seeds=seeds), data.LABELS, per_item, cache)
     config = model.config
     paper_flops = prune.flops(config, list(resolved.counts), aligned=False)
     report = {
         "settings": {"method": setting.method, "options": {k: v for k, v in asdict(setting).items() if k != "method"},
                      "score": setting.score_kind, "alignment": setting.alignment_kind, "task": f"{data.TASK} object count",
                      "prune_after_blocks": list(config.prune_after), "per_stage_ratio": resolved.ratio,
-                     "device": "cpu", "dtype": "float32", "torch": torch.__version__,
-                     "transformers": transformers.__version__, "python": platform.python_version()},
-        "samples": items,
-        "accuracy": right / items,
-        "baseline_accuracy": right_unpruned / items,
-        "agreement": agree / items,
+                     **held_out.environment()},
+        **scores.fields(),
         "tokens_kept": {"per_block": list(resolved.lengths), "after_stages": list(resolved.counts),
                         "of": config.patches, "mean_over_blocks": sum(resolved.lengths) / config.depth},
         "flops": resolved.flops,
@@ -73,7 +44,7 @@ def evaluate(model: TinyVim, setting: prune.SsmPrune, items: int = 500, batch_si
         "seconds": round(time.time() - start, 2),
     }
     if per_item:
-        report["items"] = rows
+        report["items"] = scores.rows
     return report
 
 

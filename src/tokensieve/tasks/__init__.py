@@ -25,15 +25,25 @@ SPLITS: dict[str, int] = {"train": 0, "test": 1 << 40}
 SPLIT_SIZE = 1 << 40
 
 
+def split_seed(split: str, i: int, what: str = "example") -> int:
+    """The second seed word of item ``i`` of ``split``: split base + i (every generator's, image, text,
+    video and detection alike; the first word tells the generators apart).
+
+    Raises:
+        ValueError: unknown split, or ``i`` outside ``[0, 2**40)`` (``what`` names the item in the message).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    if not 0 <= i < SPLIT_SIZE:
+        raise ValueError(f"{what} index {i} out of range [0, 2**40)")
+    return SPLITS[split] + i
+
+
 def example_seed(task: str, split: str, i: int) -> tuple[int, int]:
     """The RNG seed of example ``i`` of ``split`` of ``task``: (task index, split base + i)."""
     if task not in ALL_TASKS:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(ALL_TASKS)}")
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-    if not 0 <= i < SPLIT_SIZE:
-        raise ValueError(f"example index {i} out of range [0, 2**40)")
-    return ALL_TASKS.index(task), SPLITS[split] + i
+    return ALL_TASKS.index(task), split_seed(split, i)
 
 
 def generate(task: str, split: str, n: int, start: int = 0) -> list[Example] | list[TextExample]:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from . import split_seed
 from .generators import COLOUR_NAMES
 from .scene import (
     BACKGROUND,
@@ -53,8 +54,6 @@ CHANGE_CLASSES: tuple[str, ...] = ("moved left", "moved right", "moved up", "mov
 """Labels of the ``change`` task, in class-index order."""
 VIDEO_TASKS: tuple[str, ...] = ("change", "story")
 SEED_TAG = 1000
-SPLIT_SIZE = 1 << 40
-_SPLITS = {"train": 0, "test": 1 << 40}  # tokensieve.tasks.SPLITS (not imported: tasks/__init__ imports text)
 
 
 @dataclass(frozen=True)
@@ -251,11 +250,7 @@ def clip_seed(task: str, split: str, i: int) -> tuple[int, int]:
     """
     if task not in VIDEO_TASKS:
         raise ValueError(f"unknown video task {task!r}; valid tasks: {', '.join(VIDEO_TASKS)}")
-    if split not in _SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(_SPLITS)}")
-    if not 0 <= i < SPLIT_SIZE:
-        raise ValueError(f"clip index {i} out of range [0, 2**40)")
-    return SEED_TAG + VIDEO_TASKS.index(task), _SPLITS[split] + i
+    return SEED_TAG + VIDEO_TASKS.index(task), split_seed(split, i, "clip")
 
 
 def generate_clips(task: str, split: str, n: int, start: int = 0) -> list[Clip]:

@@ -4,15 +4,13 @@ pruned and unpruned and their ratio, and per item the prediction and the kept po
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-import transformers
 from transformers import VideoMAEForVideoClassification
 
+from .. import held_out
 from . import data, prune, sta
 from .model import CHECKPOINT, grid
 from .model import load as load_folder
@@ -29,31 +27,10 @@ def evaluate(model: VideoMAEForVideoClassification, setting: prune.VideoPrune, i
     if items < 1 or batch_size < 1:
         raise ValueError(f"items and batch size must be at least 1, got {items} and {batch_size}")
     resolved = prune.plan(model.config, setting)
-    right = right_unpruned = agree = 0
-    rows = []
     start = time.time()
-    for first in range(0, items, batch_size):
-        n = min(batch_size, items - first)
-        key = (first, n)
-        if cache is not None and key in cache:
-            clips, labels, unpruned = cache[key]
-        else:
-            clips, labels = data.batch("test", n, first)
-            with torch.no_grad():
-                unpruned = model(pixel_values=clips).logits.argmax(1)
-            if cache is not None:
-                cache[key] = (clips, labels, unpruned)
-        logits, kept = prune.run(model, clips, setting, resolved, seeds=list(range(first, first + n)))
-        predicted = logits.argmax(1)
-        right += int((predicted == labels).sum())
-        right_unpruned += int((unpruned == labels).sum())
-        agree += int((predicted == unpruned).sum())
-        if per_item:
-            for i in range(n):
-                rows.append({"item": first + i, "label": data.LABELS[int(labels[i])],
-                             "prediction": data.LABELS[int(predicted[i])],
-                             "unpruned_prediction": data.LABELS[int(unpruned[i])],
-                             "kept_positions": [k[i].tolist() for k in kept]})
+    scores = held_out.tally(items, batch_size, lambda n, first: data.batch("test", n, first),
+                            lambda x: model(pixel_values=x).logits.argmax(1),
+                            lambda x, seeds: prune.run(model, x, setting, resolved, seeds=seeds), data.LABELS, per_item, cache)
     config = model.config
     tubelets, per = grid(config)
     options = {k: v for k, v in asdict(setting).items() if k not in ("method", "keep", "flops")}
@@ -64,13 +41,8 @@ def evaluate(model: VideoMAEForVideoClassification, setting: prune.VideoPrune, i
                      "options": options, "r": resolved.r, "merges_per_block": list(resolved.merges),
                      "task": f"{data.TASK} clip class ({len(data.LABELS)} classes)",
                      "stage_blocks": list(sta.stage_blocks(config.num_hidden_layers)) if setting.method != "tome" else [],
-                     "tubelets": tubelets, "tokens_per_tubelet": per, "device": "cpu", "dtype": "float32",
-                     "torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
-        "samples": items,
-        "accuracy": right / items,
-        "baseline_accuracy": right_unpruned / items,
-        "agreement": agree / items,
+                     "tubelets": tubelets, "tokens_per_tubelet": per, **held_out.environment()},
+        **scores.fields(),
         "tokens_kept": {"per_block": list(resolved.attention), "mlp_per_block": list(resolved.mlp),
                         "after_stages": list(resolved.after_stages), "of": tubelets * per,
                         "mean_over_blocks": sum(resolved.attention) / config.num_hidden_layers},
@@ -80,7 +52,7 @@ def evaluate(model: VideoMAEForVideoClassification, setting: prune.VideoPrune, i
         "seconds": round(time.time() - start, 2),
     }
     if per_item:
-        report["items"] = rows
+        report["items"] = scores.rows
     return report
 
 
