@@ -66,13 +66,17 @@ KEEP_ALL = {
     "transprune": {"layers": (0, 1, 2), "keep": (1.0, 1.0, 1.0)},
     "aim": {"merge_keep": 1.0, "start": 3, "stop": 3},
     "vflowopt": {"vit_keep": 1.0, "stage_keep": (1.0, 1.0)},
+    "evs": {"keep": 1.0},
+    "uniform-frames": {"keep": 1.0},
+    "metok": {"parts": (1,), "strides": (1, 1, 1)},
 }
 # Methods that need a CLIP [CLS] tower, one patch grid per image or a regular grid refuse these adapters
 # at prune() (FasterVLM reads LLaVA-NeXT's crops).
 UNSUPPORTED = {
     ("llava-next", m) for m in ("pool", "visionzip", "tome", "vflowopt")
 } | {(f, m) for f in ("qwen2-vl", "qwen2.5-vl") for m in ("fastervlm", "visionzip", "tome", "vflowopt")} \
-  | {("llava-next-video", m) for m in ("fastervlm", "visionzip", "tome", "vflowopt")}
+  | {("llava-next-video", m) for m in ("fastervlm", "visionzip", "tome", "vflowopt")} \
+  | {(f, m) for f in VISION if f != "llava-next-video" for m in ("evs", "uniform-frames", "metok")}
 
 
 def model_of(family: str) -> torch.nn.Module:
@@ -120,15 +124,17 @@ PRUNING = {"fitprune": {"recipe": {"removed": {1: 4, 2: 4}, "visual_tokens": 16,
 
 @pytest.mark.parametrize("name", sorted(n for n, c in methods.REGISTRY.items() if c.visual and n != "none"))
 def test_a_text_only_sample_in_a_batch_is_left_as_it_was(name):
-    """Every visual-token method at its defaults, on a batch of one image sample and one text-only one:
-    the text-only sample's last-token logits match it alone (1e-5) and its report says so."""
-    model = model_of("llava")
-    parts = samples("llava", model, [1, 0])
+    """Every visual-token method at its defaults, on a batch of one image sample (a video for the video
+    methods) and one text-only one: the text-only sample's last-token logits match it alone (1e-5) and
+    its report says so."""
+    family = "llava-next-video" if "frames" in methods.REGISTRY[name].needs else "llava"
+    model = model_of(family)
+    parts = samples(family, model, [1, 0])
     with torch.no_grad(), tokensieve.prune(model, name, **PRUNING.get(name, {})) as run:
-        mixed = model(**collate("llava", parts)).logits[1, -1]
+        mixed = model(**collate(family, parts)).logits[1, -1]
         assert [s.note for s in run.report.samples] == ["", "no visual tokens: passed through unpruned"]
-        assert run.report.samples[0].visual_lengths[-1] < 16
-    alone = model(**collate("llava", [parts[1]])).logits[0, -1]
+        assert run.report.samples[0].visual_lengths[-1] < (16 if family == "llava" else 12)  # the visual tokens in
+    alone = model(**collate(family, [parts[1]])).logits[0, -1]
     assert torch.allclose(mixed, alone, atol=1e-5)
 
 

@@ -267,18 +267,20 @@ def check_specs(names: list[str], budgets: list[float], num_layers: int = PROBE_
 
 
 def items_digest(examples: list[Example] | list[TextExample]) -> str:
-    """sha256 of the items' tasks, questions, answers and image pixels (text items: their prompts)."""
+    """sha256 of the items' tasks, questions, answers and image pixels (text items: their prompts;
+    video items: their frames)."""
     digest = hashlib.sha256()
     for e in examples:
         digest.update(f"{e.task}\0{e.question}\0{e.answer}\0".encode())
-        digest.update(e.prompt.encode() if isinstance(e, TextExample) else e.image.tobytes())
+        digest.update(e.prompt.encode() if isinstance(e, TextExample) else
+                      e.frames.tobytes() if hasattr(e, "frames") else e.image.tobytes())
     return digest.hexdigest()
 
 
 def bench_settings(model_name: str, task: str, limit: int, batch_size: int, runtime: dict[str, str],
-                   text: bool | None = None, protocol: str = "auto") -> dict[str, Any]:
+                   suite: str | None = None, protocol: str = "auto") -> dict[str, Any]:
     """What every value in a bench folder depends on besides its cell's method and budget: the model,
-    tasks (``text``: whether the model runs the text suite, which ``"all"`` then means), limit and a
+    tasks (``suite``: the task suite the model runs, which ``"all"`` then means), limit and a
     digest of the test items, the batch size (answers and FLOPs do not depend on it, but the prefill
     times are per batch), the tokens generated, the prompting ``protocol``
     (:mod:`tokensieve.protocols`), and ``runtime`` (device, dtype, torch and transformers versions;
@@ -289,7 +291,7 @@ def bench_settings(model_name: str, task: str, limit: int, batch_size: int, runt
         raise ValueError(f"--limit must be at least 1, got {limit}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-    tasks = resolve_tasks(task, text)
+    tasks = resolve_tasks(task, suite)
     examples = [e for t in tasks for e in generate(t, "test", limit)]
     text = isinstance(examples[0], TextExample)
     protocol = resolve(protocol, text)
@@ -344,7 +346,7 @@ def run_bench(model: Any, prompting: Prompting, task: str, names: list[str], bud
     settings (:func:`bench_settings`) is refused, naming what differs.
     """
     specs = check_specs(names, budgets, Shape.from_config(adapter_for(model).text_config).layers, keeps)
-    settings = bench_settings(model_name, task, limit, batch_size, model_runtime(model), prompting.text, protocol)
+    settings = bench_settings(model_name, task, limit, batch_size, model_runtime(model), prompting.suite, protocol)
     tasks = settings["tasks"]
     if overwrite:
         for path in bench_files(out):

@@ -18,31 +18,45 @@ from . import __version__, methods, protocols
 from .compat import TRANSFORMERS_VERSION
 from .engine import prune
 from .protocols import Protocol
-from .tasks import TASKS, TEXT_TASKS, Example, TextExample, generate
+from .tasks import TASKS, TEXT_TASKS, VIDEO_QA_TASKS, Example, TextExample, generate
 from .timing import ForwardTimer
 
 TEST_ITEMS = 500
 """Size of each task's fixed held-out test split: test items 0..499."""
+SUITES: dict[str, tuple[str, ...]] = {"image": TASKS, "text": TEXT_TASKS, "video": VIDEO_QA_TASKS}
+"""The task suites; a model runs one (``Prompting.suite``), which ``--task all`` means."""
 
 
 @dataclass
 class Prompting:
     """How a model is prompted with task examples and how its answers are read. ``text``: a text
-    model given a bare tokenizer (the shipped ``tiny-text``), prompted with the text tasks' own prompts."""
+    model given a bare tokenizer (the shipped ``tiny-text``), prompted with the text tasks' own prompts;
+    ``video``: the shipped video model's frame processor, prompted with the video questions."""
 
     processor: Any
     tiny: bool
     text: bool = False
+    video: bool = False
 
     @classmethod
     def for_processor(cls, processor: Any) -> "Prompting":
-        """The text tasks' prompts for a bare tokenizer (the tiny text model); the shipped model's prompt
-        format for processors without a chat template (the tiny model and checkpoints retrained with
-        ``tokensieve train-tiny``), the chat template otherwise."""
+        """The text tasks' prompts for a bare tokenizer (the tiny text model); the video questions for
+        the tiny video model's frame processor; the shipped model's prompt format for processors without
+        a chat template (the tiny model and checkpoints retrained with ``tokensieve train-tiny``), the
+        chat template otherwise."""
         from transformers import PreTrainedTokenizerBase
 
+        from .tiny_video.processor import FrameVideoProcessor
+
         text = isinstance(processor, PreTrainedTokenizerBase)
-        return cls(processor, tiny=text or getattr(processor, "chat_template", None) is None, text=text)
+        video = isinstance(processor, FrameVideoProcessor)
+        return cls(processor, tiny=text or video or getattr(processor, "chat_template", None) is None, text=text,
+                   video=video)
+
+    @property
+    def suite(self) -> str:
+        """The task suite this model runs: "text", "video" or "image"."""
+        return "text" if self.text else "video" if self.video else "image"
 
     @property
     def max_new_tokens(self) -> int:
@@ -56,6 +70,10 @@ class Prompting:
     def inputs(self, examples: list[Example] | list[TextExample]) -> Any:
         if self.text:
             from .tiny_text import build_inputs
+
+            return build_inputs(self.processor, examples)
+        if self.video:
+            from .tiny_video import build_inputs
 
             return build_inputs(self.processor, examples)
         if self.tiny:
@@ -118,13 +136,13 @@ def model_inputs(inputs: Any, model: Any) -> dict[str, Any]:
     return moved
 
 
-def resolve_tasks(task: str, text: bool | None = None) -> list[str]:
-    """The task names ``task`` stands for: itself, or for "all" the text tasks when ``text`` is True and
-    the image tasks otherwise. ``text`` None (the model not known yet) accepts a task of either suite."""
-    suites = {False: TASKS, True: TEXT_TASKS}
-    valid = TASKS + TEXT_TASKS if text is None else suites[text]
+def resolve_tasks(task: str, suite: str | None = None) -> list[str]:
+    """The task names ``task`` stands for: itself, or for "all" the tasks of ``suite`` ("image",
+    "text" or "video"; see ``SUITES``). ``suite`` None (the model not known yet) accepts a task of any
+    suite and reads "all" as the image tasks."""
+    valid = sum(SUITES.values(), ()) if suite is None else SUITES[suite]
     if task == "all":
-        return list(suites[bool(text)])
+        return list(SUITES[suite or "image"])
     if task not in valid:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(valid)}, all")
     return [task]
@@ -176,7 +194,7 @@ def evaluate(
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     methods.get(method, **options)  # validate the name and options before any work
     protocol = protocols.resolve(protocol, prompting.text)
-    tasks = resolve_tasks(task, prompting.text)
+    tasks = resolve_tasks(task, prompting.suite)
     max_new_tokens = prompting.max_new_tokens if max_new_tokens is None else max_new_tokens
     examples = [e for t in tasks for e in generate(t, "test", limit)]
     if baseline is not None and len(baseline["items"]) != len(examples):

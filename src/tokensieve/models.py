@@ -1,6 +1,7 @@
-"""Loading a model by name for the command line: the shipped ``tiny`` model (LLaVA) or ``tiny-text``
-model (Llama, text tasks), a local checkpoint directory or a hub id (the local cache is used; set
-``HF_HUB_OFFLINE=1`` to forbid downloads)."""
+"""Loading a model by name for the command line: the shipped ``tiny`` model (LLaVA, image tasks),
+``tiny-text`` model (Llama, text tasks) or ``tiny-video`` model (LLaVA-NeXT-Video, video tasks), a
+local checkpoint directory or a hub id (the local cache is used; set ``HF_HUB_OFFLINE=1`` to forbid
+downloads)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,16 @@ from safetensors import SafetensorError
 
 from .adapters import adapter_for
 
-BUILTIN = ("tiny", "tiny-text")
+BUILTIN = ("tiny", "tiny-text", "tiny-video")
+FOLDERS = {"tiny": "tiny", "tiny-text": "tiny_text", "tiny-video": "tiny_video"}
+"""The package folder of each shipped model (its checkpoint is ``<folder>/checkpoint``)."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def runs_text_tasks(name: str) -> bool | None:
-    """Whether the model ``name`` runs the text tasks (True for ``tiny-text``, False for ``tiny``);
-    None for a model not known before it loads."""
-    return {"tiny": False, "tiny-text": True}.get(name)
+def task_suite(name: str) -> str | None:
+    """The task suite the model ``name`` runs ("image", "text" or "video" for the shipped models); None
+    for a model not known before it loads."""
+    return {"tiny": "image", "tiny-text": "text", "tiny-video": "video"}.get(name)
 
 
 def decoder_layers(name: str) -> int | None:
@@ -28,7 +31,7 @@ def decoder_layers(name: str) -> int | None:
     import json
 
     if name in BUILTIN:
-        folder = Path(__file__).resolve().parent / ("tiny" if name == "tiny" else "tiny_text") / "checkpoint"
+        folder = Path(__file__).resolve().parent / FOLDERS[name] / "checkpoint"
     else:
         folder = Path(name).expanduser()
     try:
@@ -74,7 +77,8 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 def load(name: str, device: str = "cpu", dtype: str | None = None) -> tuple[Any, Any]:
     """``(model, processor)`` in eval mode, on ``device`` (see :func:`resolve_device`) in ``dtype``
-    (see :func:`resolve_dtype`); for ``tiny-text`` the processor is its tokenizer.
+    (see :func:`resolve_dtype`); for ``tiny-text`` the processor is its tokenizer, for ``tiny-video``
+    its frame processor (:class:`tokensieve.tiny_video.FrameVideoProcessor`).
 
     Raises:
         ValueError: unknown name, device or dtype, a missing path, a directory without a supported
@@ -112,9 +116,11 @@ def _load(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
     if name in BUILTIN:
         from .tiny import load_tiny
         from .tiny_text import load_tiny_text
+        from .tiny_video import load_tiny_video
 
+        loaders = {"tiny": load_tiny, "tiny-text": load_tiny_text, "tiny-video": load_tiny_video}
         try:
-            return (load_tiny if name == "tiny" else load_tiny_text)(dtype)
+            return loaders[name](dtype)
         except FileNotFoundError as err:
             raise ValueError(str(err)) from None
         except (OSError, SafetensorError) as err:

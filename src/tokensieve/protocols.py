@@ -48,7 +48,7 @@ def question_lengths(prompting: Any, examples: list, inputs: dict[str, torch.Ten
     """Per row, the number of tokens at the end of its prompt that the question part holds.
 
     A text task: the tokens of its prompt from the question on (the question and the answer cue). A
-    VLM prompt: the tokens after its last image token."""
+    VLM prompt: the tokens after its last image (or video) token."""
     if prompting.text:
         tokenizer = prompting.processor
         return [len(tokenizer(e.prompt[e.prompt.rindex(e.question):], add_special_tokens=False).input_ids)
@@ -58,10 +58,11 @@ def question_lengths(prompting: Any, examples: list, inputs: dict[str, torch.Ten
     image = getattr(config, "image_token_index", None) if image is None else image
     if image is None:
         raise ValueError("protocol 'question-after' needs the model's image token id (config.image_token_id)")
+    visual = [image] + [v for v in (getattr(config, "video_token_id", None),) if v is not None]
     ids = inputs["input_ids"]
     lengths = []
     for row in ids:
-        where = (row == image).nonzero()
+        where = torch.isin(row, torch.tensor(visual, device=row.device)).nonzero()
         if len(where) == 0:
             raise ValueError("protocol 'question-after' needs an image in every prompt of a VLM")
         lengths.append(ids.shape[1] - 1 - int(where[-1]))

@@ -32,6 +32,7 @@ class Adapter:
     classes: ClassVar[tuple[str, ...]]
     mrope: ClassVar[bool] = False
     regular_grid: ClassVar[bool] = True  # each image's visual tokens form a rows x cols grid
+    video: ClassVar[bool] = False  # the layout's grids are a video's frames, in time order
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

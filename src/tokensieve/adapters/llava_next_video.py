@@ -25,6 +25,7 @@ class LlavaNextVideoAdapter(Adapter):
 
     family = "llava-next-video"
     classes = ("LlavaNextVideoForConditionalGeneration",)
+    video = True
 
     @property
     def image_token_ids(self) -> tuple[int, ...]:

@@ -1,6 +1,6 @@
 """The ``tokensieve`` command line: ``tokensieve {flops,methods,eval,compare,calibrate,bench,export-lmms-tasks,train-tiny,
 train-tiny-text,train-lvpruning,train-atp,train-tiny-ssm,eval-ssm,
-train-tiny-detector,train-bavit,eval-detect,train-tiny-videomae,eval-video-vit} ...``."""
+train-tiny-detector,train-bavit,eval-detect,train-tiny-videomae,eval-video-vit,train-tiny-video} ...``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 from typing import NoReturn
 
 from .. import __version__
-from . import bench_cmd, calibrate_cmd, compare_cmd, eval_cmd, eval_detect_cmd, eval_ssm_cmd, eval_video_vit_cmd, export_lmms_cmd, flops_cmd, methods_cmd, recipes_cmd, train_atp_cmd, train_lvpruning_cmd, train_tiny_ssm_cmd, train_tiny_text_cmd, train_tiny_videomae_cmd
+from . import bench_cmd, calibrate_cmd, compare_cmd, eval_cmd, eval_detect_cmd, eval_ssm_cmd, eval_video_vit_cmd, export_lmms_cmd, flops_cmd, methods_cmd, recipes_cmd, train_atp_cmd, train_lvpruning_cmd, train_tiny_ssm_cmd, train_tiny_text_cmd, train_tiny_video_cmd, train_tiny_videomae_cmd
 
 INTERRUPTED = 130
 """Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_ssm_cmd.add_parser(sub)
     train_tiny_videomae_cmd.add_parser(sub)
     eval_video_vit_cmd.add_parser(sub)
+    train_tiny_video_cmd.add_parser(sub)
     from ..detect import train_bavit, train_detector
 
     train_detector.add_parser(sub)

@@ -59,11 +59,11 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.output, "-o")
     bench.check_specs(names, budgets, models.decoder_layers(args.model) or bench.PROBE_LAYERS, keeps=keeps)
     device = models.resolve_device(args.device)
-    text = models.runs_text_tasks(args.model)
-    if text is not None:  # a built-in model: its folder can be checked before it loads
+    suite = models.task_suite(args.model)
+    if suite is not None:  # a built-in model: its folder can be checked before it loads
         settings = bench.bench_settings(args.model, args.task, args.limit, args.batch_size,
                                         evaluation.runtime(device, models.resolve_dtype(args.dtype, device)),
-                                        text, args.protocol)
+                                        suite, args.protocol)
         if not args.overwrite:
             bench.check_folder(args.output, settings)
     model, processor = models.load(args.model, args.device, args.dtype)

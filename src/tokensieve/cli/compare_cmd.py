@@ -17,6 +17,14 @@ SETTINGS: list[tuple[str, dict]] = [
     ("random", {"keep": 0.25}),
     ("pool", {"stride": 2}),
 ]
+VIDEO_SETTINGS: list[tuple[str, dict]] = [
+    ("none", {}),
+    ("uniform-frames", {"keep": 0.5}),
+    ("evs", {"keep": 0.5}),
+    ("divprune", {"keep": 0.5, "scope": "frame"}),
+    ("fastv", {"layer": 2, "keep": 0.5}),
+    ("metok", {}),
+]
 TEXT_SETTINGS: list[tuple[str, dict]] = [
     ("none", {}),
     ("snapkv", {"keep": 0.5}),
@@ -56,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     model, processor = models.load(args.model, args.device, args.dtype)
     prompting = evaluation.Prompting.for_processor(processor)
-    settings = list(TEXT_SETTINGS if prompting.text else SETTINGS)
+    settings = list({"text": TEXT_SETTINGS, "video": VIDEO_SETTINGS}.get(prompting.suite, SETTINGS))
     if args.method is not None:
         settings.append((args.method, options))
     if fit_first:

@@ -47,6 +47,9 @@ class Engine(Selecting, PositionsAndMasks, InsideLayer, Projections, Transitions
                 f"{method.name} prunes visual tokens but {type(model).__name__} is a text-only model; "
                 "use a cache-stage method such as streamingllm"
             )
+        if "frames" in method.needs and not self.adapter.video:
+            raise TypeError(f"{method.name} acts on the frames of a video; {type(model).__name__} takes no video here "
+                            "(supported: LlavaNextVideoForConditionalGeneration)")
         if "grid" in method.needs and not self.adapter.regular_grid:
             raise TypeError(f"{method.name} needs each image's visual tokens on a regular grid; "
                             f"{type(model).__name__}'s layout is not one (supported: LLaVA-1.5, Qwen2-VL images)")

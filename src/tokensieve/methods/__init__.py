@@ -12,6 +12,7 @@ from .atp import ATP
 from .cache_base import CacheScorer
 from .composition import Composition, split_flops, takes_flops_share
 from .dart import DART
+from .evs import EVS
 from .divprune import DivPrune
 from .fastervlm import FasterVLM
 from .fastv import FastV
@@ -19,6 +20,7 @@ from .fitprune import FitPrune, FitPruneSearch
 from .h2o import H2O
 from .lazyllm import LazyLLM
 from .lvpruning import LVPruning
+from .metok import METok
 from .none import Unpruned
 from .pagedeviction import PagedEviction
 from .pdrop import PDrop
@@ -28,10 +30,11 @@ from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
 from .tome import ToMe
 from .transprune import TransPrune
+from .uniform_frames import UniformFrames
 from .vflowopt import VFlowOpt
 from .visionzip import VisionZip
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Unpruned, FastV, FitPrune, RandomDrop, Pool, StreamingLLM, H2O, SnapKV, A2SF, PagedEviction, LazyLLM, DivPrune, FasterVLM, DART, PDrop, VisionZip, ToMe, TransPrune, AIM, VFlowOpt, LVPruning, ATP)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (Unpruned, FastV, FitPrune, RandomDrop, Pool, StreamingLLM, H2O, SnapKV, A2SF, PagedEviction, LazyLLM, DivPrune, FasterVLM, DART, PDrop, VisionZip, ToMe, TransPrune, AIM, VFlowOpt, LVPruning, ATP, EVS, UniformFrames, METok)}
 
 
 def get(name: str | Method | list[str | Method], **options: Any) -> Method:
@@ -91,4 +94,4 @@ def compose(members: list[str | Method], flops: float | None = None, **options: 
 
 __all__ = ["REGISTRY", "get", "compose", "Composition", "Method", "Point", "View", "Selection", "CacheView", "Grid",
            "Unpruned", "FastV", "FitPrune", "FitPruneSearch", "DivPrune", "FasterVLM", "DART", "PDrop", "VisionZip", "ToMe", "TransPrune", "AIM", "VFlowOpt", "RandomDrop", "Pool", "StreamingLLM",
-           "CacheScorer", "H2O", "SnapKV", "A2SF", "PagedEviction", "LazyLLM"]
+           "CacheScorer", "H2O", "SnapKV", "A2SF", "PagedEviction", "LazyLLM", "EVS", "UniformFrames", "METok"]

@@ -9,18 +9,21 @@ Algorithm, per sample, on the projected visual tokens x_1..x_N (the LLM's input 
     then, k - 1 times: add argmax over unselected i of min_{s in S} d(i, s)
 kept in their original order. The running minimum makes it O(kN) after the N x N distances.
 Positions: ``"auto"`` (default) renumbers the shorter prompt contiguously as the authors' LLaVA code
-does, except on M-RoPE models where original positions are kept. Choice made here: all of a sample's
-visual tokens form one pool (the release handles one image per prompt).
+does, except on M-RoPE models where original positions are kept. ``scope`` (the release handles one
+image per prompt, so it leaves this open): ``"all"`` (default) pools all of a sample's visual tokens,
+every image or video frame together (across frames, for a video); ``"frame"`` runs the selection on
+each image or frame alone, the sample's kept count shared over them in proportion to their tokens
+(largest remainder), visual tokens on no grid forming one more pool.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
-from .base import EncoderPruner, Selection, View, kept_counts
+from .base import EncoderPruner, Selection, View, kept_counts, split_budget
 
 
 def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -44,17 +47,37 @@ def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
 
 @dataclass
 class DivPrune(EncoderPruner):
-    """Options: ``keep`` fraction of visual tokens (default 0.5) or ``flops`` target, ``positions``."""
+    """Options: ``keep`` fraction of visual tokens (default 0.5) or ``flops`` target, ``positions``,
+    ``scope`` ("all" or "frame")."""
+
+    scope: Literal["all", "frame"] = "all"
 
     name: ClassVar[str] = "divprune"
     paper: ClassVar[str] = "Alvar et al., DivPrune: Diversity-based Visual Token Pruning for LMMs, CVPR 2025"
     needs: ClassVar[tuple[str, ...]] = ("projected visual tokens",)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.scope not in ("all", "frame"):
+            raise ValueError(f"scope must be 'all' or 'frame', got {self.scope!r}")
 
     def select(self, view: View) -> Selection:
         keep = ~view.visual
         counts = kept_counts(view, 0, self.keep, self.flops)
         for b in range(keep.shape[0]):
             cand = view.visual[b].nonzero().squeeze(1)
-            if cand.numel():
-                keep[b, cand[max_min_diverse(view.hidden[b, cand], counts[b])]] = True
+            if not cand.numel():
+                continue
+            pools = [cand] if self.scope == "all" else self._pools(view, b, cand)
+            for pool, count in zip(pools, split_budget(counts[b], [p.numel() for p in pools])):
+                if count:
+                    keep[b, pool[max_min_diverse(view.hidden[b, pool], count)]] = True
         return Selection(keep=keep)
+
+    @staticmethod
+    def _pools(view: View, b: int, cand: torch.Tensor) -> list[torch.Tensor]:
+        """Sample ``b``'s visual rows per image or frame grid, then those on no grid (if any)."""
+        pools = [g.index for g in view.grids[b]]
+        gridded = torch.cat(pools) if pools else cand[:0]
+        rest = cand[~torch.isin(cand, gridded)]
+        return pools + ([rest] if rest.numel() else [])

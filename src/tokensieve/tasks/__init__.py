@@ -1,5 +1,6 @@
 """Procedurally generated tasks with fixed, disjoint train and test splits: image questions
-(``TASKS``) and long-context text questions (``TEXT_TASKS``, :mod:`.text`).
+(``TASKS``), long-context text questions (``TEXT_TASKS``, :mod:`.text`) and video questions
+(``VIDEO_QA_TASKS``, :mod:`.video_questions`; their clips come from :mod:`.video`).
 
 Example ``i`` of split ``s`` of task ``t`` is drawn from an RNG seeded by
 (task index, split base + i), so it is always the same bytes. Split bases are
@@ -46,9 +47,18 @@ def example_seed(task: str, split: str, i: int) -> tuple[int, int]:
     return ALL_TASKS.index(task), split_seed(split, i)
 
 
-def generate(task: str, split: str, n: int, start: int = 0) -> list[Example] | list[TextExample]:
+VIDEO_QA_TASKS: tuple[str, ...] = ("video-direction", "video-colour", "video-count", "video-end", "video-order")
+"""The video question tasks (:mod:`.video_questions`, which holds their generators)."""
+
+
+def generate(task: str, split: str, n: int, start: int = 0) -> list:
     """Examples ``start`` .. ``start + n - 1`` of ``split`` ("train" or "test") of ``task``
-    (image ``Example`` records for an image task, ``TextExample`` records for a text task)."""
+    (image ``Example`` records for an image task, ``TextExample`` records for a text task,
+    ``VideoExample`` records for a video question task)."""
+    if task in VIDEO_QA_TASKS:
+        from .video_questions import generate_video
+
+        return generate_video(task, split, n, start)
     if n < 0 or start < 0:
         raise ValueError(f"n and start must be non-negative, got n={n}, start={start}")
     example_seed(task, split, start)  # validates names and range
@@ -67,4 +77,4 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-__all__ = ["TASKS", "TEXT_TASKS", "ALL_TASKS", "SPLITS", "Example", "TextExample", "IMAGE_SIZE", "generate", "example_seed", "vocabulary"]
+__all__ = ["TASKS", "TEXT_TASKS", "VIDEO_QA_TASKS", "ALL_TASKS", "SPLITS", "Example", "TextExample", "IMAGE_SIZE", "generate", "example_seed", "vocabulary"]

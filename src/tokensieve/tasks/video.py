@@ -16,7 +16,8 @@ Generators (``VIDEO_TASKS``):
   2-frame tubelet of a video ViT). Before and after, the clip is static. No single frame answers it:
   every frame is consistent with several classes.
 * ``story``: 2-3 objects of distinct (colour, shape), each doing 1-2 things (appear/disappear runs,
-  one move, one colour change): material for the video questions (:func:`questions`).
+  which may last to the end, one move, one colour change): material for the video questions
+  (:func:`questions`, and the question tasks of :mod:`.video_questions`).
 
 Clip ``i`` of split ``s`` of generator ``g`` is drawn from an RNG seeded by (``SEED_TAG`` + the
 generator's index, the split's base + ``i``) with the image suite's split bases
@@ -222,7 +223,7 @@ def story(rng: np.random.Generator) -> Clip:
             if kind == "blink":
                 for _ in range(int(rng.integers(1, 3))):
                     a = int(rng.integers(0, FRAMES - 3))
-                    b = int(rng.integers(a + 1, FRAMES - 1))
+                    b = int(rng.integers(a + 1, FRAMES + 2 if a else FRAMES - 1))  # b >= FRAMES: hidden to the end
                     track[a:b] = [replace(s, visible=False) for s in track[a:b]]
             elif kind == "move":
                 free = [d for d in DIRECTIONS if _neighbour(cells[o], d) is not None and _neighbour(cells[o], d) not in used]

@@ -52,7 +52,7 @@ metadata:
 
 def task_names(spec: str) -> list[str]:
     """The image tasks ``spec`` names: one task, several joined by commas, or ``all``."""
-    names = [t for part in spec.split(",") for t in resolve_tasks(part.strip(), text=False)]
+    names = [t for part in spec.split(",") for t in resolve_tasks(part.strip(), "image")]
     return list(dict.fromkeys(names))
 
 

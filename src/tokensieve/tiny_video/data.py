@@ -1,0 +1,109 @@
+"""Training batches of the tiny video VLM, generated on the fly from the train split.
+
+Item ``g`` of a run (``g = step * batch + row``) is train item ``g // 5`` of task ``VIDEO_QA_TASKS[g % 5]``;
+its sequence is the item's question, then up to ``extra_turns`` further questions about the same clip
+(in an order seeded by ``g``), each ``USER: q ASSISTANT: a </s>``; every answer and its ``</s>`` is
+supervised. For the training-only evidence pointer (:mod:`.train`), each answer turn also names its
+evidence: the video tokens that cover the asked objects (the one or two the question names) in the
+question's evidence frames, where they are visible.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..tasks.scene import IMAGE_SIZE, OBJECT_SIZE
+from ..tasks.video import Clip, questions
+from ..tasks.video_questions import VIDEO_QA_TASKS, VideoExample, generate_video
+from ..tiny.data import IGNORE_INDEX, normalize
+from . import prompt_text
+
+
+def item(g: int, start: int = 0) -> VideoExample:
+    """Item ``g`` of a run whose items start at train item ``start`` of every task."""
+    task = VIDEO_QA_TASKS[g % len(VIDEO_QA_TASKS)]
+    return generate_video(task, "train", 1, start + g // len(VIDEO_QA_TASKS))[0]
+
+
+def turns(example: VideoExample, g: int, extra_turns: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(question, answer, evidence frames): the item's, then ``extra_turns`` (at most) other questions
+    about its clip in an order seeded by ``g``."""
+    others = [qa for qa in questions(example.clip) if qa[0] != example.question]
+    order = np.random.default_rng([g, 11]).permutation(len(others))[:extra_turns]
+    return [(example.question, example.answer, example.evidence_frames)] + [others[k] for k in order]
+
+
+def sequence_text(qas: list[tuple[str, str, tuple[int, ...]]]) -> str:
+    """``<s> USER: <video> q ASSISTANT: a </s>`` then `` USER: q ASSISTANT: a </s>`` per further turn."""
+    first, *rest = qas
+    text = f"{prompt_text(first[0])} {first[1]} </s>"
+    return text + "".join(f" USER: {q} ASSISTANT: {a} </s>" for q, a, _ in rest)
+
+
+def evidence_tokens(clip: Clip, question: str, frames: tuple[int, ...], side: int) -> torch.Tensor:
+    """``(F * side * side,)`` bool: the tokens (a ``side x side`` grid per frame) that cover an object
+    the question names (by its frame-0 colour and shape) in ``frames``, where it is visible."""
+    cell = IMAGE_SIZE // side
+    mask = torch.zeros(len(clip.frames), side, side, dtype=torch.bool)
+    for track in clip.tracks:
+        if f"the {track[0].colour} {track[0].shape}" not in question:
+            continue
+        for f in frames:
+            st = track[f]
+            if st.visible:
+                mask[f, st.y // cell:(st.y + OBJECT_SIZE - 1) // cell + 1, st.x // cell:(st.x + OBJECT_SIZE - 1) // cell + 1] = True
+    return mask.flatten()
+
+
+def batch(tokenizer, tokens_per_frame: int, first: int, size: int, extra_turns: int, start: int = 0,
+          with_answer: bool = True, split_items: list[VideoExample] | None = None) -> dict[str, torch.Tensor]:
+    """A left-padded batch of run items ``first .. first + size - 1`` (or of ``split_items``, prompts
+    only): input_ids / attention_mask / position_ids ``(B, L)``, pixel_values_videos ``(B, F, 3, 96, 96)``
+    and, with answers, labels ``(B, L)`` (IGNORE_INDEX but on answers and their ``</s>``) and, for the
+    training-only pointer (pop it before the model call), evidence: ``(rows, query positions, masks)``,
+    per answer turn with evidence its batch row, the position that predicts the answer and ``(Q, V)``
+    bool over the row's ``V`` video tokens."""
+    examples = split_items if split_items is not None else [item(first + r, start) for r in range(size)]
+    qas = [turns(e, first + r, extra_turns) if with_answer else [(e.question, e.answer, e.evidence_frames)]
+           for r, e in enumerate(examples)]
+    texts = [sequence_text(q) if with_answer else prompt_text(e.question) for q, e in zip(qas, examples)]
+    video = tokenizer.convert_tokens_to_ids("<video>")
+    assistant, colon, eos = tokenizer.convert_tokens_to_ids(["ASSISTANT", ":", "</s>"])
+    seqs = []
+    for text, e in zip(texts, examples):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        k = ids.index(video)
+        seqs.append(ids[:k] + [video] * (len(e.frames) * tokens_per_frame) + ids[k + 1:])
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), length), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    side = int(round(tokens_per_frame ** 0.5))
+    ev_rows, ev_pos, ev_masks = [], [], []
+    for row, s in enumerate(seqs):
+        pad = length - len(s)
+        input_ids[row, pad:] = torch.tensor(s)
+        mask[row, pad:] = 1
+        answer, turn = False, 0
+        for j in range(2, len(s)):
+            if s[j - 2] == assistant and s[j - 1] == colon:
+                answer = True
+                question, _, frames = qas[row][turn]
+                target = evidence_tokens(examples[row].clip, question, frames, side)
+                if target.any():
+                    ev_rows.append(row)
+                    ev_pos.append(pad + j - 1)
+                    ev_masks.append(target)
+                turn += 1
+            if answer:
+                labels[row, pad + j] = s[j]
+                answer = s[j] != eos
+    pixels = torch.from_numpy(np.stack([e.frames for e in examples])).permute(0, 1, 4, 2, 3)
+    out = {"input_ids": input_ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+           "pixel_values_videos": normalize(pixels.flatten(0, 1)).unflatten(0, pixels.shape[:2])}
+    if with_answer:
+        out["labels"] = labels
+        out["evidence"] = (torch.tensor(ev_rows, dtype=torch.long), torch.tensor(ev_pos, dtype=torch.long),
+                           torch.stack(ev_masks) if ev_masks else torch.zeros(0, 0, dtype=torch.bool))
+    return out

@@ -1,0 +1,164 @@
+"""``tokensieve train-tiny-video``: train the tiny video VLM (:mod:`.build`: the shipped tiny LLaVA as a
+``LlavaNextVideoForConditionalGeneration``) on the video question tasks, on a CPU.
+
+The vision tower stays as the image model trained it (frozen; its patch features already tell the
+suite's colours and shapes apart); the projector and decoder train. Training-only aid (discarded;
+the checkpoint is the stock class): the image model's evidence pointer
+(:class:`tokensieve.tiny.auxiliary.EvidencePointer`, a bilinear scorer on the hidden states entering
+decoder layer ``pointer_layer``) must point from each answer-predicting token at the video tokens of
+the asked objects in the question's evidence frames (:func:`.data.evidence_tokens`), weighted
+``pointer`` against the answer loss: without it, 300 steps left every task but the colour one at
+chance. Schedule (step-based, so a run is
+reproducible from its flags): AdamW (weight decay 0.05, none on biases, norms and embeddings), linear
+warm-up then cosine decay (:func:`tokensieve.learned.loop.learning_rate`); step ``s`` trains on run
+items ``s * batch .. + batch - 1`` (:mod:`.data`: the five tasks in turn, every item new). The history
+records, per ``save_every`` steps, the loss and each task's accuracy on the first answer token of
+those fresh items (a held-out measure: no item repeats). A partial checkpoint (weights, AdamW moments,
+step, history, RNG) is written every ``save_every`` steps; ``--resume`` continues from it to the same
+weights. The output folder gets the stock checkpoint (``save_pretrained``), the processor's files and
+``training_summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ..cli import training_flags
+from ..learned.fit import fit
+from ..tasks.video_questions import VIDEO_QA_TASKS
+from ..tiny import TINY_DIR, load_tiny
+from ..tiny.auxiliary import EvidencePointer, evidence_nll
+from . import data
+from .build import build_model, tokens_per_frame
+from .processor import FrameVideoProcessor
+
+ITEMS_PER_SEED = 10**7
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-tiny-video", help="train the tiny video VLM (LLaVA-NeXT-Video) on the video question tasks on the CPU")
+    p.add_argument("--out", type=Path, required=True, help="folder for the checkpoint, processor and training_summary.json")
+    p.add_argument("--steps", type=int, default=2200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=8e-4, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--pointer", type=float, default=1.0,
+                   help="weight of the training-only evidence pointer's loss (0: none; the pointer is discarded)")
+    p.add_argument("--pointer-layer", type=int, default=4, help="decoder layer whose input the pointer reads")
+    p.add_argument("--extra-turns", type=int, default=10, help="further questions about the same clip per sequence")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="a tiny video checkpoint to train on from (default: convert the shipped tiny LLaVA)")
+    training_flags.add(p, save_every=50, eval_items=0, eval_what="(unused: the history measures fresh items)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    command = training_flags.check(args, ("extra_turns",))
+    if args.batch_size < len(VIDEO_QA_TASKS):
+        raise ValueError(f"--batch-size must be at least {len(VIDEO_QA_TASKS)} (one item of every task per step)")
+    if args.pointer < 0:
+        raise ValueError(f"--pointer must be >= 0, got {args.pointer}")
+    summary = train(args.out, args.steps, args.batch_size, args.lr, args.warmup, args.seed, args.save_every,
+                    args.resume, args.extra_turns, args.init_from, args.pointer, args.pointer_layer, command=command)
+    last = summary["history"][-1]
+    print(f"trained in {summary['train_seconds']} s; last {args.save_every} steps: "
+          + " ".join(f"{t}={last[t]:.3f}" for t in VIDEO_QA_TASKS) + f"; written to {args.out}")
+    return 0
+
+
+def _no_decay(name: str) -> bool:
+    return name.endswith("bias") or "norm" in name or "embed" in name
+
+
+def pointer_loss(pointer: EvidencePointer, hidden: torch.Tensor, video: torch.Tensor,
+                 evidence: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``-log`` of the pointer's softmax mass on each answer's evidence tokens, averaged: ``hidden``
+    ``(B, L, D)``, ``video`` ``(B, L)`` bool (the same count per row), ``evidence`` as
+    :func:`.data.batch` gives it."""
+    rows, positions, masks = evidence
+    batch, _, width = hidden.shape
+    keys = pointer.key(hidden[video].view(batch, -1, width))  # (B, V, d)
+    queries = pointer.query(hidden[rows, positions])  # (Q, d)
+    scores = torch.einsum("qd,qvd->qv", queries, keys[rows]) * pointer.scale
+    return evidence_nll(scores.log_softmax(-1), masks)
+
+
+def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, warmup: int = 100, seed: int = 0,
+          save_every: int = 50, resume: bool = False, extra_turns: int = 10, init_from: Path | None = None,
+          pointer_weight: float = 1.0, pointer_layer: int = 4, command: dict | None = None,
+          progress: bool = True) -> dict:
+    """Train and save to ``out``; returns the summary.
+
+    Raises:
+        ValueError: ``resume`` without a partial checkpoint in ``out``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    if init_from is not None:
+        from . import load_tiny_video
+
+        model, processor = load_tiny_video(torch.float32, init_from)
+        tokenizer = processor.tokenizer
+    else:
+        model, tokenizer = build_model(seed)
+        vision = model.config.vision_config
+        processor = FrameVideoProcessor(load_tiny(torch.float32, TINY_DIR)[1].image_processor, tokenizer,
+                                        tokens_per_frame(vision.image_size, vision.patch_size))
+    model.model.vision_tower.requires_grad_(False)
+    model.train()
+    if not 0 <= pointer_layer < model.config.text_config.num_hidden_layers:
+        raise ValueError(f"--pointer-layer must be in 0..{model.config.text_config.num_hidden_layers - 1}")
+    pointer = EvidencePointer(model.config.text_config.hidden_size)
+    trained = torch.nn.ModuleDict({"model": model, "pointer": pointer})
+    named = [(n, p) for n, p in trained.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for n, p in named if not _no_decay(n)], "weight_decay": 0.05},
+                                   {"params": [p for n, p in named if _no_decay(n)], "weight_decay": 0.0}],
+                                  lr=lr, betas=(0.9, 0.98))
+    start = seed * ITEMS_PER_SEED
+    first_answer = {"task": torch.arange(batch_size)}
+
+    def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = data.batch(tokenizer, processor.tokens_per_frame, step * batch_size, batch_size, extra_turns, start)
+        evidence = batch.pop("evidence")
+        out_ = model(**batch, output_hidden_states=pointer_weight > 0)
+        loss = out_.loss
+        with torch.no_grad():
+            labels = batch["labels"]
+            rows, cols = (labels != data.IGNORE_INDEX).nonzero(as_tuple=True)
+            firsts = torch.ones_like(rows, dtype=torch.bool)
+            firsts[1:] = rows[1:] != rows[:-1]
+            hit = out_.logits[rows[firsts], cols[firsts] - 1].argmax(-1) == labels[rows[firsts], cols[firsts]]
+        shown = {"loss": float(out_.loss.detach())}
+        if pointer_weight > 0:
+            aux = torch.zeros(())
+            if len(evidence[0]):
+                video = batch["input_ids"] == model.config.video_token_id
+                aux = pointer_loss(pointer, out_.hidden_states[pointer_layer], video, evidence)
+            loss = loss + pointer_weight * aux
+            shown["pointer"] = float(aux.detach())
+        tasks = (step * batch_size + first_answer["task"]) % len(VIDEO_QA_TASKS)
+        for t, name in enumerate(VIDEO_QA_TASKS):
+            chosen = tasks == t
+            if chosen.any():
+                shown[name] = float(hit[chosen].float().mean())
+        return loss, shown
+
+    history, seconds = fit(trained, optimizer, step_loss, out, steps=steps, lr=lr, warmup=warmup,
+                           save_every=save_every, resume=resume, clip=1.0, desc="train-tiny-video", progress=progress)
+    model.eval()
+    summary = {"command": command or {}, "tasks": list(VIDEO_QA_TASKS), "steps": steps, "batch_size": batch_size,
+               "lr": lr, "warmup": warmup, "seed": seed, "extra_turns": extra_turns, "pointer": pointer_weight,
+               "pointer_layer": pointer_layer,
+               "init_from": str(init_from) if init_from else "the shipped tiny LLaVA", "train_seconds": seconds,
+               "parameters": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "history": history}
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "partial.safetensors").unlink(missing_ok=True)
+    return summary
