@@ -383,3 +383,24 @@ def test_metok_options_are_checked():
     with pytest.raises(ValueError, match="layers"):
         with tokensieve.prune(video_model(), "metok", layers=(3, 1)):
             pass
+
+
+@pytest.mark.parametrize("target", [0.5, 0.35, 0.3])
+def test_metok_flops_solves_the_largest_ratio_within_the_budget(target):
+    """Per sample, the largest stage-2 ratio whose prefill (stage 1 counted) meets ``target``: the
+    report's FLOPs share is within it, and the next larger ratio of a fine grid exceeds it."""
+    model = video_model()
+    inputs = video_inputs(9)
+    sample, _, _ = _pruned(model, inputs, "metok", flops=target, layers=(1, 3))
+    share = sample.flops / sample.flops_unpruned
+    assert share <= target + 1e-9
+    shares = []
+    for ratio in [i / 50 for i in range(1, 51)]:
+        s, _, _ = _pruned(model, inputs, "metok", ratio=ratio, layers=(1, 3))
+        shares.append(s.flops / s.flops_unpruned)
+    reachable = [x for x in shares if x <= target]
+    assert reachable and share >= max(reachable) - 1e-9
+    with pytest.raises(ValueError, match="needs 2 in parts"):
+        tokensieve.methods.get("metok", flops=0.5, parts=(1, 3))
+    with pytest.raises(ValueError, match="out of reach"):  # layer 0 sees every stage-1 token
+        _pruned(model, inputs, "metok", flops=0.1, layers=(1, 3))

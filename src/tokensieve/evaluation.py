@@ -302,11 +302,12 @@ def summarise(rows: list[dict[str, Any]], tasks: list[str], timing: dict[str, li
     }
 
 
-def calibration_examples(task: str, samples: int, seed: int = 0) -> list[Example]:
-    """``samples`` training-split items spread evenly over the task(s), the ``seed``-th such draw."""
+def calibration_examples(task: str, samples: int, seed: int = 0, suite: str | None = None) -> list[Example]:
+    """``samples`` training-split items spread evenly over the task(s) (``"all"``: those of ``suite``),
+    the ``seed``-th such draw."""
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"--samples must be at least 1, got {samples}")
-    tasks = resolve_tasks(task)
+    tasks = resolve_tasks(task, suite)
     per_task = -(-samples // len(tasks))
     pools = [generate(t, "train", per_task, start=seed * per_task) for t in tasks]
     mixed = [pool[i] for i in range(per_task) for pool in pools]
@@ -322,7 +323,7 @@ def calibrate_on_tasks(model: Any, prompting: Prompting, task: str, budget: floa
     from .calibration import calibrate
 
     batches = calibration_batches(model, prompting, task, samples, seed, batch_size)
-    describe = _calibration_record(model, task, samples, seed, model_name)
+    describe = _calibration_record(model, task, samples, seed, model_name, prompting.suite)
     return calibrate(model, batches, budget, visual_only=visual_only, progress=progress, describe=describe, search=search)
 
 
@@ -335,14 +336,14 @@ def fit_schedules_on_tasks(model: Any, prompting: Prompting, method: str, budget
     from .schedule_fitting import fit_schedules
 
     batches = calibration_batches(model, prompting, task, samples, seed, batch_size)
-    describe = _calibration_record(model, task, samples, seed, model_name)
+    describe = _calibration_record(model, task, samples, seed, model_name, prompting.suite)
     return fit_schedules(model, batches, method, budgets, options=options, step=step, progress=progress, describe=describe)
 
 
-def _calibration_record(model: Any, task: str, samples: int, seed: int, model_name: str) -> dict[str, Any]:
+def _calibration_record(model: Any, task: str, samples: int, seed: int, model_name: str, suite: str) -> dict[str, Any]:
     """What a fitted recipe records of its calibration set and runtime."""
     return {"model": model_name, "seed": seed,
-            "calibration": f"tasks={','.join(resolve_tasks(task))} split=train items {seed}*k.. ({samples} samples)",
+            "calibration": f"tasks={','.join(resolve_tasks(task, suite))} split=train items {seed}*k.. ({samples} samples)",
             **model_runtime(model)}
 
 
@@ -351,5 +352,5 @@ def calibration_batches(model: Any, prompting: Prompting, task: str, samples: in
     """:func:`calibration_examples` as model inputs of ``batch_size`` samples, on the model's device."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-    examples = calibration_examples(task, samples, seed)
+    examples = calibration_examples(task, samples, seed, prompting.suite)
     return [model_inputs(prompting.inputs(chunk), model) for chunk in _chunks(examples, batch_size)]

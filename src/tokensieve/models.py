@@ -135,6 +135,13 @@ def _load(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
         raise ValueError(f"model path {name} is a file; give the checkpoint directory")
     elif not (path / "config.json").is_file():
         raise ValueError(f"{path} has no config.json: not a transformers checkpoint")
+    if path.is_dir() and (path / "video_processor.json").is_file():  # a tiny video model (train-tiny-video)
+        from .tiny_video import load_tiny_video
+
+        try:
+            return load_tiny_video(dtype, path)
+        except (OSError, ValueError, SafetensorError) as err:
+            raise _cannot_load(name, err) from None
     source = str(path) if path.exists() else name
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 

@@ -28,6 +28,12 @@ tokens that survive the last stage-2 layer, where no visual token survives); sha
 ``parts`` selects the stages (any of 1, 2, 3; default all three). Without stage 1 the events are
 still found (stage 2 needs them) but no frame is pooled.
 
+Budget: the release's is ``ratio`` (and stage 1's fixed strides). ``flops`` (tokensieve's vocabulary,
+a named option) instead solves, per sample, the largest ``ratio`` whose prefill meets the target,
+counting stage 1's pooling and every stage-2 layer (bisection; the FLOPs do not decrease with
+``ratio``): ``ratio=1`` where even that stays below the target, a ``ValueError`` where the smallest
+ratio (one token per event at the first layer) is above it. It needs stage 2.
+
 Choices where the release does not carry over (each an option, defaults as stated):
 
 * **Text similarity.** The release scores frames against the prompt with a separate SigLIP dual
@@ -58,7 +64,8 @@ from typing import ClassVar, Literal
 
 import torch
 
-from .base import CacheView, Method, Point, Selection, View, check_fraction
+from ..flops import Shape, prefill_flops
+from .base import CacheView, Method, Point, Selection, View, check_budget, check_fraction
 from .frames import frame_rows
 from .pool import stride_bins
 
@@ -110,10 +117,49 @@ def stage_keep(length: int, key: bool, stage: int, last: bool, ratio: float) -> 
     return min(count, length)
 
 
+def event_schedule(lengths: list[int], key: set[int], before: int, layers: tuple[int, ...], num_layers: int,
+                   ratio: float) -> list[int]:
+    """Visual tokens entering each decoder layer when events of ``lengths`` tokens (``key``: the key
+    events) enter layer ``before`` and stage 2 prunes at ``layers`` with ``ratio``."""
+    alive, counts = list(lengths), []
+    for layer in range(num_layers):
+        if layer in layers and layer >= before:
+            stage = layers.index(layer)
+            alive = [stage_keep(n, e in key, stage, stage == len(layers) - 1, ratio) for e, n in enumerate(alive)]
+        counts.append(sum(alive))
+    return counts
+
+
+def solve_ratio(shape: Shape, lengths: list[int], key: set[int], layers: tuple[int, ...], n_input: int,
+                n_text: int, target: float) -> float:
+    """The largest stage-2 ratio whose prefill FLOPs, against the unpruned input's ``n_input`` visual and
+    ``n_text`` other tokens, stay within ``target`` (1 where every ratio does).
+
+    Raises:
+        ValueError: the target is below what the smallest ratio reaches.
+    """
+    full = prefill_flops(shape, [n_input + n_text] * shape.layers)
+
+    def share(ratio: float) -> float:
+        counts = event_schedule(lengths, key, 0, layers, shape.layers, ratio)
+        return prefill_flops(shape, [c + n_text for c in counts]) / full
+
+    if share(1.0) <= target:
+        return 1.0
+    low = 1e-9
+    if share(low) > target:
+        raise ValueError(f"flops={target} is out of reach for metok with stage 2 at {layers}: at least {share(low):.3f}")
+    high = 1.0
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (mid, high) if share(mid) <= target else (low, mid)
+    return low
+
+
 @dataclass
 class METok(Method):
     """Options: ``parts`` (stages run), ``events``, ``key_events``, ``key_frames``, ``strides`` (stage 1);
-    ``layers``, ``ratio`` (stage 2); ``kv_from`` (stage 3); ``positions``."""
+    ``layers``, ``ratio`` or ``flops`` (stage 2); ``kv_from`` (stage 3); ``positions``."""
 
     parts: tuple[int, ...] = (1, 2, 3)
     events: int = 5
@@ -122,11 +168,13 @@ class METok(Method):
     strides: tuple[int, int, int] = (1, 2, 4)
     layers: tuple[int, ...] | None = None
     ratio: float = 0.76
+    flops: float | None = None
     kv_from: int | None = None
     positions: Literal["auto", "keep", "renumber"] = "auto"
     _event_of: list[dict[int, int]] = field(default_factory=list, repr=False)
     _key: list[set[int]] = field(default_factory=list, repr=False)
     _visual: list[torch.Tensor] = field(default_factory=list, repr=False)
+    _ratios: dict[int, float] = field(default_factory=dict, repr=False)
 
     name: ClassVar[str] = "metok"
     stages: ClassVar[tuple[str, ...]] = ("encoder", "prefill", "cache")
@@ -134,7 +182,7 @@ class METok(Method):
     needs: ClassVar[tuple[str, ...]] = ("frames", "grid", "attention")
 
     def validate(self) -> None:
-        self.parts = tuple(sorted(set(int(p) for p in self.parts)))
+        self.parts = tuple(sorted({int(p) for p in self.parts}))
         if not self.parts or any(p not in (1, 2, 3) for p in self.parts):
             raise ValueError(f"parts must be stages among 1, 2, 3, got {self.parts}")
         for name in ("events", "key_events", "key_frames"):
@@ -144,6 +192,9 @@ class METok(Method):
         if len(self.strides) != 3 or any(s < 1 for s in self.strides):
             raise ValueError(f"strides must be three integers >= 1, got {self.strides}")
         check_fraction("ratio", self.ratio)
+        check_budget(None, self.flops)
+        if self.flops is not None and 2 not in self.parts:
+            raise ValueError("metok meets a flops budget through stage 2's ratio: flops needs 2 in parts")
         if self.positions not in ("auto", "keep", "renumber"):
             raise ValueError(f"positions must be 'auto', 'keep' or 'renumber', got {self.positions!r}")
 
@@ -160,6 +211,10 @@ class METok(Method):
 
     def positions_mode(self) -> Literal["auto", "keep", "renumber"]:
         return self.positions
+
+    def visual_schedule(self, num_layers: int, n_visual: int) -> tuple[list[int], list[int]]:
+        raise ValueError("metok's counts follow the events it finds in the video; measure its FLOPs with "
+                         "`tokensieve eval` (the report holds them per sample)")
 
     def points(self) -> list[Point]:
         stage2 = [Point(before=l, attention_layer=l - 1) for l in self.layers or ()] if 2 in self.parts else []
@@ -225,6 +280,8 @@ class METok(Method):
         """Stage 2 before layer ``view.point.before``: each event keeps its own top tokens."""
         stage = self.layers.index(view.point.before)
         last = stage == len(self.layers) - 1
+        if stage == 0:
+            self._ratios = {}
         rows = view.attention("text")  # (B, H, q, n) at layer before - 1
         real = view.query_valid("text")  # (B, q)
         weights = real.float() / real.float().sum(1, keepdim=True).clamp(min=1)
@@ -236,15 +293,26 @@ class METok(Method):
                 continue
             events = torch.tensor([self._event_of[b].get(int(p), -1) for p in view.positions[b, cand].tolist()],
                                   device=cand.device)
+            ratio = self._ratio(view, b, events) if self.flops is not None else self.ratio
             for e in sorted(set(events.tolist())):
                 mine = cand[events == e]
                 if e < 0:  # a visual token on no frame: left alone
                     keep[b, mine] = True
                     continue
-                count = stage_keep(mine.numel(), e in self._key[b], stage, last, self.ratio)
+                count = stage_keep(mine.numel(), e in self._key[b], stage, last, ratio)
                 if count:
                     keep[b, mine[score[b, mine].topk(count).indices]] = True
         return Selection(keep=keep)
+
+    def _ratio(self, view: View, b: int, events: torch.Tensor) -> float:
+        """Sample ``b``'s ratio for ``flops``, solved at the first stage-2 layer from its events' lengths."""
+        if b not in self._ratios:
+            framed = events[events >= 0]
+            lengths = torch.bincount(framed, minlength=int(framed.max()) + 1 if framed.numel() else 0).tolist()
+            text = int(view.query_valid("all")[b].sum()) - int(view.visual[b].sum())
+            self._ratios[b] = solve_ratio(view.shape, lengths, self._key[b], self.layers, view.visual_input[b],
+                                          text + int((events < 0).sum()), self.flops)
+        return self._ratios[b]
 
     def evict(self, view: CacheView) -> torch.Tensor | None:
         """Stage 3: in the prefill, layers from ``kv_from`` on keep no visual entries."""

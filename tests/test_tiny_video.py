@@ -1,0 +1,174 @@
+"""The video question tasks, the tiny video VLM (build, processor, training command, shipped checkpoint)
+and its place in the command line (``--model tiny-video``, ``--task all``)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+import tokensieve
+from tokensieve import evaluation, models
+from tokensieve.cli import main as cli_main
+from tokensieve.tasks import VIDEO_QA_TASKS, generate
+from tokensieve.tasks.video import FRAMES
+from tokensieve.tasks.video_questions import generate_video, kind, video_seed
+from tokensieve.tiny import load_tiny
+from tokensieve.tiny.data import normalize
+from tokensieve.tiny_video import TINY_VIDEO_DIR
+from tokensieve.tiny_video.build import build_model, build_tokenizer
+from tokensieve.tiny_video.data import evidence_tokens
+from tokensieve.tiny_video.processor import FrameVideoProcessor
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+@pytest.mark.parametrize("task", VIDEO_QA_TASKS)
+def test_items_are_fixed_bytes_of_their_kind(task):
+    a, b = generate_video(task, "test", 6), generate(task, "test", 6)
+    assert all(np.array_equal(x.frames, y.frames) and x.question == y.question and x.answer == y.answer
+               for x, y in zip(a, b))
+    assert all(kind(e.question) == task and e.frames.shape == (FRAMES, 96, 96, 3) for e in a)
+    assert not any(np.array_equal(x.frames, y.frames) for x, y in zip(a, generate_video(task, "train", 6)))
+    assert video_seed(task, "test", 0)[1] - video_seed(task, "train", 0)[1] == 1 << 40
+
+
+def test_answers_follow_the_tracks():
+    for e in generate_video("video-end", "test", 40):
+        track = next(t for t in e.clip.tracks if f"the {t[0].colour} {t[0].shape}" in e.question)
+        assert e.answer == ("yes" if track[-1].visible else "no")
+    answers = Counter(e.answer for e in generate_video("video-end", "test", 200))
+    assert 0.4 < answers["yes"] / 200 < 0.6
+    for e in generate_video("video-direction", "test", 40):
+        track = next(t for t in e.clip.tracks if f"the {t[0].colour} {t[0].shape}" in e.question)
+        dy, dx = track[-1].y - track[0].y, track[-1].x - track[0].x
+        assert e.answer == (("down" if dy > 0 else "up") if abs(dy) >= abs(dx) else ("right" if dx > 0 else "left"))
+
+
+def test_all_means_the_video_tasks_on_the_video_model():
+    assert evaluation.resolve_tasks("all", "video") == list(VIDEO_QA_TASKS)
+    assert evaluation.resolve_tasks("video-count") == ["video-count"]
+    with pytest.raises(ValueError, match="valid tasks"):
+        evaluation.resolve_tasks("counting", "video")
+    assert models.task_suite("tiny-video") == "video" and models.decoder_layers("tiny-video") == 8
+
+
+def test_evidence_tokens_cover_the_asked_object_where_it_is_visible():
+    e = generate_video("video-direction", "test", 1)[0]
+    mask = evidence_tokens(e.clip, e.question, e.evidence_frames, 6).view(FRAMES, 6, 6)
+    track = next(t for t in e.clip.tracks if f"the {t[0].colour} {t[0].shape}" in e.question)
+    for f in range(FRAMES):
+        if f not in e.evidence_frames or not track[f].visible:
+            assert not mask[f].any()
+        else:
+            st = track[f]
+            assert mask[f, (st.y + 7) // 16, (st.x + 7) // 16]
+
+
+# ---------------------------------------------------------------------------------------------- model and processor
+@pytest.fixture(scope="module")
+def built():
+    return build_model(seed=0)
+
+
+def test_the_video_model_is_the_image_model_on_the_old_vocabulary(built):
+    """Tower, projector and decoder copied by name: a text prompt gives the image model's logits on
+    its own vocabulary."""
+    model, tokenizer = built
+    image_model, processor = load_tiny()
+    old = processor.tokenizer
+    ids = old("<s> USER: what colour is the object ASSISTANT:", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert torch.equal(ids, tokenizer("<s> USER: what colour is the object ASSISTANT:", add_special_tokens=False,
+                                      return_tensors="pt")["input_ids"])
+    with torch.no_grad():
+        a = image_model(input_ids=ids).logits
+        b = model.eval()(input_ids=ids).logits[..., : a.shape[-1]]
+    assert torch.allclose(a, b, atol=1e-5)
+    assert build_tokenizer(old).get_vocab()["<video>"] == len(old)
+
+
+def test_the_processor_expands_the_video_token_and_normalises_frames_as_training_does(built):
+    _, tokenizer = built
+    processor = FrameVideoProcessor(load_tiny()[1].image_processor, tokenizer, 36)
+    items = generate_video("video-colour", "test", 2)
+    inputs = tokensieve.tiny_video.build_inputs(processor, items)
+    video = tokenizer.convert_tokens_to_ids("<video>")
+    assert ((inputs["input_ids"] == video).sum(1) == FRAMES * 36).all()
+    frames = torch.from_numpy(np.stack([e.frames for e in items])).permute(0, 1, 4, 2, 3)
+    expected = normalize(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])
+    assert torch.allclose(inputs["pixel_values_videos"], expected, atol=1e-5)
+    with pytest.raises(ValueError, match="exactly one"):
+        processor(videos=[items[0].frames], text=["no video here"])
+    with pytest.raises(ValueError, match="same number of frames"):
+        processor(videos=[items[0].frames, items[1].frames[:8]], text=["<video> a", "<video> b"])
+
+
+def test_train_tiny_video_writes_a_loadable_checkpoint_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    from tokensieve.tiny_video import data, train
+
+    kwargs = dict(steps=2, batch_size=5, extra_turns=1, save_every=1, progress=False)
+    straight = train.train(tmp_path / "a", **kwargs)
+    assert [h["step"] for h in straight["history"]] == [1, 2] and set(VIDEO_QA_TASKS) <= set(straight["history"][0])
+    real, calls = data.batch, []
+
+    def failing(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(data, "batch", failing)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tmp_path / "b", **kwargs)
+    monkeypatch.setattr(data, "batch", real)
+    assert (tmp_path / "b" / "partial.safetensors").is_file()
+    train.train(tmp_path / "b", resume=True, **kwargs)
+    assert not (tmp_path / "b" / "partial.safetensors").exists()
+    a, b = (dict(models.load(str(tmp_path / d))[0].named_parameters()) for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert isinstance(models.load(str(tmp_path / "b"))[1], FrameVideoProcessor)
+
+
+def test_bad_training_flags_are_one_line_errors(tmp_path, capsys):
+    assert cli_main(["train-tiny-video", "--out", str(tmp_path / "x"), "--batch-size", "3"]) == 2
+    assert "--batch-size must be at least 5" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- the shipped checkpoint
+def test_the_shipped_checkpoint_is_small_stock_and_records_its_accuracy():
+    assert (TINY_VIDEO_DIR / "model.safetensors").stat().st_size <= 30 * 2**20
+    model, processor = models.load("tiny-video")
+    assert type(model).__name__ == "LlavaNextVideoForConditionalGeneration"
+    accuracy = json.loads((TINY_VIDEO_DIR / "heldout_accuracy.json").read_text())
+    assert set(accuracy["per_task"]) == set(VIDEO_QA_TASKS)
+
+
+def test_eval_runs_every_video_method_on_the_shipped_model_and_keep_everything_is_exact(tmp_path):
+    out = tmp_path / "r.json"
+    assert cli_main(["eval", "--model", "tiny-video", "--task", "all", "--method", "metok", "--limit", "2",
+                     "--batch-size", "5", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["tasks"] == list(VIDEO_QA_TASKS) and result["samples"] == 10
+    model, processor = models.load("tiny-video")
+    prompting = evaluation.Prompting.for_processor(processor)
+    inputs = prompting.inputs(generate_video("video-order", "test", 3))
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        for name, options in [("evs", {"keep": 1.0}), ("uniform-frames", {"keep": 1.0}),
+                              ("metok", {"parts": (1,), "strides": (1, 1, 1)}), ("divprune", {"keep": 1.0, "scope": "frame"})]:
+            with tokensieve.prune(model, name, **options):
+                assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), ids)
+
+
+@pytest.mark.slow
+def test_the_shipped_model_answers_each_video_task_at_least_nine_in_ten():
+    """500 test items per task, greedy, unpruned: the issue's bar (the figures: heldout_accuracy.json)."""
+    model, processor = models.load("tiny-video")
+    prompting = evaluation.Prompting.for_processor(processor)
+    result = evaluation.evaluate(model, prompting, "all", "none", limit=500, batch_size=25, progress=False)
+    recorded = json.loads((TINY_VIDEO_DIR / "heldout_accuracy.json").read_text())["per_task"]
+    for task in VIDEO_QA_TASKS:
+        assert result["per_task"][task]["accuracy"] >= 0.9
+        assert result["per_task"][task]["accuracy"] == pytest.approx(recorded[task], abs=1e-9)
