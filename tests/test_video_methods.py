@@ -31,6 +31,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from reference_models import causal, decoder_input, last_logits
+from test_reference_divprune_fastervlm import _pruned as encoder_run
 from test_reference_divprune_fastervlm import divprune_release
 from test_reference_pdrop_transprune import _kv, decode_reference
 from tiny_models import TEXT, VIDEO
@@ -90,15 +91,9 @@ def _release_logits(model, sequence: torch.Tensor) -> torch.Tensor:
 
 
 def _pruned(model, inputs, method: str, **options):
-    """tokensieve's report, the LLM's input rows and the last-token logits."""
-    seen = []
-    hook = model.model.language_model.layers[0].input_layernorm.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    try:
-        with torch.no_grad(), tokensieve.prune(model, method, **options) as run:
-            logits = model(**inputs).logits[0, -1]
-    finally:
-        hook.remove()
-    return run.report.samples[0], seen[0][0], logits
+    """tokensieve's report, the LLM's input rows and the last-token logits (the DivPrune test's run)."""
+    _, rows, logits, run = encoder_run(model, inputs, method, **options)
+    return run.report.samples[0], rows, logits
 
 
 def _check_encoder(model, inputs, kept_expected: list[int], method: str, **options) -> None:
@@ -366,7 +361,9 @@ def test_each_metok_stage_alone_is_the_release_with_the_others_off(parts):
 def test_metok_stage3_frees_the_visual_kv_of_the_deeper_layers():
     model = video_model()
     inputs = video_inputs(8)
-    full, _, _ = _pruned(model, inputs, "none")
+    with torch.no_grad(), tokensieve.prune(model, "none") as run:
+        model(**inputs)
+    full = run.report.samples[0]
     alone, _, _ = _pruned(model, inputs, "metok", parts=(3,), layers=(1, 3))
     per_token = full.kv_bytes_prefill / inputs["input_ids"].shape[1] / 4  # one token in one of the 4 layers
     text = inputs["input_ids"].shape[1] - FRAMES * PER_FRAME
@@ -404,3 +401,19 @@ def test_metok_flops_solves_the_largest_ratio_within_the_budget(target):
         tokensieve.methods.get("metok", flops=0.5, parts=(1, 3))
     with pytest.raises(ValueError, match="out of reach"):  # layer 0 sees every stage-1 token
         _pruned(model, inputs, "metok", flops=0.1, layers=(1, 3))
+
+
+@pytest.mark.parametrize("method", ["evs", "uniform-frames"])
+def test_frame_methods_meet_a_flops_budget_with_whole_frames_or_tokens(method):
+    """``flops``: the most tokens (EVS: at least frame 0; uniform frames: whole frames) within the target."""
+    model = video_model()
+    inputs = video_inputs(10)
+    for target in (0.6, 0.4):
+        sample, _, _ = _pruned(model, inputs, method, flops=target)
+        kept = len(sample.visual_kept["encoder:0"])
+        assert sample.flops / sample.flops_unpruned <= target + 1e-9
+        step = 1 if method == "evs" else PER_FRAME
+        more, _, _ = _pruned(model, inputs, method, keep=min(1.0, (kept + step) / (FRAMES * PER_FRAME) + 1e-6))
+        assert more.flops / more.flops_unpruned > target
+        if method == "uniform-frames":
+            assert kept % PER_FRAME == 0

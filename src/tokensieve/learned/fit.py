@@ -21,6 +21,15 @@ StepLoss = Callable[[int], tuple[torch.Tensor, dict[str, float]]]
 """Step ``s`` -> (the loss to minimise, the numbers to show and record)."""
 
 
+def adamw(module: torch.nn.Module, lr: float, no_decay: Callable[[str], bool], betas: tuple[float, float] = (0.9, 0.999),
+          weight_decay: float = 0.05) -> torch.optim.AdamW:
+    """AdamW over ``module``'s trainable parameters: weight decay ``weight_decay`` on those whose name
+    ``no_decay`` refuses, none on the others (in ``named_parameters`` order, decayed group first)."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for n, p in named if not no_decay(n)], "weight_decay": weight_decay},
+                              {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0}], lr=lr, betas=betas)
+
+
 def fit(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, step_loss: StepLoss, out: Path, *, steps: int,
         lr: float, warmup: int, save_every: int, resume: bool, clip: float | None, desc: str,
         progress: bool = True) -> tuple[list[dict], float]:

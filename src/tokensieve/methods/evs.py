@@ -28,8 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import EncoderPruner, Selection, View, kept_counts
-from .frames import frame_rows, off_frames
+from .frames import FramePruner
 
 FIRST_FRAME = 255.0
 """vLLM's dissimilarity of frame 0's tokens, above the largest possible ``1 - cos`` (2)."""
@@ -59,21 +58,14 @@ def retained(frames: torch.Tensor, count: int) -> torch.Tensor:
 
 
 @dataclass
-class EVS(EncoderPruner):
+class EVS(FramePruner):
     """Options: ``keep`` (``1 - q``, default 0.5) or ``flops``, ``positions``."""
 
     name: ClassVar[str] = "evs"
     paper: ClassVar[str] = "Bagrov et al., Efficient Video Sampling (EVS), arXiv 2510.14624; vLLM multimodal/evs.py"
     needs: ClassVar[tuple[str, ...]] = ("frames", "grid")
 
-    def select(self, view: View) -> Selection:
-        keep = off_frames(view)
-        counts = kept_counts(view, 0, self.keep, self.flops) if self.flops is not None else None
-        for b in range(keep.shape[0]):
-            index = frame_rows(view, b)
-            if index is None:
-                continue
-            frames, tokens = index.shape
-            n = retained_count(tokens, frames, 1 - self.keep) if counts is None else max(tokens, counts[b])
-            keep[b, index.flatten()[retained(view.hidden[b, index], n)]] = True
-        return Selection(keep=keep)
+    def kept(self, frames: torch.Tensor, budget: int | None) -> torch.Tensor:
+        count, tokens = frames.shape[0], frames.shape[1]
+        n = retained_count(tokens, count, 1 - self.keep) if budget is None else max(tokens, budget)
+        return retained(frames, n)

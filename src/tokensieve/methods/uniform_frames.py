@@ -16,8 +16,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from .base import EncoderPruner, Selection, View, kept_counts
-from .frames import frame_rows, off_frames
+import torch
+
+from .frames import FramePruner
 
 
 def sampled_frames(total: int, kept: int) -> list[int]:
@@ -26,21 +27,16 @@ def sampled_frames(total: int, kept: int) -> list[int]:
 
 
 @dataclass
-class UniformFrames(EncoderPruner):
+class UniformFrames(FramePruner):
     """Options: ``keep`` fraction of frames (default 0.5) or ``flops``, ``positions``."""
 
     name: ClassVar[str] = "uniform-frames"
     paper: ClassVar[str] = "baseline: uniform frame subsampling (np.linspace over the frames)"
     needs: ClassVar[tuple[str, ...]] = ("frames", "grid")
 
-    def select(self, view: View) -> Selection:
-        keep = off_frames(view)
-        budgets = kept_counts(view, 0, self.keep, self.flops) if self.flops is not None else None
-        for b in range(keep.shape[0]):
-            index = frame_rows(view, b)
-            if index is None:
-                continue
-            frames, tokens = index.shape
-            count = max(1, round(self.keep * frames)) if budgets is None else max(1, budgets[b] // tokens)
-            keep[b, index[sampled_frames(frames, count)].flatten()] = True
-        return Selection(keep=keep)
+    def kept(self, frames: torch.Tensor, budget: int | None) -> torch.Tensor:
+        count, tokens = frames.shape[0], frames.shape[1]
+        n = max(1, round(self.keep * count)) if budget is None else max(1, budget // tokens)
+        mask = torch.zeros(count, tokens, dtype=torch.bool, device=frames.device)
+        mask[sampled_frames(count, n)] = True
+        return mask.flatten()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cli import training_flags
-from ..learned.fit import fit
+from ..learned.fit import adamw, fit
 from . import data, hf_mamba
 from .model import TinyVim, VimConfig
 
@@ -80,10 +80,7 @@ def train(config: VimConfig, out: Path, steps: int = 600, batch_size: int = 32, 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = TinyVim(config).train()
-    groups = [[p for n, p in model.named_parameters() if not _no_decay(n)],
-              [p for n, p in model.named_parameters() if _no_decay(n)]]
-    optimizer = torch.optim.AdamW([{"params": groups[0], "weight_decay": 0.05}, {"params": groups[1], "weight_decay": 0.0}],
-                                  lr=lr, betas=(0.9, 0.999))
+    optimizer = adamw(model, lr, _no_decay)
     mixers = [m for block in model.blocks for m in (block.forward_mixer, block.backward_mixer)]
     for mixer in mixers:
         hf_mamba.set_parallel_scan(mixer, True)

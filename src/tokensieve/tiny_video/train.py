@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..cli import training_flags
-from ..learned.fit import fit
+from ..learned.fit import adamw, fit
 from ..tasks.video_questions import VIDEO_QA_TASKS
 from ..tiny import TINY_DIR, load_tiny
 from ..tiny.auxiliary import EvidencePointer, evidence_nll
@@ -115,10 +115,7 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
         raise ValueError(f"--pointer-layer must be in 0..{model.config.text_config.num_hidden_layers - 1}")
     pointer = EvidencePointer(model.config.text_config.hidden_size)
     trained = torch.nn.ModuleDict({"model": model, "pointer": pointer})
-    named = [(n, p) for n, p in trained.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for n, p in named if not _no_decay(n)], "weight_decay": 0.05},
-                                   {"params": [p for n, p in named if _no_decay(n)], "weight_decay": 0.0}],
-                                  lr=lr, betas=(0.9, 0.98))
+    optimizer = adamw(trained, lr, _no_decay, betas=(0.9, 0.98))
     start = seed * ITEMS_PER_SEED
     first_answer = {"task": torch.arange(batch_size)}
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers import VideoMAEForVideoClassification
 
 from ..cli import training_flags
-from ..learned.fit import fit
+from ..learned.fit import adamw, fit
 from ..tasks.video import generate_clips
 from . import data
 from .model import tiny_config
@@ -84,10 +84,7 @@ def train(out: Path, steps: int = 2000, batch_size: int = 32, lr: float = 1e-3, 
     model = VideoMAEForVideoClassification(tiny_config(hidden=hidden, depth=depth, heads=heads)).train()
     probe = torch.nn.Linear(hidden, len(data.LABELS))
     trained = torch.nn.ModuleDict({"model": model, "probe": probe})
-    groups = [[p for n, p in trained.named_parameters() if not _no_decay(n)],
-              [p for n, p in trained.named_parameters() if _no_decay(n)]]
-    optimizer = torch.optim.AdamW([{"params": groups[0], "weight_decay": 0.05}, {"params": groups[1], "weight_decay": 0.0}],
-                                  lr=lr, betas=(0.9, 0.999))
+    optimizer = adamw(trained, lr, _no_decay)
     last: dict[str, torch.Tensor] = {}  # the last encoder layer's output (B, T * N, d), for the probe
     hook = model.videomae.encoder.layer[-1].register_forward_hook(lambda m, a, out: last.__setitem__("hidden", out))
 
