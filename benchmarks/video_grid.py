@@ -4,7 +4,9 @@ unpruned run reused by every row); writes ``<out>.json`` and prints a markdown t
 (``docs/benchmarks.md``).
 
 Rows: every temporal and visual baseline at FLOPs targets 0.5 and 0.3 (uniform frame subsampling, EVS,
-DivPrune across all frames and per frame, random, FastV, PDrop, METok with its ratio solved), then
+DivPrune across all frames and per frame, random, FastV, PDrop, FitPrune with a recipe fitted on 64
+training items of the video suite as ``tokensieve eval --method fitprune --flops F`` fits it, METok
+with its ratio solved), then
 METok's stages alone and together at the release's settings (``ratio`` 0.76), where stage 3's KV
 bytes show.
 
@@ -23,7 +25,7 @@ from tokensieve import evaluation, models
 from tokensieve.tasks import VIDEO_QA_TASKS
 
 AT_FLOPS = [("uniform-frames", {}), ("evs", {}), ("divprune", {}), ("divprune", {"scope": "frame"}), ("random", {}),
-            ("fastv", {}), ("pdrop", {}), ("metok", {})]
+            ("fastv", {}), ("pdrop", {}), ("fitprune", {}), ("metok", {})]
 ROWS = ([(m, {**o, "flops": f}) for f in (0.5, 0.3) for m, o in AT_FLOPS]
         + [("metok", {"parts": p}) for p in ((1,), (2,), (3,), (1, 2), (1, 2, 3))])
 
@@ -56,7 +58,11 @@ def main() -> None:
         result = base if method == "none" else None
         if result is None:
             try:
-                result = evaluation.evaluate(model, prompting, "all", method, options, limit=args.limit,
+                run = options
+                if method == "fitprune":
+                    run = {"recipe": evaluation.calibrate_on_tasks(model, prompting, "all", options["flops"],
+                                                                   model_name=args.model, progress=False)}
+                result = evaluation.evaluate(model, prompting, "all", method, run, limit=args.limit,
                                              batch_size=args.batch_size, baseline=base)
             except ValueError as err:
                 print(f"| `{flags(method, options)}` | out of reach: {err} |", flush=True)

@@ -172,3 +172,13 @@ def test_the_shipped_model_answers_each_video_task_at_least_nine_in_ten():
     for task in VIDEO_QA_TASKS:
         assert result["per_task"][task]["accuracy"] >= 0.9
         assert result["per_task"][task]["accuracy"] == pytest.approx(recorded[task], abs=1e-9)
+
+
+def test_task_weights_draw_each_items_task_in_proportion():
+    from tokensieve.tiny_video import data
+
+    assert [data.item(g).task for g in range(5)] == list(VIDEO_QA_TASKS)
+    drawn = Counter(data.item(g, 0, {"video-direction": 21}).task for g in range(50))
+    assert drawn["video-direction"] >= 35 and data.item(7, 0, {"video-end": 2}).question == data.item(7, 0, {"video-end": 2}).question
+    with pytest.raises(SystemExit):
+        cli_main(["train-tiny-video", "--out", "x", "--task-weights", "video-direction=-1"])

@@ -19,6 +19,27 @@ def add(parser: argparse.ArgumentParser, *, save_every: int, eval_items: int, ev
     parser.add_argument("--eval-items", type=int, default=eval_items, help=f"{eval_what} measured after training (0: none)")
 
 
+def task_weights_type(tasks: tuple[str, ...]):
+    """The argparse type of a ``--task-weights`` flag over ``tasks``: ``"a=3,b=0.5"`` -> ``{"a": 3.0, "b": 0.5}``,
+    each task at most once, weights positive."""
+
+    def parse(text: str) -> dict[str, float]:
+        weights = {}
+        for part in filter(None, text.split(",")):
+            name, _, value = part.partition("=")
+            try:
+                weight = float(value)
+            except ValueError:
+                weight = -1.0
+            if name not in tasks or name in weights or not weight > 0:
+                raise argparse.ArgumentTypeError(f"expected task=weight pairs over {', '.join(tasks)} with positive "
+                                                 f"weights, each task once; got {text!r}")
+            weights[name] = weight
+        return weights
+
+    return parse
+
+
 def require(module: str, extra: str, why: str) -> None:
     """Raise ValueError (a one-line command-line error) unless ``module`` can be imported.
 

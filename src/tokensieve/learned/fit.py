@@ -1,6 +1,6 @@
 """The training loop of a model the project trains whole (the tiny SSM, VideoMAE, YOLOS and BAViT):
 AdamW steps on a step-based schedule (:func:`.loop.learning_rate`), a progress bar, the mean of each
-shown number over every ``save_every`` steps in the history, and a resumable checkpoint then
+shown number over every ``save_every`` steps in the history (over the steps that showed it), and a resumable checkpoint then
 (``<out>/partial.safetensors``: weights, AdamW moments, step, history, seconds, torch's RNG state), so a
 stopped run continues to the same weights as an uninterrupted one."""
 
@@ -63,7 +63,9 @@ def fit(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, step_loss: S
         bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()})
         bar.update()
         if step % save_every == 0 or step == steps:
-            history.append({"step": step} | {k: round(sum(w[k] for w in window) / len(window), 5) for k in window[0]})
+            keys = list(dict.fromkeys(k for w in window for k in w))  # a number a step did not show is left out
+            history.append({"step": step} | {k: round(sum(w[k] for w in window if k in w) / sum(k in w for w in window), 5)
+                                             for k in keys})
             window = []
             save_partial(partial, trained, optimizer, step, {
                 "history": json.dumps(history), "seconds": str(time.time() - start),

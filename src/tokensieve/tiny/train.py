@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration
 
-from ..cli import INTERRUPTED
+from ..cli import INTERRUPTED, training_flags
 from ..cli.options import check_output_dir
 from ..tasks import TASKS
 from .auxiliary import EvidencePointer, PatchProbe, evidence_head_loss
@@ -157,20 +157,8 @@ def layer_list(text: str) -> list[int]:
     return layers
 
 
-def task_weights(text: str) -> dict[str, float]:
-    """``"counting=3,relation=2"`` -> ``{"counting": 3.0, "relation": 2.0}`` (argparse type of ``--task-weights``)."""
-    weights = {}
-    for part in filter(None, text.split(",")):
-        name, _, value = part.partition("=")
-        try:
-            weight = float(value)
-        except ValueError:
-            weight = -1.0
-        if name not in TASKS or name in weights or not weight > 0:
-            raise argparse.ArgumentTypeError(f"expected task=weight pairs over {', '.join(TASKS)} with positive "
-                                             f"weights, each task once; got {text!r}")
-        weights[name] = weight
-    return weights
+task_weights = training_flags.task_weights_type(TASKS)
+"""``"counting=3,relation=2"`` -> ``{"counting": 3.0, "relation": 2.0}`` (argparse type of ``--task-weights``)."""
 
 
 def row_weights(task: torch.Tensor, weights: dict[str, float]) -> torch.Tensor | None:

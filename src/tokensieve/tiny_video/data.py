@@ -1,6 +1,7 @@
 """Training batches of the tiny video VLM, generated on the fly from the train split.
 
-Item ``g`` of a run (``g = step * batch + row``) is train item ``g // 5`` of task ``VIDEO_QA_TASKS[g % 5]``;
+Item ``g`` of a run (``g = step * batch + row``) is train item ``g // 5`` of task ``VIDEO_QA_TASKS[g % 5]``
+(with task weights: train item ``g`` of a task drawn in proportion to them, by an RNG seeded by ``g``);
 its sequence is the item's question, then up to ``extra_turns`` further questions about the same clip
 (in an order seeded by ``g``), each ``USER: q ASSISTANT: a </s>``; every answer and its ``</s>`` is
 supervised. For the training-only evidence pointer (:mod:`.train`), each answer turn also names its
@@ -20,10 +21,15 @@ from ..tiny.data import IGNORE_INDEX, normalize
 from . import prompt_text
 
 
-def item(g: int, start: int = 0) -> VideoExample:
-    """Item ``g`` of a run whose items start at train item ``start`` of every task."""
-    task = VIDEO_QA_TASKS[g % len(VIDEO_QA_TASKS)]
-    return generate_video(task, "train", 1, start + g // len(VIDEO_QA_TASKS))[0]
+def item(g: int, start: int = 0, weights: dict[str, float] | None = None) -> VideoExample:
+    """Item ``g`` of a run whose items start at train item ``start`` of every task (``weights``: task ->
+    weight, unlisted tasks 1; see the module docstring)."""
+    if not weights:
+        task = VIDEO_QA_TASKS[g % len(VIDEO_QA_TASKS)]
+        return generate_video(task, "train", 1, start + g // len(VIDEO_QA_TASKS))[0]
+    p = np.array([weights.get(t, 1.0) for t in VIDEO_QA_TASKS])
+    task = VIDEO_QA_TASKS[int(np.random.default_rng([g, 13]).choice(len(p), p=p / p.sum()))]
+    return generate_video(task, "train", 1, start + g)[0]
 
 
 def turns(example: VideoExample, g: int, extra_turns: int) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -57,17 +63,16 @@ def evidence_tokens(clip: Clip, question: str, frames: tuple[int, ...], side: in
 
 
 def batch(tokenizer, tokens_per_frame: int, first: int, size: int, extra_turns: int, start: int = 0,
-          with_answer: bool = True, split_items: list[VideoExample] | None = None) -> dict[str, torch.Tensor]:
-    """A left-padded batch of run items ``first .. first + size - 1`` (or of ``split_items``, prompts
-    only): input_ids / attention_mask / position_ids ``(B, L)``, pixel_values_videos ``(B, F, 3, 96, 96)``
-    and, with answers, labels ``(B, L)`` (IGNORE_INDEX but on answers and their ``</s>``) and, for the
-    training-only pointer (pop it before the model call), evidence: ``(rows, query positions, masks)``,
-    per answer turn with evidence its batch row, the position that predicts the answer and ``(Q, V)``
-    bool over the row's ``V`` video tokens."""
-    examples = split_items if split_items is not None else [item(first + r, start) for r in range(size)]
-    qas = [turns(e, first + r, extra_turns) if with_answer else [(e.question, e.answer, e.evidence_frames)]
-           for r, e in enumerate(examples)]
-    texts = [sequence_text(q) if with_answer else prompt_text(e.question) for q, e in zip(qas, examples)]
+          weights: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """A left-padded batch of run items ``first .. first + size - 1``: input_ids / attention_mask /
+    position_ids / labels ``(B, L)`` (labels IGNORE_INDEX but on answers and their ``</s>``),
+    pixel_values_videos ``(B, F, 3, 96, 96)`` and, to pop before the model call, ``task`` ``(B,)`` (each
+    row's index in ``VIDEO_QA_TASKS``) and, for the training-only pointer, ``evidence``: ``(rows, query
+    positions, masks)``, per answer turn with evidence its batch row, the position that predicts the
+    answer and ``(Q, V)`` bool over the row's ``V`` video tokens."""
+    examples = [item(first + r, start, weights) for r in range(size)]
+    qas = [turns(e, first + r, extra_turns) for r, e in enumerate(examples)]
+    texts = [sequence_text(q) for q in qas]
     video = tokenizer.convert_tokens_to_ids("<video>")
     assistant, colon, eos = tokenizer.convert_tokens_to_ids(["ASSISTANT", ":", "</s>"])
     seqs = []
@@ -100,10 +105,8 @@ def batch(tokenizer, tokens_per_frame: int, first: int, size: int, extra_turns: 
                 labels[row, pad + j] = s[j]
                 answer = s[j] != eos
     pixels = torch.from_numpy(np.stack([e.frames for e in examples])).permute(0, 1, 4, 2, 3)
-    out = {"input_ids": input_ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-           "pixel_values_videos": normalize(pixels.flatten(0, 1)).unflatten(0, pixels.shape[:2])}
-    if with_answer:
-        out["labels"] = labels
-        out["evidence"] = (torch.tensor(ev_rows, dtype=torch.long), torch.tensor(ev_pos, dtype=torch.long),
-                           torch.stack(ev_masks) if ev_masks else torch.zeros(0, 0, dtype=torch.bool))
-    return out
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+            "pixel_values_videos": normalize(pixels.flatten(0, 1)).unflatten(0, pixels.shape[:2]), "labels": labels,
+            "task": torch.tensor([VIDEO_QA_TASKS.index(e.task) for e in examples]),
+            "evidence": (torch.tensor(ev_rows, dtype=torch.long), torch.tensor(ev_pos, dtype=torch.long),
+                         torch.stack(ev_masks) if ev_masks else torch.zeros(0, 0, dtype=torch.bool))}

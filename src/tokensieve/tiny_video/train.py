@@ -49,6 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pointer", type=float, default=1.0,
                    help="weight of the training-only evidence pointer's loss (0: none; the pointer is discarded)")
     p.add_argument("--pointer-layer", type=int, default=4, help="decoder layer whose input the pointer reads")
+    p.add_argument("--task-weights", type=training_flags.task_weights_type(VIDEO_QA_TASKS), default={},
+                   help="comma-separated task=weight: each item's task drawn in proportion (unlisted tasks weigh 1), "
+                        "e.g. video-direction=3; default: the five tasks in turn")
     p.add_argument("--extra-turns", type=int, default=10, help="further questions about the same clip per sequence")
     p.add_argument("--init-from", type=Path, default=None,
                    help="a tiny video checkpoint to train on from (default: convert the shipped tiny LLaVA)")
@@ -63,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     if args.pointer < 0:
         raise ValueError(f"--pointer must be >= 0, got {args.pointer}")
     summary = train(args.out, args.steps, args.batch_size, args.lr, args.warmup, args.seed, args.save_every,
-                    args.resume, args.extra_turns, args.init_from, args.pointer, args.pointer_layer, command=command)
+                    args.resume, args.extra_turns, args.init_from, args.pointer, args.pointer_layer, args.task_weights,
+                    command=command)
     last = summary["history"][-1]
     print(f"trained in {summary['train_seconds']} s; last {args.save_every} steps: "
           + " ".join(f"{t}={last[t]:.3f}" for t in VIDEO_QA_TASKS) + f"; written to {args.out}")
@@ -89,8 +93,8 @@ def pointer_loss(pointer: EvidencePointer, hidden: torch.Tensor, video: torch.Te
 
 def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, warmup: int = 100, seed: int = 0,
           save_every: int = 50, resume: bool = False, extra_turns: int = 10, init_from: Path | None = None,
-          pointer_weight: float = 1.0, pointer_layer: int = 4, command: dict | None = None,
-          progress: bool = True) -> dict:
+          pointer_weight: float = 1.0, pointer_layer: int = 4, task_weights: dict[str, float] | None = None,
+          command: dict | None = None, progress: bool = True) -> dict:
     """Train and save to ``out``; returns the summary.
 
     Raises:
@@ -117,11 +121,11 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
     trained = torch.nn.ModuleDict({"model": model, "pointer": pointer})
     optimizer = adamw(trained, lr, _no_decay, betas=(0.9, 0.98))
     start = seed * ITEMS_PER_SEED
-    first_answer = {"task": torch.arange(batch_size)}
 
     def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        batch = data.batch(tokenizer, processor.tokens_per_frame, step * batch_size, batch_size, extra_turns, start)
-        evidence = batch.pop("evidence")
+        batch = data.batch(tokenizer, processor.tokens_per_frame, step * batch_size, batch_size, extra_turns, start,
+                           task_weights)
+        evidence, tasks = batch.pop("evidence"), batch.pop("task")
         out_ = model(**batch, output_hidden_states=pointer_weight > 0)
         loss = out_.loss
         with torch.no_grad():
@@ -138,7 +142,6 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
                 aux = pointer_loss(pointer, out_.hidden_states[pointer_layer], video, evidence)
             loss = loss + pointer_weight * aux
             shown["pointer"] = float(aux.detach())
-        tasks = (step * batch_size + first_answer["task"]) % len(VIDEO_QA_TASKS)
         for t, name in enumerate(VIDEO_QA_TASKS):
             chosen = tasks == t
             if chosen.any():
@@ -150,7 +153,7 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
     model.eval()
     summary = {"command": command or {}, "tasks": list(VIDEO_QA_TASKS), "steps": steps, "batch_size": batch_size,
                "lr": lr, "warmup": warmup, "seed": seed, "extra_turns": extra_turns, "pointer": pointer_weight,
-               "pointer_layer": pointer_layer,
+               "pointer_layer": pointer_layer, "task_weights": task_weights or {},
                "init_from": str(init_from) if init_from else "the shipped tiny LLaVA", "train_seconds": seconds,
                "parameters": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "history": history}
