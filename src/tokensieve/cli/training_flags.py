@@ -1,6 +1,6 @@
 """The flags every command that trains a model whole shares (``train-tiny-ssm``, ``train-tiny-videomae``,
-``train-tiny-detector``, ``train-bavit``): seed, threads, resume, checkpoint interval, held-out items,
-and their checks."""
+``train-tiny-detector``, ``train-bavit``, ``train-tiny-video``): output folder and schedule, seed, threads,
+resume, checkpoint interval, held-out items, and their checks."""
 
 from __future__ import annotations
 
@@ -8,6 +8,16 @@ import argparse
 from pathlib import Path
 
 from .options import check_output_dir
+
+
+def add_schedule(parser: argparse.ArgumentParser, out: str, *, steps: int, batch_size: int, lr: float, warmup: int) -> None:
+    """``--out`` (required; ``out``: what the folder gets) ``--steps --batch-size --lr --warmup`` with
+    the command's defaults."""
+    parser.add_argument("--out", type=Path, required=True, help=f"folder for {out}")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    parser.add_argument("--warmup", type=int, default=warmup)
 
 
 def add(parser: argparse.ArgumentParser, *, save_every: int, eval_items: int, eval_what: str) -> None:

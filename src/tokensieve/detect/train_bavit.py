@@ -26,14 +26,11 @@ ITEMS_PER_SEED = 10**7
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-bavit", help="train the BAViT foreground/background token classifier on the CPU")
-    p.add_argument("--out", type=Path, required=True, help="folder for the ViT (config.json, model.safetensors), head.safetensors, record.json")
+    training_flags.add_schedule(p, "the ViT (config.json, model.safetensors), head.safetensors, record.json",
+                                steps=1500, batch_size=32, lr=1e-3, warmup=100)
     p.add_argument("--layers", type=int, default=2, help="ViT layers (the paper: 2, or 10)")
     p.add_argument("--hidden", type=int, default=64, help="width (the detector's is 128)")
     p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=100)
     training_flags.add(p, save_every=100, eval_items=500, eval_what="test scenes")
     p.set_defaults(handler=run)
 

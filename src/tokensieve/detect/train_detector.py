@@ -36,11 +36,7 @@ ITEMS_PER_SEED = 10**7
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-tiny-detector", help="train the tiny YOLOS detector on the scene generator on the CPU")
-    p.add_argument("--out", type=Path, required=True, help="folder for config.json, model.safetensors, training_summary.json")
-    p.add_argument("--steps", type=int, default=12000)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=500)
+    training_flags.add_schedule(p, "config.json, model.safetensors, training_summary.json", steps=12000, batch_size=16, lr=3e-4, warmup=500)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)

@@ -37,11 +37,7 @@ def _numbers(text: str) -> tuple[int, ...]:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-tiny-ssm", help="train the tiny Vim-style SSM classifier (object count) on the CPU")
-    p.add_argument("--out", type=Path, required=True, help="folder for model.safetensors, config.json, training_summary.json")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=30)
+    training_flags.add_schedule(p, "model.safetensors, config.json, training_summary.json", steps=600, batch_size=32, lr=2e-3, warmup=30)
     p.add_argument("--hidden", type=int, default=VimConfig.hidden)
     p.add_argument("--depth", type=int, default=VimConfig.depth)
     p.add_argument("--state", type=int, default=VimConfig.state)

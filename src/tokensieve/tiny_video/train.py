@@ -41,11 +41,7 @@ ITEMS_PER_SEED = 10**7
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-tiny-video", help="train the tiny video VLM (LLaVA-NeXT-Video) on the video question tasks on the CPU")
-    p.add_argument("--out", type=Path, required=True, help="folder for the checkpoint, processor and training_summary.json")
-    p.add_argument("--steps", type=int, default=2200)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=8e-4, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=100)
+    training_flags.add_schedule(p, "the checkpoint, processor and training_summary.json", steps=2200, batch_size=8, lr=8e-4, warmup=100)
     p.add_argument("--pointer", type=float, default=1.0,
                    help="weight of the training-only evidence pointer's loss (0: none; the pointer is discarded)")
     p.add_argument("--pointer-layer", type=int, default=4, help="decoder layer whose input the pointer reads")

@@ -36,11 +36,7 @@ ITEMS_PER_SEED = 10**7
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-tiny-videomae", help="train the tiny VideoMAE clip classifier (change class) on the CPU")
-    p.add_argument("--out", type=Path, required=True, help="folder for config.json, model.safetensors, training_summary.json")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=150)
+    training_flags.add_schedule(p, "config.json, model.safetensors, training_summary.json", steps=2000, batch_size=32, lr=1e-3, warmup=150)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--heads", type=int, default=4)
