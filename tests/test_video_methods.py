@@ -35,7 +35,12 @@ from test_reference_divprune_fastervlm import _pruned as encoder_run
 from test_reference_divprune_fastervlm import divprune_release
 from test_reference_pdrop_transprune import _kv, decode_reference
 from tiny_models import TEXT, VIDEO
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
+)
 
 import tokensieve
 

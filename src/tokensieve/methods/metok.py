@@ -65,7 +65,15 @@ from typing import ClassVar, Literal
 import torch
 
 from ..flops import Shape, prefill_flops
-from .base import CacheView, Method, Point, Selection, View, check_budget, check_fraction
+from .base import (
+    CacheView,
+    Method,
+    Point,
+    Selection,
+    View,
+    check_budget,
+    check_fraction,
+)
 from .frames import frame_rows
 from .pool import stride_bins
 

@@ -100,9 +100,10 @@ def video_vocabulary() -> list[str]:
     from .video import DIRECTIONS
 
     words = {w for opening in _OPENINGS.values() for w in opening.split()}
-    words.update("did the move become times appear present at end first , or ? yes no".split())
+    words.update(("did", "the", "move", "become", "times", "appear", "present", "at", "end", "first", ",", "or", "?",
+                  "yes", "no"))
     words.update(COLOUR_NAMES, SHAPES, DIRECTIONS, COUNT_WORDS[1:4])
     return sorted(words)
 
 
-__all__ = ["VIDEO_QA_TASKS", "FRAMES", "VideoExample", "generate_video", "video_vocabulary", "kind"]
+__all__ = ["FRAMES", "VIDEO_QA_TASKS", "VideoExample", "generate_video", "kind", "video_vocabulary"]

@@ -42,4 +42,4 @@ def build_inputs(processor: FrameVideoProcessor, examples: list[VideoExample]) -
     return processor(videos=[e.frames for e in examples], text=[prompt_text(e.question) for e in examples])
 
 
-__all__ = ["TINY_VIDEO_DIR", "FrameVideoProcessor", "load_tiny_video", "build_inputs", "prompt_text"]
+__all__ = ["TINY_VIDEO_DIR", "FrameVideoProcessor", "build_inputs", "load_tiny_video", "prompt_text"]

@@ -20,7 +20,11 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
-from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration, PreTrainedTokenizerFast
+from transformers import (
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
+    PreTrainedTokenizerFast,
+)
 
 from ..tasks.video import FRAMES
 from ..tasks.video_questions import video_vocabulary

@@ -11,6 +11,8 @@ question's evidence frames, where they are visible.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -84,7 +86,7 @@ def batch(tokenizer, tokens_per_frame: int, first: int, size: int, extra_turns: 
     input_ids = torch.full((len(seqs), length), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(input_ids)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
-    side = int(round(tokens_per_frame ** 0.5))
+    side = math.isqrt(tokens_per_frame)
     ev_rows, ev_pos, ev_masks = [], [], []
     for row, s in enumerate(seqs):
         pad = length - len(s)

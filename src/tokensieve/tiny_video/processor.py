@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from transformers import BatchFeature, CLIPImageProcessor, PreTrainedTokenizerFast
+from transformers import AutoImageProcessor, BatchFeature, PreTrainedTokenizerFast
 
 CONFIG_NAME = "video_processor.json"
 
 
 class FrameVideoProcessor:
-    """``(image_processor, tokenizer, tokens_per_frame)``; call it like a transformers processor."""
+    """``(image_processor, tokenizer, tokens_per_frame)``: the image processor the tiny LLaVA ships (CLIP's),
+    the word-level tokenizer, the tokens of one pooled frame; call it like a transformers processor."""
 
     chat_template = None
 
-    def __init__(self, image_processor: CLIPImageProcessor, tokenizer: PreTrainedTokenizerFast, tokens_per_frame: int,
+    def __init__(self, image_processor: Any, tokenizer: PreTrainedTokenizerFast, tokens_per_frame: int,
                  video_token: str = "<video>") -> None:
         self.image_processor = image_processor
         self.tokenizer = tokenizer
@@ -66,9 +68,9 @@ class FrameVideoProcessor:
                                                    "video_token": self.video_token}, indent=1) + "\n")
 
     @classmethod
-    def from_pretrained(cls, path: Path | str) -> "FrameVideoProcessor":
+    def from_pretrained(cls, path: Path | str) -> FrameVideoProcessor:
         path = Path(path)
         settings = json.loads((path / CONFIG_NAME).read_text())
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
         tokenizer.padding_side = "left"
-        return cls(CLIPImageProcessor.from_pretrained(path, local_files_only=True), tokenizer, **settings)
+        return cls(AutoImageProcessor.from_pretrained(path, local_files_only=True), tokenizer, **settings)

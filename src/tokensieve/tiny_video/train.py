@@ -7,8 +7,8 @@ the checkpoint is the stock class): the image model's evidence pointer
 (:class:`tokensieve.tiny.auxiliary.EvidencePointer`, a bilinear scorer on the hidden states entering
 decoder layer ``pointer_layer``) must point from each answer-predicting token at the video tokens of
 the asked objects in the question's evidence frames (:func:`.data.evidence_tokens`), weighted
-``pointer`` against the answer loss: without it, 300 steps left every task but the colour one at
-chance. Schedule (step-based, so a run is
+``pointer`` against the answer loss, as the image model was helped to look (docs/tiny_model.md holds
+what was measured with and without it). Schedule (step-based, so a run is
 reproducible from its flags): AdamW (weight decay 0.05, none on biases, norms and embeddings), linear
 warm-up then cosine decay (:func:`tokensieve.learned.loop.learning_rate`); step ``s`` trains on run
 items ``s * batch .. + batch - 1`` (:mod:`.data`: the five tasks in turn, every item new). The history
