@@ -18,7 +18,7 @@ uses. What differs, and what the engine asks of this module:
 * ``CLIPVisionModel``: 5.2 nests the transformer under ``vision_model`` (state-dict keys
   ``vision_tower.vision_model.*``), later releases hold it directly (``vision_tower.*``), so a LLaVA
   checkpoint saved by one does not load into the other without renaming — :func:`clip_transformer`,
-  :func:`checkpoint_key_mapping`.
+  :func:`checkpoint_key_mapping`, :func:`load_checkpoint`.
 
 * a decoder layer's output: Qwen2-VL's and Qwen2.5-VL's layers return a tuple, hidden states first,
   in 5.2, the hidden states alone later (every other family: always the hidden states) —
@@ -160,6 +160,13 @@ def clip_nests_vision_model() -> bool:
         model = CLIPVisionModel(CLIPVisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                                                  num_attention_heads=1, image_size=8, patch_size=8))
     return any(name == "vision_model" for name, _ in model.named_children())
+
+
+def load_checkpoint(model_class: type, path: Path, dtype: torch.dtype) -> nn.Module:
+    """``model_class.from_pretrained(path)`` offline in ``dtype``, eval mode, with the
+    :func:`checkpoint_key_mapping` this release needs for ``path / "model.safetensors"``."""
+    mapping = checkpoint_key_mapping(model_class, path / "model.safetensors")
+    return model_class.from_pretrained(path, dtype=dtype, local_files_only=True, key_mapping=mapping).eval()
 
 
 def checkpoint_key_mapping(model_class: type, weights: Path) -> dict[str, str] | None:

@@ -75,7 +75,7 @@ from .base import (
     check_fraction,
 )
 from .frames import frame_rows
-from .pool import stride_bins
+from .pool import average_bins, stride_bins, top_left
 
 RELEASE_LAYERS = (3, 10, 19)
 RELEASE_DEPTH = 28
@@ -279,10 +279,8 @@ class METok(Method):
             return grid.index, None
         feats = view.hidden[b, grid.index].view(grid.rows, grid.cols, -1)
         row_bins, col_bins = stride_bins(grid.rows, stride), stride_bins(grid.cols, stride)
-        pooled = torch.stack([feats[r0:r1, c0:c1].reshape(-1, feats.shape[-1]).mean(0)
-                              for r0, r1 in row_bins for c0, c1 in col_bins])
-        anchors = torch.tensor([r0 * grid.cols + c0 for r0, _ in row_bins for c0, _ in col_bins], device=grid.index.device)
-        return grid.index[anchors], pooled
+        anchors = torch.tensor(top_left(row_bins, col_bins, grid.cols), device=grid.index.device)
+        return grid.index[anchors], average_bins(feats, row_bins, col_bins)
 
     def _prefill(self, view: View) -> Selection:
         """Stage 2 before layer ``view.point.before``: each event keeps its own top tokens."""

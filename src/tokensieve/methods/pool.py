@@ -73,6 +73,17 @@ def stride_bins(size: int, stride: int) -> list[tuple[int, int]]:
     return [(i, min(i + stride, size)) for i in range(0, size, stride)]
 
 
+def average_bins(feats: torch.Tensor, row_bins: list[tuple[int, int]], col_bins: list[tuple[int, int]]) -> torch.Tensor:
+    """``feats`` ``(rows, cols, d)`` averaged over each (row bin, column bin) cell: ``(r * c, d)``, row-major."""
+    return torch.stack([feats[r0:r1, c0:c1].reshape(-1, feats.shape[-1]).mean(0)
+                        for r0, r1 in row_bins for c0, c1 in col_bins])
+
+
+def top_left(row_bins: list[tuple[int, int]], col_bins: list[tuple[int, int]], cols: int) -> list[int]:
+    """Each cell's top-left index in a grid of ``cols`` columns (row-major), cells in row-major order."""
+    return [r0 * cols + c0 for r0, _ in row_bins for c0, _ in col_bins]
+
+
 @dataclass
 class Pool(Method):
     """Options: ``stride`` (>= 1; default 2 when no budget is given; 1 pools nothing), or ``keep`` or
@@ -173,10 +184,8 @@ class Pool(Method):
                     pooled = torch.nn.functional.interpolate(image, size=(r, c), mode="bilinear", align_corners=False)
                     pooled = pooled[0].permute(1, 2, 0).to(feats.dtype)
                 else:
-                    pooled = torch.stack([torch.stack([feats[r0:r1, c0:c1].reshape(-1, feats.shape[-1]).mean(0)
-                                                       for c0, c1 in col_bins]) for r0, r1 in row_bins])
-                anchors = torch.tensor([r0 * grid.cols + c0 for r0, _ in row_bins for c0, _ in col_bins],
-                                       device=grid.index.device)
+                    pooled = average_bins(feats, row_bins, col_bins)
+                anchors = torch.tensor(top_left(row_bins, col_bins, grid.cols), device=grid.index.device)
                 target = grid.index[anchors]
                 if hidden is None:
                     hidden = view.hidden.clone()

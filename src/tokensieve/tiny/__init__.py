@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoProcessor, BatchFeature, LlavaForConditionalGeneration
 
-from ..compat import checkpoint_key_mapping
+from ..compat import load_checkpoint
 from ..tasks import Example
 from .build import NUM_IMAGE_TOKENS
 from .prompt import prompt_text
@@ -26,8 +26,7 @@ def load_tiny(dtype: torch.dtype = torch.float32, path: Path | str = TINY_DIR):
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"no tiny checkpoint at {path} (model.safetensors missing); train one with "
                                 "`python -m tokensieve.tiny.train`")
-    model = LlavaForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, local_files_only=True, key_mapping=checkpoint_key_mapping(LlavaForConditionalGeneration, path / "model.safetensors"))
+    model = load_checkpoint(LlavaForConditionalGeneration, path, dtype)
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     processor.tokenizer.padding_side = "left"
     return model.eval(), processor

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import BatchFeature, LlavaNextVideoForConditionalGeneration
 
-from ..compat import checkpoint_key_mapping
+from ..compat import load_checkpoint
 from ..tasks.video_questions import VideoExample
 from .processor import FrameVideoProcessor
 
@@ -28,10 +28,7 @@ def load_tiny_video(dtype: torch.dtype = torch.float32, path: Path | str = TINY_
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"no tiny video checkpoint at {path} (model.safetensors missing); train one with "
                                 "`tokensieve train-tiny-video`")
-    model = LlavaNextVideoForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, local_files_only=True,
-        key_mapping=checkpoint_key_mapping(LlavaNextVideoForConditionalGeneration, path / "model.safetensors"))
-    return model.eval(), FrameVideoProcessor.from_pretrained(path)
+    return load_checkpoint(LlavaNextVideoForConditionalGeneration, path, dtype), FrameVideoProcessor.from_pretrained(path)
 
 
 def build_inputs(processor: FrameVideoProcessor, examples: list[VideoExample]) -> BatchFeature:
