@@ -96,11 +96,11 @@ def test_train_and_test_splits_are_disjoint(task):
 def test_text_tasks_are_registered_apart_from_the_image_tasks():
     assert len(TEXT_TASKS) == 12 and not set(TEXT_TASKS) & set(TASKS)
     assert len({example_seed(t, "train", 0) for t in ALL_TASKS}) == len(ALL_TASKS)
-    assert evaluation.resolve_tasks("all", text=True) == list(TEXT_TASKS)
+    assert evaluation.resolve_tasks("all", "text") == list(TEXT_TASKS)
     assert evaluation.resolve_tasks("all") == list(TASKS)
     assert evaluation.resolve_tasks("multihop_1024") == ["multihop_1024"]
     with pytest.raises(ValueError, match="unknown task"):
-        evaluation.resolve_tasks("counting", text=True)
+        evaluation.resolve_tasks("counting", "text")
 
 
 @pytest.mark.parametrize("task", TEXT_TASKS)
