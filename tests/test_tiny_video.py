@@ -20,7 +20,7 @@ from tokensieve.tiny import load_tiny
 from tokensieve.tiny.data import normalize
 from tokensieve.tiny_video import TINY_VIDEO_DIR
 from tokensieve.tiny_video.build import build_model, build_tokenizer
-from tokensieve.tiny_video.data import evidence_tokens
+from tokensieve.tiny_video.data import before_after, evidence_tokens
 from tokensieve.tiny_video.processor import FrameVideoProcessor
 
 
@@ -65,6 +65,31 @@ def test_evidence_tokens_cover_the_asked_object_where_it_is_visible():
         else:
             st = track[f]
             assert mask[f, (st.y + 7) // 16, (st.x + 7) // 16]
+
+
+def test_changes_are_asked_about_only_where_seen_before_and_after():
+    for task, wanted in (("video-direction", "move"), ("video-colour", "colour")):
+        for e in generate_video(task, "test", 60):
+            o = next(i for i, t in enumerate(e.clip.tracks) if f"the {t[0].colour} {t[0].shape} " in e.question)
+            event = [x for x in e.clip.events if x.item == o and x.kind == wanted][-1]
+            after = event.last if wanted == "move" else event.frame
+            track = e.clip.tracks[o]
+            assert any(s.visible for s in track[:event.frame]) and any(s.visible for s in track[after:])
+
+
+def test_time_spans_split_the_asked_object_at_its_change():
+    e = generate_video("video-direction", "test", 1)[0]
+    before, after = before_after(e.clip, e.question, 6)
+    o = next(i for i, t in enumerate(e.clip.tracks) if f"the {t[0].colour} {t[0].shape} " in e.question)
+    move = next(x for x in e.clip.events if x.item == o and x.kind == "move")
+    track = e.clip.tracks[o]
+    for f, (b_, a_) in enumerate(zip(before.view(FRAMES, 6, 6), after.view(FRAMES, 6, 6))):
+        st = track[f]
+        assert bool(b_.any()) == (f < move.frame and st.visible)
+        assert bool(a_.any()) == (f >= move.last and st.visible)
+        if b_.any() or a_.any():
+            assert (b_ | a_)[(st.y + 7) // 16, (st.x + 7) // 16]
+    assert before_after(e.clip, f"how many times did the {track[0].colour} {track[0].shape} appear ?", 6) is None
 
 
 # ---------------------------------------------------------------------------------------------- model and processor

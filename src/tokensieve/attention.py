@@ -147,5 +147,5 @@ def _softmax_rows(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, scale
     probs = torch.softmax(scores, dim=-1)
     empty = ~allowed.any(-1)  # a query row with no key to see (padding) gives 0, not NaN
     if bool(empty.any()):
-        probs.masked_fill_(empty[..., None], 0.0)
+        probs = probs.masked_fill(empty[..., None], 0.0)
     return probs

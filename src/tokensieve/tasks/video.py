@@ -271,22 +271,27 @@ def _name(clip: Clip, item: int) -> str:
     return f"{first.colour} {first.shape}"
 
 
+def _seen(track: tuple[State, ...], frames: range) -> bool:
+    return any(track[f].visible for f in frames)
+
+
 def questions(clip: Clip) -> list[tuple[str, str, tuple[int, ...]]]:
     """(question, answer, evidence frames) that a single frame cannot answer, about ``clip``'s objects
     (named by their colour and shape in frame 0): which direction each moved, what colour each became,
     how many times each appeared (frame 0 visible counts as an appearance), whether each is present at
-    the end, and, of two that appeared, which appeared first (when their first appearances differ)."""
+    the end, and, of two that appeared, which appeared first (when their first appearances differ).
+    A move or colour change is asked about only where the object is seen both before and after it."""
     out: list[tuple[str, str, tuple[int, ...]]] = []
     appear_frames: dict[int, list[int]] = {}
     for o, track in enumerate(clip.tracks):
         name = _name(clip, o)
         mine = [e for e in clip.events if e.item == o]
         moves = [e for e in mine if e.kind == "move"]
-        if len(moves) == 1:
+        if len(moves) == 1 and _seen(track, range(moves[0].frame)) and _seen(track, range(moves[0].last, FRAMES)):
             e = moves[0]
             out.append((f"which direction did the {name} move ?", str(e.after), tuple(range(e.frame - 1, (e.last or e.frame) + 1))))
         colours = [e for e in mine if e.kind == "colour"]
-        if colours:
+        if colours and _seen(track, range(colours[-1].frame)) and _seen(track, range(colours[-1].frame, FRAMES)):
             out.append((f"what colour did the {name} become ?", str(colours[-1].after), (colours[-1].frame - 1, colours[-1].frame)))
         appear_frames[o] = ([0] if track[0].visible else []) + [e.frame for e in mine if e.kind == "appear"]
         out.append((f"how many times did the {name} appear ?", str(len(appear_frames[o])), tuple(appear_frames[o])))

@@ -18,7 +18,7 @@ import torch
 
 from ..tasks.scene import IMAGE_SIZE, OBJECT_SIZE
 from ..tasks.video import Clip, questions
-from ..tasks.video_questions import VIDEO_QA_TASKS, VideoExample, generate_video
+from ..tasks.video_questions import VIDEO_QA_TASKS, VideoExample, generate_video, kind
 from ..tiny.data import IGNORE_INDEX, normalize
 from . import prompt_text
 
@@ -49,19 +49,45 @@ def sequence_text(qas: list[tuple[str, str, tuple[int, ...]]]) -> str:
     return text + "".join(f" USER: {q} ASSISTANT: {a} </s>" for q, a, _ in rest)
 
 
-def evidence_tokens(clip: Clip, question: str, frames: tuple[int, ...], side: int) -> torch.Tensor:
-    """``(F * side * side,)`` bool: the tokens (a ``side x side`` grid per frame) that cover an object
-    the question names (by its frame-0 colour and shape) in ``frames``, where it is visible."""
+def object_tokens(clip: Clip, item: int, frames: range | tuple[int, ...], side: int) -> torch.Tensor:
+    """``(F * side * side,)`` bool: the tokens (a ``side x side`` grid per frame) covering object ``item``
+    in ``frames``, where it is visible."""
     cell = IMAGE_SIZE // side
     mask = torch.zeros(len(clip.frames), side, side, dtype=torch.bool)
-    for track in clip.tracks:
-        if f"the {track[0].colour} {track[0].shape}" not in question:
-            continue
-        for f in frames:
-            st = track[f]
-            if st.visible:
-                mask[f, st.y // cell:(st.y + OBJECT_SIZE - 1) // cell + 1, st.x // cell:(st.x + OBJECT_SIZE - 1) // cell + 1] = True
+    for f in frames:
+        st = clip.tracks[item][f]
+        if st.visible:
+            mask[f, st.y // cell:(st.y + OBJECT_SIZE - 1) // cell + 1, st.x // cell:(st.x + OBJECT_SIZE - 1) // cell + 1] = True
     return mask.flatten()
+
+
+def _named(clip: Clip, question: str) -> list[int]:
+    """The objects ``question`` names (by their frame-0 colour and shape)."""
+    return [o for o, track in enumerate(clip.tracks) if f"the {track[0].colour} {track[0].shape} " in question]
+
+
+def evidence_tokens(clip: Clip, question: str, frames: tuple[int, ...], side: int) -> torch.Tensor:
+    """``(F * side * side,)`` bool: the tokens that cover an object the question names in ``frames``,
+    where it is visible."""
+    mask = torch.zeros(len(clip.frames) * side * side, dtype=torch.bool)
+    for o in _named(clip, question):
+        mask |= object_tokens(clip, o, frames, side)
+    return mask
+
+
+def before_after(clip: Clip, question: str, side: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For a direction or colour question, the asked object's tokens before its move (the frames before
+    the move's first) and after it (from the move's last frame on), or before and from its last colour
+    change: two ``(F * side * side,)`` bool masks; None for the other questions."""
+    task = kind(question)
+    if task not in ("video-direction", "video-colour"):
+        return None
+    item = _named(clip, question)[0]
+    wanted = "move" if task == "video-direction" else "colour"
+    event = [e for e in clip.events if e.item == item and e.kind == wanted][-1]
+    after = event.last if wanted == "move" else event.frame
+    return (object_tokens(clip, item, range(event.frame), side),
+            object_tokens(clip, item, range(after, len(clip.frames)), side))
 
 
 def batch(tokenizer, tokens_per_frame: int, first: int, size: int, extra_turns: int, start: int = 0,
@@ -71,7 +97,9 @@ def batch(tokenizer, tokens_per_frame: int, first: int, size: int, extra_turns: 
     pixel_values_videos ``(B, F, 3, 96, 96)`` and, to pop before the model call, ``task`` ``(B,)`` (each
     row's index in ``VIDEO_QA_TASKS``) and, for the training-only pointer, ``evidence``: ``(rows, query
     positions, masks)``, per answer turn with evidence its batch row, the position that predicts the
-    answer and ``(Q, V)`` bool over the row's ``V`` video tokens."""
+    answer and ``(Q, V)`` bool over the row's ``V`` video tokens; for the training-only time heads,
+    ``spans``: ``(rows, query positions, before, after)``, the same per direction or colour turn with
+    :func:`before_after`'s masks ``(S, V)`` each."""
     examples = [item(first + r, start, weights) for r in range(size)]
     qas = [turns(e, first + r, extra_turns) for r, e in enumerate(examples)]
     texts = [sequence_text(q) for q in qas]
@@ -88,6 +116,7 @@ def batch(tokenizer, tokens_per_frame: int, first: int, size: int, extra_turns: 
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     side = math.isqrt(tokens_per_frame)
     ev_rows, ev_pos, ev_masks = [], [], []
+    span_rows, span_pos, befores, afters = [], [], [], []
     for row, s in enumerate(seqs):
         pad = length - len(s)
         input_ids[row, pad:] = torch.tensor(s)
@@ -102,6 +131,12 @@ def batch(tokenizer, tokens_per_frame: int, first: int, size: int, extra_turns: 
                     ev_rows.append(row)
                     ev_pos.append(pad + j - 1)
                     ev_masks.append(target)
+                spans = before_after(examples[row].clip, question, side)
+                if spans is not None:
+                    span_rows.append(row)
+                    span_pos.append(pad + j - 1)
+                    befores.append(spans[0])
+                    afters.append(spans[1])
                 turn += 1
             if answer:
                 labels[row, pad + j] = s[j]
@@ -111,4 +146,7 @@ def batch(tokenizer, tokens_per_frame: int, first: int, size: int, extra_turns: 
             "pixel_values_videos": normalize(pixels.flatten(0, 1)).unflatten(0, pixels.shape[:2]), "labels": labels,
             "task": torch.tensor([VIDEO_QA_TASKS.index(e.task) for e in examples]),
             "evidence": (torch.tensor(ev_rows, dtype=torch.long), torch.tensor(ev_pos, dtype=torch.long),
-                         torch.stack(ev_masks) if ev_masks else torch.zeros(0, 0, dtype=torch.bool))}
+                         torch.stack(ev_masks) if ev_masks else torch.zeros(0, 0, dtype=torch.bool)),
+            "spans": (torch.tensor(span_rows, dtype=torch.long), torch.tensor(span_pos, dtype=torch.long),
+                      torch.stack(befores) if befores else torch.zeros(0, 0, dtype=torch.bool),
+                      torch.stack(afters) if afters else torch.zeros(0, 0, dtype=torch.bool))}

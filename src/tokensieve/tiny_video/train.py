@@ -8,7 +8,11 @@ the checkpoint is the stock class): the image model's evidence pointer
 decoder layer ``pointer_layer``) must point from each answer-predicting token at the video tokens of
 the asked objects in the question's evidence frames (:func:`.data.evidence_tokens`), weighted
 ``pointer`` against the answer loss, as the image model was helped to look (docs/tiny_model.md holds
-what was measured with and without it). Schedule (step-based, so a run is
+what was measured with and without it). A second aid shapes the shipped model's own attention: on
+direction and colour answers, head 0 of decoder layer ``time_layer`` must put its mass on the asked
+object's tokens before its move or colour change and head 1 on them after it (:func:`time_heads_loss`,
+:func:`.data.before_after`), weighted ``time_weight``; the token values carry no frame index, so a
+question about what changed needs heads that tell early frames from late ones. Schedule (step-based, so a run is
 reproducible from its flags): AdamW (weight decay 0.05, none on biases, norms and embeddings), linear
 warm-up then cosine decay (:func:`tokensieve.learned.loop.learning_rate`); step ``s`` trains on run
 items ``s * batch .. + batch - 1`` (:mod:`.data`: the five tasks in turn, every item new). The history
@@ -31,7 +35,7 @@ from ..cli import training_flags
 from ..learned.fit import adamw, fit
 from ..tasks.video_questions import VIDEO_QA_TASKS
 from ..tiny import TINY_DIR, load_tiny
-from ..tiny.auxiliary import EvidencePointer, evidence_nll
+from ..tiny.auxiliary import EvidencePointer, evidence_nll, head_mass_loss
 from . import data
 from .build import build_model, tokens_per_frame
 from .processor import FrameVideoProcessor
@@ -45,6 +49,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pointer", type=float, default=1.0,
                    help="weight of the training-only evidence pointer's loss (0: none; the pointer is discarded)")
     p.add_argument("--pointer-layer", type=int, default=4, help="decoder layer whose input the pointer reads")
+    p.add_argument("--time-weight", type=float, default=1.0,
+                   help="weight of the training-only time-head loss (0: none): on direction and colour answers, "
+                        "head 0 of --time-layer must attend to the object before its change, head 1 after it")
+    p.add_argument("--time-layer", type=int, default=3, help="decoder layer whose heads 0 and 1 are the time heads")
     p.add_argument("--task-weights", type=training_flags.task_weights_type(VIDEO_QA_TASKS), default={},
                    help="comma-separated task=weight: each item's task drawn in proportion (unlisted tasks weigh 1), "
                         "e.g. video-direction=3; default: the five tasks in turn")
@@ -59,11 +67,11 @@ def run(args: argparse.Namespace) -> int:
     command = training_flags.check(args, ("extra_turns",))
     if args.batch_size < len(VIDEO_QA_TASKS):
         raise ValueError(f"--batch-size must be at least {len(VIDEO_QA_TASKS)} (one item of every task per step)")
-    if args.pointer < 0:
-        raise ValueError(f"--pointer must be >= 0, got {args.pointer}")
+    if args.pointer < 0 or args.time_weight < 0:
+        raise ValueError(f"--pointer and --time-weight must be >= 0, got {args.pointer} and {args.time_weight}")
     summary = train(args.out, args.steps, args.batch_size, args.lr, args.warmup, args.seed, args.save_every,
                     args.resume, args.extra_turns, args.init_from, args.pointer, args.pointer_layer, args.task_weights,
-                    command=command)
+                    args.time_weight, args.time_layer, command=command)
     last = summary["history"][-1]
     print(f"trained in {summary['train_seconds']} s; last {args.save_every} steps: "
           + " ".join(f"{t}={last[t]:.3f}" for t in VIDEO_QA_TASKS) + f"; written to {args.out}")
@@ -87,10 +95,25 @@ def pointer_loss(pointer: EvidencePointer, hidden: torch.Tensor, video: torch.Te
     return evidence_nll(scores.log_softmax(-1), masks)
 
 
+def time_heads_loss(model, hidden_states: tuple[torch.Tensor, ...], batch: dict[str, torch.Tensor], layer: int,
+                    spans: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean of :func:`~tokensieve.tiny.auxiliary.head_mass_loss` on head 0 of decoder layer ``layer``
+    towards each span's ``before`` tokens and on head 1 towards its ``after`` tokens (``spans`` as
+    :func:`.data.batch` gives them; ``hidden_states[layer]`` ``(B, L, D)`` is the layer's input). Head 0
+    and head 1 share one key/value head; rotary positions tell them early from late frames."""
+    rows, positions, before, after = spans
+    decoder = model.model.language_model
+    cos, sin = decoder.rotary_emb(hidden_states[0], batch["position_ids"])
+    video = batch["input_ids"] == model.config.video_token_id
+    args = (hidden_states[layer], cos, sin, batch["attention_mask"], video, rows, positions)
+    return (head_mass_loss(decoder.layers[layer], 0, *args, before)
+            + head_mass_loss(decoder.layers[layer], 1, *args, after)) / 2
+
+
 def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, warmup: int = 100, seed: int = 0,
           save_every: int = 50, resume: bool = False, extra_turns: int = 10, init_from: Path | None = None,
           pointer_weight: float = 1.0, pointer_layer: int = 4, task_weights: dict[str, float] | None = None,
-          command: dict | None = None, progress: bool = True) -> dict:
+          time_weight: float = 1.0, time_layer: int = 3, command: dict | None = None, progress: bool = True) -> dict:
     """Train and save to ``out``; returns the summary.
 
     Raises:
@@ -111,8 +134,9 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
                                         tokens_per_frame(vision.image_size, vision.patch_size))
     model.model.vision_tower.requires_grad_(False)
     model.train()
-    if not 0 <= pointer_layer < model.config.text_config.num_hidden_layers:
-        raise ValueError(f"--pointer-layer must be in 0..{model.config.text_config.num_hidden_layers - 1}")
+    layers = model.config.text_config.num_hidden_layers
+    if not (0 <= pointer_layer < layers and 0 <= time_layer < layers):
+        raise ValueError(f"--pointer-layer and --time-layer must be in 0..{layers - 1}, got {pointer_layer} and {time_layer}")
     pointer = EvidencePointer(model.config.text_config.hidden_size)
     trained = torch.nn.ModuleDict({"model": model, "pointer": pointer})
     optimizer = adamw(trained, lr, _no_decay, betas=(0.9, 0.98))
@@ -121,8 +145,8 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
     def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch = data.batch(tokenizer, processor.tokens_per_frame, step * batch_size, batch_size, extra_turns, start,
                            task_weights)
-        evidence, tasks = batch.pop("evidence"), batch.pop("task")
-        out_ = model(**batch, output_hidden_states=pointer_weight > 0)
+        evidence, spans, tasks = batch.pop("evidence"), batch.pop("spans"), batch.pop("task")
+        out_ = model(**batch, output_hidden_states=pointer_weight > 0 or time_weight > 0)
         loss = out_.loss
         with torch.no_grad():
             labels = batch["labels"]
@@ -138,6 +162,12 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
                 aux = pointer_loss(pointer, out_.hidden_states[pointer_layer], video, evidence)
             loss = loss + pointer_weight * aux
             shown["pointer"] = float(aux.detach())
+        if time_weight > 0:
+            aux = torch.zeros(())
+            if len(spans[0]):
+                aux = time_heads_loss(model, out_.hidden_states, batch, time_layer, spans)
+            loss = loss + time_weight * aux
+            shown["time"] = float(aux.detach())
         for t, name in enumerate(VIDEO_QA_TASKS):
             chosen = tasks == t
             if chosen.any():
@@ -149,7 +179,7 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
     model.eval()
     summary = {"command": command or {}, "tasks": list(VIDEO_QA_TASKS), "steps": steps, "batch_size": batch_size,
                "lr": lr, "warmup": warmup, "seed": seed, "extra_turns": extra_turns, "pointer": pointer_weight,
-               "pointer_layer": pointer_layer, "task_weights": task_weights or {},
+               "pointer_layer": pointer_layer, "time_weight": time_weight, "time_layer": time_layer, "task_weights": task_weights or {},
                "init_from": str(init_from) if init_from else "the shipped tiny LLaVA", "train_seconds": seconds,
                "parameters": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "history": history}
