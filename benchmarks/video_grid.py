@@ -6,9 +6,9 @@ unpruned run reused by every row); writes ``<out>.json`` and prints a markdown t
 Rows: every temporal and visual baseline at FLOPs targets 0.5 and 0.3 (uniform frame subsampling, EVS,
 DivPrune across all frames and per frame, random, FastV, PDrop, FitPrune with a recipe fitted on 64
 training items of the video suite as ``tokensieve eval --method fitprune --flops F`` fits it, METok
-with its ratio solved), then
-METok's stages alone and together at the release's settings (``ratio`` 0.76), where stage 3's KV
-bytes show.
+with its ratio solved); the methods that drop tokens before the LLM again at FLOPs 0.5 with
+``positions=keep`` (kept tokens at their original positions instead of renumbered); then METok's
+stages alone and together at the release's settings (``ratio`` 0.76), where stage 3's KV bytes show.
 
     python benchmarks/video_grid.py --limit 100 -o results/video_grid
 """
@@ -26,8 +26,12 @@ from tokensieve.tasks import VIDEO_QA_TASKS
 
 AT_FLOPS = [("uniform-frames", {}), ("evs", {}), ("divprune", {}), ("divprune", {"scope": "frame"}), ("random", {}),
             ("fastv", {}), ("pdrop", {}), ("fitprune", {}), ("metok", {})]
+ENCODER = [("uniform-frames", {}), ("evs", {}), ("divprune", {}), ("divprune", {"scope": "frame"}), ("random", {}),
+           ("metok", {})]
 ROWS = ([(m, {**o, "flops": f}) for f in (0.5, 0.3) for m, o in AT_FLOPS]
-        + [("metok", {"parts": p}) for p in ((1,), (2,), (3,), (1, 2), (1, 2, 3))])
+        + [(m, {**o, "flops": 0.5, "positions": "keep"}) for m, o in ENCODER]
+        + [("metok", {"parts": p}) for p in ((1,), (2,), (3,), (1, 2), (1, 2, 3))]
+        + [("metok", {"parts": (1,), "positions": "keep"})])
 
 
 def flags(method: str, options: dict) -> str:

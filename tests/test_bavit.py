@@ -246,22 +246,11 @@ def test_evaluate_settings(detector, classifier) -> None:
         evaluate.evaluate(detector, "bavit", 1.0, bavit.BAViT(bavit.config(1, 16, 2, patch=16)), items=2, progress=False)
 
 
-def test_bavit_training_resumes_to_the_same_weights(tmp_path, monkeypatch) -> None:
+def test_bavit_training_resumes_to_the_same_weights(tmp_path, interrupted) -> None:
     cfg = bavit.config(layers=1, hidden=16, heads=2)
     kwargs = dict(steps=4, batch_size=4, warmup=2, save_every=2, eval_items=0, progress=False)
     straight = train_bavit.train(cfg, tmp_path / "a", **kwargs)
-    real, calls = data.scenes, []
-
-    def failing(*args, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(train_bavit.data, "scenes", failing)
-    with pytest.raises(KeyboardInterrupt):
-        train_bavit.train(cfg, tmp_path / "b", **kwargs)
-    monkeypatch.setattr(train_bavit.data, "scenes", real)
+    interrupted(train_bavit.data, "scenes", 3, lambda: train_bavit.train(cfg, tmp_path / "b", **kwargs))
     assert (tmp_path / "b" / "partial.safetensors").is_file()
     resumed = train_bavit.train(cfg, tmp_path / "b", resume=True, **kwargs)
     assert resumed["history"] == straight["history"]

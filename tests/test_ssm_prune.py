@@ -257,24 +257,14 @@ def test_cli_errors_exit_2(capsys, tmp_path):
     assert isinstance(parser, argparse.ArgumentParser)
 
 
-def test_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+def test_training_resumes_to_the_same_weights(tmp_path, interrupted):
     from tokensieve.ssm import train
 
     config = VimConfig(hidden=8, depth=2, state=2, dt_rank=1, prune_after=(0,))
     straight, _ = train.train(config, tmp_path / "a", steps=4, batch_size=2, warmup=2, save_every=2, eval_items=0,
                               progress=False)
-    real, calls = data.batch, []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train.data, "batch", failing)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(config, tmp_path / "b", steps=4, batch_size=2, warmup=2, save_every=2, eval_items=0, progress=False)
-    monkeypatch.setattr(train.data, "batch", real)
+    interrupted(train.data, "batch", 3, lambda: train.train(config, tmp_path / "b", steps=4, batch_size=2, warmup=2,
+                                                            save_every=2, eval_items=0, progress=False))
     assert (tmp_path / "b" / "partial.safetensors").is_file()
     resumed, summary = train.train(config, tmp_path / "b", steps=4, batch_size=2, warmup=2, save_every=2, eval_items=0,
                                    resume=True, progress=False)

@@ -3,6 +3,7 @@ and its place in the command line (``--model tiny-video``, ``--task all``)."""
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import Counter
 
@@ -130,24 +131,13 @@ def test_the_processor_expands_the_video_token_and_normalises_frames_as_training
         processor(videos=[items[0].frames, items[1].frames[:8]], text=["<video> a", "<video> b"])
 
 
-def test_train_tiny_video_writes_a_loadable_checkpoint_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
+def test_train_tiny_video_writes_a_loadable_checkpoint_and_resumes_to_the_same_weights(tmp_path, interrupted):
     from tokensieve.tiny_video import data, train
 
     kwargs = dict(steps=2, batch_size=5, extra_turns=1, save_every=1, progress=False)
     straight = train.train(tmp_path / "a", **kwargs)
     assert [h["step"] for h in straight["history"]] == [1, 2] and set(VIDEO_QA_TASKS) <= set(straight["history"][0])
-    real, calls = data.batch, []
-
-    def failing(*args, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(data, "batch", failing)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(tmp_path / "b", **kwargs)
-    monkeypatch.setattr(data, "batch", real)
+    interrupted(data, "batch", 2, lambda: train.train(tmp_path / "b", **kwargs))
     assert (tmp_path / "b" / "partial.safetensors").is_file()
     train.train(tmp_path / "b", resume=True, **kwargs)
     assert not (tmp_path / "b" / "partial.safetensors").exists()
@@ -159,6 +149,30 @@ def test_train_tiny_video_writes_a_loadable_checkpoint_and_resumes_to_the_same_w
 def test_bad_training_flags_are_one_line_errors(tmp_path, capsys):
     assert cli_main(["train-tiny-video", "--out", str(tmp_path / "x"), "--batch-size", "3"]) == 2
     assert "--batch-size must be at least 5" in capsys.readouterr().err
+    assert cli_main(["train-tiny-video", "--out", str(tmp_path / "x"), "--time-layer", "8"]) == 2
+    assert "--time-layer must be in 0..7" in capsys.readouterr().err
+
+
+def test_time_heads_loss_is_the_mass_the_models_own_heads_put_on_each_span(built):
+    from tokensieve.tiny_video import data
+    from tokensieve.tiny_video.train import time_heads_loss
+
+    model, tokenizer = copy.deepcopy(built[0]), built[1]
+    batch = data.batch(tokenizer, 36, 0, 5, 2)
+    spans, _, _ = batch.pop("spans"), batch.pop("evidence"), batch.pop("task")
+    assert len(spans[0]) > 0
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True, output_attentions=True)
+        loss = time_heads_loss(model, out.hidden_states, batch, 3, spans)
+    rows, positions, before, after = spans
+    video = batch["input_ids"] == model.config.video_token_id
+    expected = 0.0
+    for head, target in ((0, before), (1, after)):
+        attn = out.attentions[3][rows, head, positions]  # (S, L): the layer's own softmax
+        on_video = torch.stack([a[video[r]] for a, r in zip(attn, rows)])
+        expected += -(on_video * target).sum(-1).log().mean() / 2
+    assert torch.allclose(loss, expected, atol=1e-5), (loss, expected)
 
 
 # ---------------------------------------------------------------------------------------------- the shipped checkpoint

@@ -348,24 +348,13 @@ def test_evidence_tokens_mark_the_changed_tubelet_and_cells():
             assert not any(differs[p] for p in range(36) if t * 36 + p not in marked)
 
 
-def test_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+def test_training_resumes_to_the_same_weights(tmp_path, interrupted):
     from tokensieve.video import train
     from tokensieve.video.model import load
 
     kwargs = dict(steps=4, batch_size=2, warmup=2, save_every=2, eval_items=0, hidden=8, depth=1, heads=2, progress=False)
     straight, _ = train.train(tmp_path / "a", **kwargs)
-    real, calls = train.generate_clips, []
-
-    def failing(*args, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(train, "generate_clips", failing)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(tmp_path / "b", **kwargs)
-    monkeypatch.setattr(train, "generate_clips", real)
+    interrupted(train, "generate_clips", 3, lambda: train.train(tmp_path / "b", **kwargs))
     assert (tmp_path / "b" / "partial.safetensors").is_file()
     resumed, summary = train.train(tmp_path / "b", resume=True, **kwargs)
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
