@@ -12,7 +12,10 @@ what was measured with and without it). A second aid shapes the shipped model's 
 direction and colour answers, head 0 of decoder layer ``time_layer`` must put its mass on the asked
 object's tokens before its move or colour change and head 1 on them after it (:func:`time_heads_loss`,
 :func:`.data.before_after`), weighted ``time_weight``; the token values carry no frame index, so a
-question about what changed needs heads that tell early frames from late ones. Schedule (step-based, so a run is
+question about what changed needs heads that tell early frames from late ones. On the same answers
+the first answer token must also be read off the output of decoder layer ``time_layer + 1`` through
+the model's own final norm and LM head (:func:`early_answer_loss`, same weight): the comparison of the
+two heads' outputs is learnt right after them. Schedule (step-based, so a run is
 reproducible from its flags): AdamW (weight decay 0.05, none on biases, norms and embeddings), linear
 warm-up then cosine decay (:func:`tokensieve.learned.loop.learning_rate`); step ``s`` trains on run
 items ``s * batch .. + batch - 1`` (:mod:`.data`: the five tasks in turn, every item new). The history
@@ -52,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-weight", type=float, default=1.0,
                    help="weight of the training-only time-head loss (0: none): on direction and colour answers, "
                         "head 0 of --time-layer must attend to the object before its change, head 1 after it")
-    p.add_argument("--time-layer", type=int, default=3, help="decoder layer whose heads 0 and 1 are the time heads")
+    p.add_argument("--time-layer", type=int, default=3, help="decoder layer whose heads 0 and 1 are the time heads (the answer is also read off the next layer's output)")
     p.add_argument("--task-weights", type=training_flags.task_weights_type(VIDEO_QA_TASKS), default={},
                    help="comma-separated task=weight: each item's task drawn in proportion (unlisted tasks weigh 1), "
                         "e.g. video-direction=3; default: the five tasks in turn")
@@ -110,6 +113,15 @@ def time_heads_loss(model, hidden_states: tuple[torch.Tensor, ...], batch: dict[
             + head_mass_loss(decoder.layers[layer], 1, *args, after)) / 2
 
 
+def early_answer_loss(model, hidden: torch.Tensor, labels: torch.Tensor,
+                      spans: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of each span's first answer token read off ``hidden`` ``(B, L, D)`` (an early layer's
+    output) through the model's own final norm and LM head: the answer must already be there."""
+    rows, positions = spans[0], spans[1]
+    logits = model.lm_head(model.model.language_model.norm(hidden[rows, positions]))
+    return torch.nn.functional.cross_entropy(logits.float(), labels[rows, positions + 1])
+
+
 def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, warmup: int = 100, seed: int = 0,
           save_every: int = 50, resume: bool = False, extra_turns: int = 10, init_from: Path | None = None,
           pointer_weight: float = 1.0, pointer_layer: int = 4, task_weights: dict[str, float] | None = None,
@@ -135,8 +147,9 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
     model.model.vision_tower.requires_grad_(False)
     model.train()
     layers = model.config.text_config.num_hidden_layers
-    if not (0 <= pointer_layer < layers and 0 <= time_layer < layers):
-        raise ValueError(f"--pointer-layer and --time-layer must be in 0..{layers - 1}, got {pointer_layer} and {time_layer}")
+    if not (0 <= pointer_layer < layers and 0 <= time_layer < layers - 1):
+        raise ValueError(f"--pointer-layer must be in 0..{layers - 1} and --time-layer in 0..{layers - 2}, "
+                         f"got {pointer_layer} and {time_layer}")
     pointer = EvidencePointer(model.config.text_config.hidden_size)
     trained = torch.nn.ModuleDict({"model": model, "pointer": pointer})
     optimizer = adamw(trained, lr, _no_decay, betas=(0.9, 0.98))
@@ -164,10 +177,13 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
             shown["pointer"] = float(aux.detach())
         if time_weight > 0:
             aux = torch.zeros(())
+            early = torch.zeros(())
             if len(spans[0]):
                 aux = time_heads_loss(model, out_.hidden_states, batch, time_layer, spans)
-            loss = loss + time_weight * aux
+                early = early_answer_loss(model, out_.hidden_states[time_layer + 2], batch["labels"], spans)
+            loss = loss + time_weight * (aux + early)
             shown["time"] = float(aux.detach())
+            shown["early"] = float(early.detach())
         for t, name in enumerate(VIDEO_QA_TASKS):
             chosen = tasks == t
             if chosen.any():
