@@ -5,7 +5,7 @@ pixel-identical to the same square of the frame before (frame 0's tokens are nev
 temporal redundancy that EVS, METok's events and frame subsampling go after. Its *evidence* tokens are
 those covering the asked object in the question's evidence frames (:func:`tokensieve.tiny_video.data.
 evidence_tokens`, as the training pointer sees them). For each method, per task, the share of static,
-changed and evidence tokens still alive after the method's first pruning stage
+changed and evidence tokens still alive after the method's first stage that removes any
 (``SampleReport.visual_kept``: the encoder for the methods before the LLM, the first pruning layer for
 the others), next to the share of all visual tokens alive then (what a method blind to both keeps).
 
@@ -60,7 +60,8 @@ def shares(model, processor, method: str, options: dict, task: str, limit: int, 
         with prune(model, method, **options) as run:
             model(**inputs, logits_to_keep=1)
         for example, sample, start in zip(chunk, run.report.samples, first_video.tolist()):
-            stage = next(s for s in sample.visual_kept if s != "input")
+            stages = [s for s in sample.visual_kept if s != "input"]
+            stage = next((s for s in stages if len(sample.visual_kept[s]) < len(sample.visual_kept["input"])), stages[-1])
             kept = torch.zeros(len(example.frames) * SIDE * SIDE, dtype=torch.bool)
             kept[[p - start for p in sample.visual_kept[stage]]] = True
             static = static_tokens(example.frames)
