@@ -183,25 +183,24 @@ def evidence_head_loss(layer: nn.Module, head: int, hidden: torch.Tensor, cos: t
     (B, 144, 4); ``evidence``: (Q, 3) rows of (batch row, query position, cell bits).
     """
     rows, positions, bits = evidence.unbind(-1)
-    return head_mass_loss(layer, head, hidden, cos, sin, attention_mask, visual, rows, positions,
-                          evidence_targets(patch_targets, rows, bits))
+    on_visual = visual_attention(layer, hidden, cos, sin, attention_mask, visual, rows, positions)[:, head]
+    return evidence_nll(on_visual.log(), evidence_targets(patch_targets, rows, bits))
 
 
-def head_mass_loss(layer: nn.Module, head: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   attention_mask: torch.Tensor, visual: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
-                   targets: torch.Tensor) -> torch.Tensor:
-    """``-log`` of the attention mass that ``head`` of ``layer`` puts, from each query, on its target
-    visual tokens, averaged over queries (the attention recomputed from the layer's input over every
-    key the query may see: causal and padding mask).
+def visual_attention(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     attention_mask: torch.Tensor, visual: torch.Tensor, rows: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+    """``(Q, H, V)``: every head's attention at ``layer`` from each query onto the visual tokens of its
+    row, recomputed from the layer's input over every key the query may see (causal and padding mask).
 
     ``hidden``: (B, L, D) input of ``layer``; ``cos``/``sin``: (B, L, head_dim) rotary tables;
     ``attention_mask``: (B, L); ``visual``: (B, L) bool, the same count ``V`` per row; ``rows``,
-    ``positions``: (Q,) each query's batch row and position; ``targets``: (Q, V) bool.
+    ``positions``: (Q,) each query's batch row and position.
     """
     batch, length = attention_mask.shape
     slot, queries = query_slots(rows, positions, batch)
     allowed = torch.zeros(batch, queries.shape[1], length, dtype=torch.bool)
     allowed[rows, slot] = (torch.arange(length)[None] <= positions[:, None]) & attention_mask[rows].bool()
     probs = attention_rows(layer, hidden, cos, sin, queries, allowed)  # (B, H, slots, L)
-    on_visual = probs[rows, head, slot][visual[rows]].view(len(rows), -1)  # (Q, V)
-    return evidence_nll(on_visual.log(), targets)
+    per_query = probs[rows, :, slot].transpose(1, 2)  # (Q, L, H)
+    return per_query[visual[rows]].view(len(rows), -1, per_query.shape[-1]).transpose(1, 2)

@@ -38,7 +38,7 @@ from ..cli import training_flags
 from ..learned.fit import adamw, fit
 from ..tasks.video_questions import VIDEO_QA_TASKS
 from ..tiny import TINY_DIR, load_tiny
-from ..tiny.auxiliary import EvidencePointer, evidence_nll, head_mass_loss
+from ..tiny.auxiliary import EvidencePointer, evidence_nll, visual_attention
 from . import data
 from .build import build_model, tokens_per_frame
 from .processor import FrameVideoProcessor
@@ -100,17 +100,17 @@ def pointer_loss(pointer: EvidencePointer, hidden: torch.Tensor, video: torch.Te
 
 def time_heads_loss(model, hidden_states: tuple[torch.Tensor, ...], batch: dict[str, torch.Tensor], layer: int,
                     spans: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Mean of :func:`~tokensieve.tiny.auxiliary.head_mass_loss` on head 0 of decoder layer ``layer``
-    towards each span's ``before`` tokens and on head 1 towards its ``after`` tokens (``spans`` as
+    """Mean ``-log`` attention mass of head 0 of decoder layer ``layer`` on each span's ``before``
+    tokens and of head 1 on its ``after`` tokens (``spans`` as
     :func:`.data.batch` gives them; ``hidden_states[layer]`` ``(B, L, D)`` is the layer's input). Head 0
     and head 1 share one key/value head; rotary positions tell them early from late frames."""
     rows, positions, before, after = spans
     decoder = model.model.language_model
     cos, sin = decoder.rotary_emb(hidden_states[0], batch["position_ids"])
     video = batch["input_ids"] == model.config.video_token_id
-    args = (hidden_states[layer], cos, sin, batch["attention_mask"], video, rows, positions)
-    return (head_mass_loss(decoder.layers[layer], 0, *args, before)
-            + head_mass_loss(decoder.layers[layer], 1, *args, after)) / 2
+    attention = visual_attention(decoder.layers[layer], hidden_states[layer], cos, sin, batch["attention_mask"], video,
+                                 rows, positions)  # (S, H, V), one recomputation for both heads
+    return (evidence_nll(attention[:, 0].log(), before) + evidence_nll(attention[:, 1].log(), after)) / 2
 
 
 def early_answer_loss(model, hidden: torch.Tensor, labels: torch.Tensor,
