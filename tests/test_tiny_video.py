@@ -131,6 +131,18 @@ def test_the_processor_expands_the_video_token_and_normalises_frames_as_training
         processor(videos=[items[0].frames, items[1].frames[:8]], text=["<video> a", "<video> b"])
 
 
+def test_a_loaded_processor_saves_the_files_it_was_loaded_from(tmp_path):
+    processor = FrameVideoProcessor.from_pretrained(TINY_VIDEO_DIR)
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only"} & set(saved)
+    again = tmp_path / "again"
+    FrameVideoProcessor.from_pretrained(tmp_path).save_pretrained(again)
+    for name in ("tokenizer_config.json", "tokenizer.json", "preprocessor_config.json", "video_processor.json"):
+        assert (again / name).read_text() == (tmp_path / name).read_text(), name
+    assert processor.tokenizer.padding_side == "left"
+
+
 def test_train_tiny_video_writes_a_loadable_checkpoint_and_resumes_to_the_same_weights(tmp_path, interrupted):
     from tokensieve.tiny_video import data, train
 

@@ -169,6 +169,21 @@ def load_checkpoint(model_class: type, path: Path, dtype: torch.dtype) -> nn.Mod
     return model_class.from_pretrained(path, dtype=dtype, local_files_only=True, key_mapping=mapping).eval()
 
 
+LOAD_TIME_TOKENIZER_KEYS = ("is_local", "local_files_only")
+"""What ``from_pretrained`` of 5.x releases records in a tokenizer's ``init_kwargs`` about how it was
+loaded, and ``save_pretrained`` would write back into ``tokenizer_config.json``."""
+
+
+def load_tokenizer(path: Path | str) -> transformers.PreTrainedTokenizerFast:
+    """The fast tokenizer saved in ``path``, offline, left-padded; saving it again writes the
+    ``tokenizer_config.json`` it came from (no :data:`LOAD_TIME_TOKENIZER_KEYS`)."""
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    for key in LOAD_TIME_TOKENIZER_KEYS:
+        tokenizer.init_kwargs.pop(key, None)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
 def checkpoint_key_mapping(model_class: type, weights: Path) -> dict[str, str] | None:
     """``key_mapping`` for ``model_class.from_pretrained`` that lets a release whose CLIP nests
     ``vision_model`` (5.2) load a LLaVA ``model.safetensors`` saved by a later one (flat CLIP keys);

@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
+
+from ..compat import load_tokenizer
 
 from .prompt import MAX_NEW_TOKENS, build_inputs, parse_answers
 
@@ -24,9 +26,7 @@ def load_tiny_text(dtype: torch.dtype = torch.float32, path: Path | str = TINY_T
         raise FileNotFoundError(f"no tiny text checkpoint at {path} (model.safetensors missing); train one with "
                                 "`tokensieve train-tiny-text`")
     model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
-    tokenizer.padding_side = "left"
-    return model.eval(), tokenizer
+    return model.eval(), load_tokenizer(path)
 
 
 __all__ = ["TINY_TEXT_DIR", "MAX_NEW_TOKENS", "load_tiny_text", "build_inputs", "parse_answers"]

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from transformers import AutoImageProcessor, BatchFeature, PreTrainedTokenizerFast
 
+from ..compat import load_tokenizer
+
 CONFIG_NAME = "video_processor.json"
 
 
@@ -71,6 +73,4 @@ class FrameVideoProcessor:
     def from_pretrained(cls, path: Path | str) -> FrameVideoProcessor:
         path = Path(path)
         settings = json.loads((path / CONFIG_NAME).read_text())
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
-        tokenizer.padding_side = "left"
-        return cls(AutoImageProcessor.from_pretrained(path, local_files_only=True), tokenizer, **settings)
+        return cls(AutoImageProcessor.from_pretrained(path, local_files_only=True), load_tokenizer(path), **settings)
