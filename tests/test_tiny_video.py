@@ -165,6 +165,24 @@ def test_bad_training_flags_are_one_line_errors(tmp_path, capsys):
     assert "--time-layer in 0..6" in capsys.readouterr().err
 
 
+def test_the_training_history_scores_whole_first_answers():
+    from tokensieve.tiny_video.train import first_answer_right
+
+    eos, ignore = 9, -100
+    labels = torch.tensor([[ignore, ignore, 4, 5, eos, ignore, 6, eos],   # two-word first answer
+                           [ignore, 3, eos, ignore, ignore, 7, eos, ignore],
+                           [ignore, ignore, 4, 5, eos, ignore, 6, eos]])
+    predicted = labels.clone()
+    predicted[0, 3] = 2  # second word of row 0's first answer wrong
+    predicted[1, 5] = 2  # a later answer of row 1 wrong: not counted
+    logits = torch.full((3, 8, 10), -1.0)
+    for r in range(3):
+        for j in range(1, 8):
+            if predicted[r, j] != ignore:
+                logits[r, j - 1, predicted[r, j]] = 1.0
+    assert first_answer_right(logits, labels, eos).tolist() == [False, True, True]
+
+
 def test_time_heads_loss_is_the_mass_the_models_own_heads_put_on_each_span(built):
     from tokensieve.tiny_video import data
     from tokensieve.tiny_video.train import time_heads_loss

@@ -19,8 +19,8 @@ two heads' outputs is learnt right after them. Schedule (step-based, so a run is
 reproducible from its flags): AdamW (weight decay 0.05, none on biases, norms and embeddings), linear
 warm-up then cosine decay (:func:`tokensieve.learned.loop.learning_rate`); step ``s`` trains on run
 items ``s * batch .. + batch - 1`` (:mod:`.data`: the five tasks in turn, every item new). The history
-records, per ``save_every`` steps, the loss and each task's accuracy on the first answer token of
-those fresh items (a held-out measure: no item repeats). A partial checkpoint (weights, AdamW moments,
+records, per ``save_every`` steps, the loss and each task's accuracy on the first answer (every
+token of it, teacher-forced) of those fresh items (a held-out measure: no item repeats). A partial checkpoint (weights, AdamW moments,
 step, history, RNG) is written every ``save_every`` steps; ``--resume`` continues from it to the same
 weights. The output folder gets the stock checkpoint (``save_pretrained``), the processor's files and
 ``training_summary.json``.
@@ -122,6 +122,17 @@ def early_answer_loss(model, hidden: torch.Tensor, labels: torch.Tensor,
     return torch.nn.functional.cross_entropy(logits.float(), labels[rows, positions + 1])
 
 
+def first_answer_right(logits: torch.Tensor, labels: torch.Tensor, eos: int) -> torch.Tensor:
+    """``(B,)`` bool: whether every token of each row's first answer (up to its ``</s>``) is the argmax
+    of ``logits`` ``(B, L, vocab)`` at the position before it (teacher-forced); ``labels`` ``(B, L)``.
+    Whole answers, so a two-word answer's second word counts."""
+    right = (logits[:, :-1].argmax(-1) == labels[:, 1:]) | (labels[:, 1:] == data.IGNORE_INDEX)
+    answer = labels[:, 1:] != data.IGNORE_INDEX
+    ends = (labels[:, 1:] == eos).int()
+    first_turn = answer & (ends.cumsum(-1) - ends == 0)  # label positions up to the first </s>
+    return (right | ~first_turn).all(-1)
+
+
 def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, warmup: int = 100, seed: int = 0,
           save_every: int = 50, resume: bool = False, extra_turns: int = 10, init_from: Path | None = None,
           pointer_weight: float = 1.0, pointer_layer: int = 4, task_weights: dict[str, float] | None = None,
@@ -162,11 +173,7 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
         out_ = model(**batch, output_hidden_states=pointer_weight > 0 or time_weight > 0)
         loss = out_.loss
         with torch.no_grad():
-            labels = batch["labels"]
-            rows, cols = (labels != data.IGNORE_INDEX).nonzero(as_tuple=True)
-            firsts = torch.ones_like(rows, dtype=torch.bool)
-            firsts[1:] = rows[1:] != rows[:-1]
-            hit = out_.logits[rows[firsts], cols[firsts] - 1].argmax(-1) == labels[rows[firsts], cols[firsts]]
+            hit = first_answer_right(out_.logits, batch["labels"], tokenizer.eos_token_id)
         shown = {"loss": float(out_.loss.detach())}
         if pointer_weight > 0:
             aux = torch.zeros(())
