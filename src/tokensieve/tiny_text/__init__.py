@@ -13,7 +13,6 @@ import torch
 from transformers import LlamaForCausalLM
 
 from ..compat import load_tokenizer
-
 from .prompt import MAX_NEW_TOKENS, build_inputs, parse_answers
 
 TINY_TEXT_DIR: Path = Path(__file__).resolve().parent / "checkpoint"

@@ -20,9 +20,9 @@ reproducible from its flags): AdamW (weight decay 0.05, none on biases, norms an
 warm-up then cosine decay (:func:`tokensieve.learned.loop.learning_rate`); step ``s`` trains on run
 items ``s * batch .. + batch - 1`` (:mod:`.data`: the five tasks in turn, every item new). The history
 records, per ``save_every`` steps, the loss and each task's accuracy on the first answer (every
-token of it, teacher-forced) of those fresh items (a held-out measure: no item repeats). A partial checkpoint (weights, AdamW moments,
-step, history, RNG) is written every ``save_every`` steps; ``--resume`` continues from it to the same
-weights. The output folder gets the stock checkpoint (``save_pretrained``), the processor's files and
+token of it, teacher-forced) of those fresh items (a held-out measure: no item repeats). A partial
+checkpoint (weights, AdamW moments, step, history, RNG) is written every ``save_every`` steps;
+``--resume`` continues from it to the same weights. The output folder gets the stock checkpoint (``save_pretrained``), the processor's files and
 ``training_summary.json``.
 """
 
@@ -126,11 +126,10 @@ def first_answer_right(logits: torch.Tensor, labels: torch.Tensor, eos: int) -> 
     """``(B,)`` bool: whether every token of each row's first answer (up to its ``</s>``) is the argmax
     of ``logits`` ``(B, L, vocab)`` at the position before it (teacher-forced); ``labels`` ``(B, L)``.
     Whole answers, so a two-word answer's second word counts."""
-    right = (logits[:, :-1].argmax(-1) == labels[:, 1:]) | (labels[:, 1:] == data.IGNORE_INDEX)
-    answer = labels[:, 1:] != data.IGNORE_INDEX
-    ends = (labels[:, 1:] == eos).int()
-    first_turn = answer & (ends.cumsum(-1) - ends == 0)  # label positions up to the first </s>
-    return (right | ~first_turn).all(-1)
+    targets = labels[:, 1:]
+    ends = (targets == eos).int()
+    first_turn = (targets != data.IGNORE_INDEX) & (ends.cumsum(-1) - ends == 0)  # up to the first </s>
+    return ((logits[:, :-1].argmax(-1) == targets) | ~first_turn).all(-1)
 
 
 def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, warmup: int = 100, seed: int = 0,
