@@ -21,7 +21,7 @@ from tokensieve.tiny import load_tiny
 from tokensieve.tiny.data import normalize
 from tokensieve.tiny_video import TINY_VIDEO_DIR
 from tokensieve.tiny_video.build import build_model, build_tokenizer
-from tokensieve.tiny_video.data import before_after, evidence_tokens
+from tokensieve.tiny_video.data import before_after, copy_source, evidence_tokens
 from tokensieve.tiny_video.processor import FrameVideoProcessor
 
 
@@ -163,6 +163,12 @@ def test_bad_training_flags_are_one_line_errors(tmp_path, capsys):
     assert "--batch-size must be at least 5" in capsys.readouterr().err
     assert cli_main(["train-tiny-video", "--out", str(tmp_path / "x"), "--time-layer", "8"]) == 2
     assert "--time-layer in 0..6" in capsys.readouterr().err
+    assert cli_main(["train-tiny-video", "--out", str(tmp_path / "x"), "--copy-layer", "8"]) == 2
+    assert "--copy-layer must be in 0..7" in capsys.readouterr().err
+    assert cli_main(["train-tiny-video", "--out", str(tmp_path / "x"), "--copy-head", "4"]) == 2
+    assert "--copy-head must be in 0..3" in capsys.readouterr().err
+    assert cli_main(["train-tiny-video", "--out", str(tmp_path / "x"), "--copy-weight", "-1"]) == 2
+    assert "--copy-weight must be >= 0" in capsys.readouterr().err.replace("--time-weight and ", "")
 
 
 def test_the_training_history_scores_whole_first_answers():
@@ -189,7 +195,9 @@ def test_time_heads_loss_is_the_mass_the_models_own_heads_put_on_each_span(built
 
     model, tokenizer = copy.deepcopy(built[0]), built[1]
     batch = data.batch(tokenizer, 36, 0, 5, 2)
-    spans, _, _ = batch.pop("spans"), batch.pop("evidence"), batch.pop("task")
+    spans = batch.pop("spans")
+    for key in ("evidence", "task", "copies"):
+        batch.pop(key)
     assert len(spans[0]) > 0
     model.set_attn_implementation("eager")
     with torch.no_grad():
@@ -202,6 +210,48 @@ def test_time_heads_loss_is_the_mass_the_models_own_heads_put_on_each_span(built
         attn = out.attentions[3][rows, head, positions]  # (S, L): the layer's own softmax
         on_video = torch.stack([a[video[r]] for a, r in zip(attn, rows)])
         expected += -(on_video * target).sum(-1).log().mean() / 2
+    assert torch.allclose(loss, expected, atol=1e-5), (loss, expected)
+
+
+def test_copy_sources_are_the_questions_shape_word_of_the_answered_object(built):
+    """Each order answer's colour word is followed, earlier in its own question, by the shape word the
+    answer's second token repeats; the source lies after the turn's USER and before its answer."""
+    from tokensieve.tiny_video import data
+
+    tokenizer = built[1]
+    batch = data.batch(tokenizer, 36, 0, 10, 3, weights={t: float(t == "video-order") for t in VIDEO_QA_TASKS})
+    rows, positions, sources = batch["copies"]
+    assert len(rows) >= 10
+    ids = batch["input_ids"]
+    user = tokenizer.convert_tokens_to_ids("USER")
+    labels = batch["labels"]
+    for r, p, k in zip(rows.tolist(), positions.tolist(), sources.tolist()):
+        assert labels[r, p] == ids[r, p] and labels[r, p + 1] == ids[r, p + 1]  # both answer words supervised
+        assert ids[r, k - 1] == ids[r, p] and ids[r, k] == ids[r, p + 1]
+        last_user = max(j for j in range(p) if ids[r, j] == user)
+        assert last_user < k < p
+        words = tokenizer.convert_ids_to_tokens([int(ids[r, k - 1]), int(ids[r, k])])
+        assert f"the {words[0]} {words[1]}" in tokenizer.decode(ids[r, last_user:p])
+    with pytest.raises(ValueError, match="does not name"):
+        copy_source([1, 2, 3, 4, 5, 6, 2, 9], 6, 0)
+
+
+def test_copy_loss_is_minus_log_the_copy_heads_attention_on_the_source(built):
+    from tokensieve.tiny_video import data
+    from tokensieve.tiny_video.train import copy_loss
+
+    model, tokenizer = copy.deepcopy(built[0]), built[1]
+    batch = data.batch(tokenizer, 36, 0, 5, 3)
+    copies = batch.pop("copies")
+    for key in ("evidence", "task", "spans"):
+        batch.pop(key)
+    assert len(copies[0]) > 0
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True, output_attentions=True)
+        loss = copy_loss(model, out.hidden_states, batch, 6, 2, copies)
+    rows, positions, sources = copies
+    expected = -out.attentions[6][rows, 2, positions, sources].log().mean()
     assert torch.allclose(loss, expected, atol=1e-5), (loss, expected)
 
 

@@ -187,20 +187,27 @@ def evidence_head_loss(layer: nn.Module, head: int, hidden: torch.Tensor, cos: t
     return evidence_nll(on_visual.log(), evidence_targets(patch_targets, rows, bits))
 
 
-def visual_attention(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     attention_mask: torch.Tensor, visual: torch.Tensor, rows: torch.Tensor,
-                     positions: torch.Tensor) -> torch.Tensor:
-    """``(Q, H, V)``: every head's attention at ``layer`` from each query onto the visual tokens of its
-    row, recomputed from the layer's input over every key the query may see (causal and padding mask).
+def attention_at(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 attention_mask: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``(Q, H, L)``: every head's attention at ``layer`` from each query onto every position of its row,
+    recomputed from the layer's input over every key the query may see (causal and padding mask; the
+    others get 0).
 
     ``hidden``: (B, L, D) input of ``layer``; ``cos``/``sin``: (B, L, head_dim) rotary tables;
-    ``attention_mask``: (B, L); ``visual``: (B, L) bool, the same count ``V`` per row; ``rows``,
-    ``positions``: (Q,) each query's batch row and position.
+    ``attention_mask``: (B, L); ``rows``, ``positions``: (Q,) each query's batch row and position.
     """
     batch, length = attention_mask.shape
     slot, queries = query_slots(rows, positions, batch)
     allowed = torch.zeros(batch, queries.shape[1], length, dtype=torch.bool)
     allowed[rows, slot] = (torch.arange(length)[None] <= positions[:, None]) & attention_mask[rows].bool()
     probs = attention_rows(layer, hidden, cos, sin, queries, allowed)  # (B, H, slots, L)
-    per_query = probs[rows, :, slot].transpose(1, 2)  # (Q, L, H)
+    return probs[rows, :, slot]
+
+
+def visual_attention(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     attention_mask: torch.Tensor, visual: torch.Tensor, rows: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+    """``(Q, H, V)``: :func:`attention_at` on the visual tokens of each query's row only (``visual``:
+    (B, L) bool, the same count ``V`` per row)."""
+    per_query = attention_at(layer, hidden, cos, sin, attention_mask, rows, positions).transpose(1, 2)  # (Q, L, H)
     return per_query[visual[rows]].view(len(rows), -1, per_query.shape[-1]).transpose(1, 2)

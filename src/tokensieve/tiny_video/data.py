@@ -6,7 +6,8 @@ its sequence is the item's question, then up to ``extra_turns`` further question
 (in an order seeded by ``g``), each ``USER: q ASSISTANT: a </s>``; every answer and its ``</s>`` is
 supervised. For the training-only evidence pointer (:mod:`.train`), each answer turn also names its
 evidence: the video tokens that cover the asked objects (the one or two the question names) in the
-question's evidence frames, where they are visible.
+question's evidence frames, where they are visible. For the training-only copy head, each order turn
+names the question's shape token of the answered object: the word the answer's second token repeats.
 """
 
 from __future__ import annotations
@@ -90,6 +91,21 @@ def before_after(clip: Clip, question: str, side: int) -> tuple[torch.Tensor, to
             object_tokens(clip, item, range(after, len(clip.frames)), side))
 
 
+def copy_source(s: list[int], answer: int, question: int) -> int:
+    """The position in token list ``s`` of the question's shape token that a two-word (colour, shape)
+    answer starting at ``answer`` repeats: the one after the answer's colour word in the question
+    starting at ``question`` (its ``USER``), i.e. the position ``k`` with ``s[k - 1 : k + 1]`` equal to
+    ``s[answer : answer + 2]``.
+
+    Raises:
+        ValueError: the question does not hold the answer's two words.
+    """
+    for k in range(question + 1, answer):
+        if s[k - 1] == s[answer] and s[k] == s[answer + 1]:
+            return k
+    raise ValueError("the question does not name the answered object")
+
+
 def batch(tokenizer, tokens_per_frame: int, first: int, size: int, extra_turns: int, start: int = 0,
           weights: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
     """A left-padded batch of run items ``first .. first + size - 1``: input_ids / attention_mask /
@@ -99,12 +115,14 @@ def batch(tokenizer, tokens_per_frame: int, first: int, size: int, extra_turns: 
     positions, masks)``, per answer turn with evidence its batch row, the position that predicts the
     answer and ``(Q, V)`` bool over the row's ``V`` video tokens; for the training-only time heads,
     ``spans``: ``(rows, query positions, before, after)``, the same per direction or colour turn with
-    :func:`before_after`'s masks ``(S, V)`` each."""
+    :func:`before_after`'s masks ``(S, V)`` each; for the training-only copy head, ``copies``:
+    ``(rows, query positions, sources)`` ``(C,)`` each, per order turn its batch row, the position of the
+    answer's colour word (which predicts the shape word) and :func:`copy_source`'s position."""
     examples = [item(first + r, start, weights) for r in range(size)]
     qas = [turns(e, first + r, extra_turns) for r, e in enumerate(examples)]
     texts = [sequence_text(q) for q in qas]
     video = tokenizer.convert_tokens_to_ids("<video>")
-    assistant, colon, eos = tokenizer.convert_tokens_to_ids(["ASSISTANT", ":", "</s>"])
+    user, assistant, colon, eos = tokenizer.convert_tokens_to_ids(["USER", "ASSISTANT", ":", "</s>"])
     seqs = []
     for text, e in zip(texts, examples):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -117,12 +135,15 @@ def batch(tokenizer, tokens_per_frame: int, first: int, size: int, extra_turns: 
     side = math.isqrt(tokens_per_frame)
     ev_rows, ev_pos, ev_masks = [], [], []
     span_rows, span_pos, befores, afters = [], [], [], []
+    copy_rows, copy_pos, copy_src = [], [], []
     for row, s in enumerate(seqs):
         pad = length - len(s)
         input_ids[row, pad:] = torch.tensor(s)
         mask[row, pad:] = 1
-        answer, turn = False, 0
+        answer, turn, asked = False, 0, 0
         for j in range(2, len(s)):
+            if s[j] == user:
+                asked = j
             if s[j - 2] == assistant and s[j - 1] == colon:
                 answer = True
                 question, _, frames = qas[row][turn]
@@ -137,6 +158,10 @@ def batch(tokenizer, tokens_per_frame: int, first: int, size: int, extra_turns: 
                     span_pos.append(pad + j - 1)
                     befores.append(spans[0])
                     afters.append(spans[1])
+                if kind(question) == "video-order":
+                    copy_rows.append(row)
+                    copy_pos.append(pad + j)
+                    copy_src.append(pad + copy_source(s, j, asked))
                 turn += 1
             if answer:
                 labels[row, pad + j] = s[j]
@@ -149,4 +174,6 @@ def batch(tokenizer, tokens_per_frame: int, first: int, size: int, extra_turns: 
                          torch.stack(ev_masks) if ev_masks else torch.zeros(0, 0, dtype=torch.bool)),
             "spans": (torch.tensor(span_rows, dtype=torch.long), torch.tensor(span_pos, dtype=torch.long),
                       torch.stack(befores) if befores else torch.zeros(0, 0, dtype=torch.bool),
-                      torch.stack(afters) if afters else torch.zeros(0, 0, dtype=torch.bool))}
+                      torch.stack(afters) if afters else torch.zeros(0, 0, dtype=torch.bool)),
+            "copies": (torch.tensor(copy_rows, dtype=torch.long), torch.tensor(copy_pos, dtype=torch.long),
+                       torch.tensor(copy_src, dtype=torch.long))}

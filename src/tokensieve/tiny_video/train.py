@@ -15,7 +15,11 @@ object's tokens before its move or colour change and head 1 on them after it (:f
 question about what changed needs heads that tell early frames from late ones. On the same answers
 the first answer token must also be read off the output of decoder layer ``time_layer + 1`` through
 the model's own final norm and LM head (:func:`early_answer_loss`, same weight): the comparison of the
-two heads' outputs is learnt right after them. Schedule (step-based, so a run is
+two heads' outputs is learnt right after them. A third aid helps the answer's second word: on
+order answers (colour then shape), head ``copy_head`` of decoder layer ``copy_layer`` must attend from
+the answer's colour word to the question's shape token of the answered object (:func:`copy_loss`,
+:func:`.data.copy_source`), weighted ``copy_weight``, the copy an induction head makes; without it the
+shape word was often neither object of the question (docs/tiny_model.md). Schedule (step-based, so a run is
 reproducible from its flags): AdamW (weight decay 0.05, none on biases, norms and embeddings), linear
 warm-up then cosine decay (:func:`tokensieve.learned.loop.learning_rate`); step ``s`` trains on run
 items ``s * batch .. + batch - 1`` (:mod:`.data`: the five tasks in turn, every item new). The history
@@ -38,7 +42,7 @@ from ..cli import training_flags
 from ..learned.fit import adamw, fit
 from ..tasks.video_questions import VIDEO_QA_TASKS
 from ..tiny import TINY_DIR, load_tiny
-from ..tiny.auxiliary import EvidencePointer, evidence_nll, visual_attention
+from ..tiny.auxiliary import EvidencePointer, attention_at, evidence_nll, visual_attention
 from . import data
 from .build import build_model, tokens_per_frame
 from .processor import FrameVideoProcessor
@@ -56,6 +60,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="weight of the training-only time-head loss (0: none): on direction and colour answers, "
                         "head 0 of --time-layer must attend to the object before its change, head 1 after it")
     p.add_argument("--time-layer", type=int, default=3, help="decoder layer whose heads 0 and 1 are the time heads (the answer is also read off the next layer's output)")
+    p.add_argument("--copy-weight", type=float, default=1.0,
+                   help="weight of the training-only copy-head loss (0: none): on order answers, --copy-head of "
+                        "--copy-layer must attend from the answer's colour word to the question's shape word of that object")
+    p.add_argument("--copy-layer", type=int, default=6, help="decoder layer of the copy head")
+    p.add_argument("--copy-head", type=int, default=2, help="attention head of --copy-layer that is the copy head")
     p.add_argument("--task-weights", type=training_flags.task_weights_type(VIDEO_QA_TASKS), default={},
                    help="comma-separated task=weight: each item's task drawn in proportion (unlisted tasks weigh 1), "
                         "e.g. video-direction=3; default: the five tasks in turn")
@@ -70,11 +79,13 @@ def run(args: argparse.Namespace) -> int:
     command = training_flags.check(args, ("extra_turns",))
     if args.batch_size < len(VIDEO_QA_TASKS):
         raise ValueError(f"--batch-size must be at least {len(VIDEO_QA_TASKS)} (one item of every task per step)")
-    if args.pointer < 0 or args.time_weight < 0:
-        raise ValueError(f"--pointer and --time-weight must be >= 0, got {args.pointer} and {args.time_weight}")
+    if min(args.pointer, args.time_weight, args.copy_weight) < 0:
+        raise ValueError(f"--pointer, --time-weight and --copy-weight must be >= 0, got {args.pointer}, "
+                         f"{args.time_weight} and {args.copy_weight}")
     summary = train(args.out, args.steps, args.batch_size, args.lr, args.warmup, args.seed, args.save_every,
                     args.resume, args.extra_turns, args.init_from, args.pointer, args.pointer_layer, args.task_weights,
-                    args.time_weight, args.time_layer, command=command)
+                    args.time_weight, args.time_layer, args.copy_weight, args.copy_layer, args.copy_head,
+                    command=command)
     last = summary["history"][-1]
     print(f"trained in {summary['train_seconds']} s; last {args.save_every} steps: "
           + " ".join(f"{t}={last[t]:.3f}" for t in VIDEO_QA_TASKS) + f"; written to {args.out}")
@@ -113,6 +124,19 @@ def time_heads_loss(model, hidden_states: tuple[torch.Tensor, ...], batch: dict[
     return (evidence_nll(attention[:, 0].log(), before) + evidence_nll(attention[:, 1].log(), after)) / 2
 
 
+def copy_loss(model, hidden_states: tuple[torch.Tensor, ...], batch: dict[str, torch.Tensor], layer: int, head: int,
+              copies: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean ``-log`` attention of head ``head`` of decoder layer ``layer`` from each copy's query position
+    onto its source position (``copies`` ``(rows, positions, sources)`` as :func:`.data.batch` gives them;
+    ``hidden_states[layer]`` ``(B, L, D)`` is the layer's input)."""
+    rows, positions, sources = copies
+    decoder = model.model.language_model
+    cos, sin = decoder.rotary_emb(hidden_states[0], batch["position_ids"])
+    attention = attention_at(decoder.layers[layer], hidden_states[layer], cos, sin, batch["attention_mask"], rows,
+                             positions)[:, head]  # (C, L)
+    return -attention[torch.arange(len(rows)), sources].log().mean()
+
+
 def early_answer_loss(model, hidden: torch.Tensor, labels: torch.Tensor,
                       spans: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy of each span's first answer token read off ``hidden`` ``(B, L, D)`` (an early layer's
@@ -135,11 +159,12 @@ def first_answer_right(logits: torch.Tensor, labels: torch.Tensor, eos: int) -> 
 def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, warmup: int = 100, seed: int = 0,
           save_every: int = 50, resume: bool = False, extra_turns: int = 10, init_from: Path | None = None,
           pointer_weight: float = 1.0, pointer_layer: int = 4, task_weights: dict[str, float] | None = None,
-          time_weight: float = 1.0, time_layer: int = 3, command: dict | None = None, progress: bool = True) -> dict:
+          time_weight: float = 1.0, time_layer: int = 3, copy_weight: float = 1.0, copy_layer: int = 6, copy_head: int = 2,
+          command: dict | None = None, progress: bool = True) -> dict:
     """Train and save to ``out``; returns the summary.
 
     Raises:
-        ValueError: ``resume`` without a partial checkpoint in ``out``.
+        ValueError: ``resume`` without a partial checkpoint in ``out``; a layer or head out of range.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,10 +181,12 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
                                         tokens_per_frame(vision.image_size, vision.patch_size))
     model.model.vision_tower.requires_grad_(False)
     model.train()
-    layers = model.config.text_config.num_hidden_layers
-    if not (0 <= pointer_layer < layers and 0 <= time_layer < layers - 1):
-        raise ValueError(f"--pointer-layer must be in 0..{layers - 1} and --time-layer in 0..{layers - 2}, "
-                         f"got {pointer_layer} and {time_layer}")
+    layers, heads = model.config.text_config.num_hidden_layers, model.config.text_config.num_attention_heads
+    if not (0 <= pointer_layer < layers and 0 <= time_layer < layers - 1 and 0 <= copy_layer < layers):
+        raise ValueError(f"--pointer-layer and --copy-layer must be in 0..{layers - 1} and --time-layer in "
+                         f"0..{layers - 2}, got {pointer_layer}, {copy_layer} and {time_layer}")
+    if not 0 <= copy_head < heads:
+        raise ValueError(f"--copy-head must be in 0..{heads - 1}, got {copy_head}")
     pointer = EvidencePointer(model.config.text_config.hidden_size)
     trained = torch.nn.ModuleDict({"model": model, "pointer": pointer})
     optimizer = adamw(trained, lr, _no_decay, betas=(0.9, 0.98))
@@ -168,8 +195,8 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
     def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch = data.batch(tokenizer, processor.tokens_per_frame, step * batch_size, batch_size, extra_turns, start,
                            task_weights)
-        evidence, spans, tasks = batch.pop("evidence"), batch.pop("spans"), batch.pop("task")
-        out_ = model(**batch, output_hidden_states=pointer_weight > 0 or time_weight > 0)
+        evidence, spans, copies, tasks = batch.pop("evidence"), batch.pop("spans"), batch.pop("copies"), batch.pop("task")
+        out_ = model(**batch, output_hidden_states=max(pointer_weight, time_weight, copy_weight) > 0)
         loss = out_.loss
         with torch.no_grad():
             hit = first_answer_right(out_.logits, batch["labels"], tokenizer.eos_token_id)
@@ -190,6 +217,10 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
             loss = loss + time_weight * (aux + early)
             shown["time"] = float(aux.detach())
             shown["early"] = float(early.detach())
+        if copy_weight > 0:
+            aux = copy_loss(model, out_.hidden_states, batch, copy_layer, copy_head, copies) if len(copies[0]) else torch.zeros(())
+            loss = loss + copy_weight * aux
+            shown["copy"] = float(aux.detach())
         for t, name in enumerate(VIDEO_QA_TASKS):
             chosen = tasks == t
             if chosen.any():
@@ -201,7 +232,8 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
     model.eval()
     summary = {"command": command or {}, "tasks": list(VIDEO_QA_TASKS), "steps": steps, "batch_size": batch_size,
                "lr": lr, "warmup": warmup, "seed": seed, "extra_turns": extra_turns, "pointer": pointer_weight,
-               "pointer_layer": pointer_layer, "time_weight": time_weight, "time_layer": time_layer, "task_weights": task_weights or {},
+               "pointer_layer": pointer_layer, "time_weight": time_weight, "time_layer": time_layer,
+               "copy_weight": copy_weight, "copy_layer": copy_layer, "copy_head": copy_head, "task_weights": task_weights or {},
                "init_from": str(init_from) if init_from else "the shipped tiny LLaVA", "train_seconds": seconds,
                "parameters": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "history": history}
