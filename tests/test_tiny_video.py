@@ -255,6 +255,36 @@ def test_copy_loss_is_minus_log_the_copy_heads_attention_on_the_source(built):
     assert torch.allclose(loss, expected, atol=1e-5), (loss, expected)
 
 
+def test_the_early_answer_read_off_the_last_layer_is_the_models_own_answer_loss(built):
+    """Read off the last decoder layer's output, the early answer loss is the model's own cross-entropy
+    on the token after each query: the shape word after an order answer's colour word, the first answer
+    token after a direction or colour answer's ``:``."""
+    from tokensieve.tiny_video import data
+    from tokensieve.tiny_video.train import early_answer_loss
+
+    model, tokenizer = built[0].eval(), built[1]
+    batch = data.batch(tokenizer, 36, 0, 5, 3)
+    queries = {"copies": batch.pop("copies"), "spans": batch.pop("spans")}
+    for key in ("evidence", "task"):
+        batch.pop(key)
+    captured = {}
+    hook = model.model.language_model.layers[-1].register_forward_hook(
+        lambda module, args, output: captured.update(last=output[0] if isinstance(output, tuple) else output))
+    try:
+        with torch.no_grad():
+            out = model(**batch)
+    finally:
+        hook.remove()
+    for name, q in queries.items():
+        rows, positions = q[0], q[1]
+        assert len(rows) > 0, name
+        assert (batch["labels"][rows, positions + 1] != data.IGNORE_INDEX).all(), name
+        expected = torch.nn.functional.cross_entropy(out.logits[rows, positions], batch["input_ids"][rows, positions + 1])
+        with torch.no_grad():
+            loss = early_answer_loss(model, captured["last"], batch["labels"], q)
+        assert torch.allclose(loss, expected, atol=1e-5), (name, loss, expected)
+
+
 # ---------------------------------------------------------------------------------------------- the shipped checkpoint
 def test_the_shipped_checkpoint_is_small_stock_and_records_its_accuracy():
     assert (TINY_VIDEO_DIR / "model.safetensors").stat().st_size <= 30 * 2**20

@@ -19,7 +19,9 @@ two heads' outputs is learnt right after them. A third aid helps the answer's se
 order answers (colour then shape), head ``copy_head`` of decoder layer ``copy_layer`` must attend from
 the answer's colour word to the question's shape token of the answered object (:func:`copy_loss`,
 :func:`.data.copy_source`), weighted ``copy_weight``, the copy an induction head makes; without it the
-shape word was often neither object of the question (docs/tiny_model.md). Schedule (step-based, so a run is
+shape word was often neither object of the question (docs/tiny_model.md); and, as for the time
+heads, the shape word must also be read off that layer's own output through the final norm and LM
+head (:func:`early_answer_loss`, same weight). Schedule (step-based, so a run is
 reproducible from its flags): AdamW (weight decay 0.05, none on biases, norms and embeddings), linear
 warm-up then cosine decay (:func:`tokensieve.learned.loop.learning_rate`); step ``s`` trains on run
 items ``s * batch .. + batch - 1`` (:mod:`.data`: the five tasks in turn, every item new). The history
@@ -137,11 +139,12 @@ def copy_loss(model, hidden_states: tuple[torch.Tensor, ...], batch: dict[str, t
     return -attention[torch.arange(len(rows)), sources].log().mean()
 
 
-def early_answer_loss(model, hidden: torch.Tensor, labels: torch.Tensor,
-                      spans: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of each span's first answer token read off ``hidden`` ``(B, L, D)`` (an early layer's
-    output) through the model's own final norm and LM head: the answer must already be there."""
-    rows, positions = spans[0], spans[1]
+def early_answer_loss(model, hidden: torch.Tensor, labels: torch.Tensor, queries: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Cross-entropy of the token after each query position, read off ``hidden`` ``(B, L, D)`` (an early
+    layer's output) at that position through the model's own final norm and LM head: the answer must
+    already be there. ``queries`` starts with ``(rows, positions)`` ``(Q,)`` each (``spans`` or ``copies``
+    of :func:`.data.batch`)."""
+    rows, positions = queries[0], queries[1]
     logits = model.lm_head(model.model.language_model.norm(hidden[rows, positions]))
     return torch.nn.functional.cross_entropy(logits.float(), labels[rows, positions + 1])
 
@@ -218,9 +221,14 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
             shown["time"] = float(aux.detach())
             shown["early"] = float(early.detach())
         if copy_weight > 0:
-            aux = copy_loss(model, out_.hidden_states, batch, copy_layer, copy_head, copies) if len(copies[0]) else torch.zeros(())
-            loss = loss + copy_weight * aux
+            aux = torch.zeros(())
+            early = torch.zeros(())
+            if len(copies[0]):
+                aux = copy_loss(model, out_.hidden_states, batch, copy_layer, copy_head, copies)
+                early = early_answer_loss(model, out_.hidden_states[copy_layer + 1], batch["labels"], copies)
+            loss = loss + copy_weight * (aux + early)
             shown["copy"] = float(aux.detach())
+            shown["copy_early"] = float(early.detach())
         for t, name in enumerate(VIDEO_QA_TASKS):
             chosen = tasks == t
             if chosen.any():
