@@ -168,7 +168,9 @@ def test_bad_training_flags_are_one_line_errors(tmp_path, capsys):
     assert cli_main(["train-tiny-video", "--out", str(tmp_path / "x"), "--copy-head", "4"]) == 2
     assert "--copy-head must be in 0..3" in capsys.readouterr().err
     assert cli_main(["train-tiny-video", "--out", str(tmp_path / "x"), "--copy-weight", "-1"]) == 2
-    assert "--copy-weight must be >= 0" in capsys.readouterr().err.replace("--time-weight and ", "")
+    assert "must be >= 0, got --copy-weight -1.0" in capsys.readouterr().err
+    assert cli_main(["train-tiny-video", "--out", str(tmp_path / "x"), "--copy-early-weight", "-2"]) == 2
+    assert "got --copy-early-weight -2.0" in capsys.readouterr().err
 
 
 def test_the_training_history_scores_whole_first_answers():
@@ -328,7 +330,7 @@ def test_the_shipped_models_recorded_accuracy_is_what_it_scores(heldout):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 15 open: the shipped model answers count and order below 0.9")
+@pytest.mark.xfail(strict=True, reason="issue 15 open: the shipped model answers count below 0.9 (0.854)")
 def test_the_shipped_model_answers_each_video_task_at_least_nine_in_ten(heldout):
     """The issue's bar, greedy, unpruned."""
     assert all(heldout["per_task"][task]["accuracy"] >= 0.9 for task in VIDEO_QA_TASKS)

@@ -21,7 +21,7 @@ the answer's colour word to the question's shape token of the answered object (:
 :func:`.data.copy_source`), weighted ``copy_weight``, the copy an induction head makes; without it the
 shape word was often neither object of the question (docs/tiny_model.md); and, as for the time
 heads, the shape word must also be read off that layer's own output through the final norm and LM
-head (:func:`early_answer_loss`, same weight). Schedule (step-based, so a run is
+head (:func:`early_answer_loss`, weighted ``copy_early_weight``). Schedule (step-based, so a run is
 reproducible from its flags): AdamW (weight decay 0.05, none on biases, norms and embeddings), linear
 warm-up then cosine decay (:func:`tokensieve.learned.loop.learning_rate`); step ``s`` trains on run
 items ``s * batch .. + batch - 1`` (:mod:`.data`: the five tasks in turn, every item new). The history
@@ -65,6 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--copy-weight", type=float, default=1.0,
                    help="weight of the training-only copy-head loss (0: none): on order answers, --copy-head of "
                         "--copy-layer must attend from the answer's colour word to the question's shape word of that object")
+    p.add_argument("--copy-early-weight", type=float, default=1.0,
+                   help="weight of the training-only early shape word (0: none): on order answers, the shape word "
+                        "must also be read off --copy-layer's own output through the final norm and LM head")
     p.add_argument("--copy-layer", type=int, default=6, help="decoder layer of the copy head")
     p.add_argument("--copy-head", type=int, default=2, help="attention head of --copy-layer that is the copy head")
     p.add_argument("--task-weights", type=training_flags.task_weights_type(VIDEO_QA_TASKS), default={},
@@ -81,13 +84,15 @@ def run(args: argparse.Namespace) -> int:
     command = training_flags.check(args, ("extra_turns",))
     if args.batch_size < len(VIDEO_QA_TASKS):
         raise ValueError(f"--batch-size must be at least {len(VIDEO_QA_TASKS)} (one item of every task per step)")
-    if min(args.pointer, args.time_weight, args.copy_weight) < 0:
-        raise ValueError(f"--pointer, --time-weight and --copy-weight must be >= 0, got {args.pointer}, "
-                         f"{args.time_weight} and {args.copy_weight}")
+    weights = {"--pointer": args.pointer, "--time-weight": args.time_weight, "--copy-weight": args.copy_weight,
+               "--copy-early-weight": args.copy_early_weight}
+    negative = [f"{name} {value}" for name, value in weights.items() if value < 0]
+    if negative:
+        raise ValueError(f"{', '.join(weights)} must be >= 0, got {', '.join(negative)}")
     summary = train(args.out, args.steps, args.batch_size, args.lr, args.warmup, args.seed, args.save_every,
                     args.resume, args.extra_turns, args.init_from, args.pointer, args.pointer_layer, args.task_weights,
                     args.time_weight, args.time_layer, args.copy_weight, args.copy_layer, args.copy_head,
-                    command=command)
+                    args.copy_early_weight, command=command)
     last = summary["history"][-1]
     print(f"trained in {summary['train_seconds']} s; last {args.save_every} steps: "
           + " ".join(f"{t}={last[t]:.3f}" for t in VIDEO_QA_TASKS) + f"; written to {args.out}")
@@ -163,7 +168,7 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
           save_every: int = 50, resume: bool = False, extra_turns: int = 10, init_from: Path | None = None,
           pointer_weight: float = 1.0, pointer_layer: int = 4, task_weights: dict[str, float] | None = None,
           time_weight: float = 1.0, time_layer: int = 3, copy_weight: float = 1.0, copy_layer: int = 6, copy_head: int = 2,
-          command: dict | None = None, progress: bool = True) -> dict:
+          copy_early_weight: float = 1.0, command: dict | None = None, progress: bool = True) -> dict:
     """Train and save to ``out``; returns the summary.
 
     Raises:
@@ -199,7 +204,7 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
         batch = data.batch(tokenizer, processor.tokens_per_frame, step * batch_size, batch_size, extra_turns, start,
                            task_weights)
         evidence, spans, copies, tasks = batch.pop("evidence"), batch.pop("spans"), batch.pop("copies"), batch.pop("task")
-        out_ = model(**batch, output_hidden_states=max(pointer_weight, time_weight, copy_weight) > 0)
+        out_ = model(**batch, output_hidden_states=max(pointer_weight, time_weight, copy_weight, copy_early_weight) > 0)
         loss = out_.loss
         with torch.no_grad():
             hit = first_answer_right(out_.logits, batch["labels"], tokenizer.eos_token_id)
@@ -221,13 +226,14 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
             shown["time"] = float(aux.detach())
             shown["early"] = float(early.detach())
         if copy_weight > 0:
-            aux = torch.zeros(())
+            aux = copy_loss(model, out_.hidden_states, batch, copy_layer, copy_head, copies) if len(copies[0]) else torch.zeros(())
+            loss = loss + copy_weight * aux
+            shown["copy"] = float(aux.detach())
+        if copy_early_weight > 0:
             early = torch.zeros(())
             if len(copies[0]):
-                aux = copy_loss(model, out_.hidden_states, batch, copy_layer, copy_head, copies)
                 early = early_answer_loss(model, out_.hidden_states[copy_layer + 1], batch["labels"], copies)
-            loss = loss + copy_weight * (aux + early)
-            shown["copy"] = float(aux.detach())
+            loss = loss + copy_early_weight * early
             shown["copy_early"] = float(early.detach())
         for t, name in enumerate(VIDEO_QA_TASKS):
             chosen = tasks == t
@@ -241,7 +247,7 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
     summary = {"command": command or {}, "tasks": list(VIDEO_QA_TASKS), "steps": steps, "batch_size": batch_size,
                "lr": lr, "warmup": warmup, "seed": seed, "extra_turns": extra_turns, "pointer": pointer_weight,
                "pointer_layer": pointer_layer, "time_weight": time_weight, "time_layer": time_layer,
-               "copy_weight": copy_weight, "copy_layer": copy_layer, "copy_head": copy_head, "task_weights": task_weights or {},
+               "copy_weight": copy_weight, "copy_early_weight": copy_early_weight, "copy_layer": copy_layer, "copy_head": copy_head, "task_weights": task_weights or {},
                "init_from": str(init_from) if init_from else "the shipped tiny LLaVA", "train_seconds": seconds,
                "parameters": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "history": history}
