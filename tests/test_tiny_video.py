@@ -191,19 +191,30 @@ def test_the_training_history_scores_whole_first_answers():
     assert first_answer_right(logits, labels, eos).tolist() == [False, True, True]
 
 
-def test_time_heads_loss_is_the_mass_the_models_own_heads_put_on_each_span(built):
+def training_batch(tokenizer, extra_turns: int) -> tuple[dict, dict]:
+    """Run items 0..4 as one training batch: the model's inputs, and the training-only targets apart."""
     from tokensieve.tiny_video import data
-    from tokensieve.tiny_video.train import time_heads_loss
 
-    model, tokenizer = copy.deepcopy(built[0]), built[1]
-    batch = data.batch(tokenizer, 36, 0, 5, 2)
-    spans = batch.pop("spans")
-    for key in ("evidence", "task", "copies"):
-        batch.pop(key)
-    assert len(spans[0]) > 0
+    batch = data.batch(tokenizer, 36, 0, 5, extra_turns)
+    return batch, {key: batch.pop(key) for key in ("evidence", "spans", "copies", "task")}
+
+
+def eager_forward(built, batch: dict):
+    """A copy of the built model on eager attention, and its forward with hidden states and attentions."""
+    model = copy.deepcopy(built[0])
     model.set_attn_implementation("eager")
     with torch.no_grad():
-        out = model(**batch, output_hidden_states=True, output_attentions=True)
+        return model, model(**batch, output_hidden_states=True, output_attentions=True)
+
+
+def test_time_heads_loss_is_the_mass_the_models_own_heads_put_on_each_span(built):
+    from tokensieve.tiny_video.train import time_heads_loss
+
+    batch, targets = training_batch(built[1], 2)
+    spans = targets["spans"]
+    assert len(spans[0]) > 0
+    model, out = eager_forward(built, batch)
+    with torch.no_grad():
         loss = time_heads_loss(model, out.hidden_states, batch, 3, spans)
     rows, positions, before, after = spans
     video = batch["input_ids"] == model.config.video_token_id
@@ -239,18 +250,13 @@ def test_copy_sources_are_the_questions_shape_word_of_the_answered_object(built)
 
 
 def test_copy_loss_is_minus_log_the_copy_heads_attention_on_the_source(built):
-    from tokensieve.tiny_video import data
     from tokensieve.tiny_video.train import copy_loss
 
-    model, tokenizer = copy.deepcopy(built[0]), built[1]
-    batch = data.batch(tokenizer, 36, 0, 5, 3)
-    copies = batch.pop("copies")
-    for key in ("evidence", "task", "spans"):
-        batch.pop(key)
+    batch, targets = training_batch(built[1], 3)
+    copies = targets["copies"]
     assert len(copies[0]) > 0
-    model.set_attn_implementation("eager")
+    model, out = eager_forward(built, batch)
     with torch.no_grad():
-        out = model(**batch, output_hidden_states=True, output_attentions=True)
         loss = copy_loss(model, out.hidden_states, batch, 6, 2, copies)
     rows, positions, sources = copies
     expected = -out.attentions[6][rows, 2, positions, sources].log().mean()
@@ -264,11 +270,9 @@ def test_the_early_answer_read_off_the_last_layer_is_the_models_own_answer_loss(
     from tokensieve.tiny_video import data
     from tokensieve.tiny_video.train import early_answer_loss
 
-    model, tokenizer = built[0].eval(), built[1]
-    batch = data.batch(tokenizer, 36, 0, 5, 3)
-    queries = {"copies": batch.pop("copies"), "spans": batch.pop("spans")}
-    for key in ("evidence", "task"):
-        batch.pop(key)
+    model = built[0].eval()
+    batch, targets = training_batch(built[1], 3)
+    queries = {name: targets[name] for name in ("copies", "spans")}
     captured = {}
     hook = model.model.language_model.layers[-1].register_forward_hook(
         lambda module, args, output: captured.update(last=output[0] if isinstance(output, tuple) else output))
