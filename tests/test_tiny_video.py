@@ -21,7 +21,7 @@ from tokensieve.tiny import load_tiny
 from tokensieve.tiny.data import normalize
 from tokensieve.tiny_video import TINY_VIDEO_DIR
 from tokensieve.tiny_video.build import build_model, build_tokenizer
-from tokensieve.tiny_video.data import before_after, copy_source, evidence_tokens
+from tokensieve.tiny_video.data import before_after, balanced_count_item, copy_source, evidence_tokens, item
 from tokensieve.tiny_video.processor import FrameVideoProcessor
 
 
@@ -91,6 +91,29 @@ def test_time_spans_split_the_asked_object_at_its_change():
         if b_.any() or a_.any():
             assert (b_ | a_)[(st.y + 7) // 16, (st.x + 7) // 16]
     assert before_after(e.clip, f"how many times did the {track[0].colour} {track[0].shape} appear ?", 6) is None
+
+
+def test_balanced_count_items_are_train_count_items_with_every_answer():
+    items = [balanced_count_item(i) for i in range(120)]
+    test_frames = [e.frames for e in generate_video("video-count", "test", 120)]
+    answers = Counter(e.answer for e in items)
+    assert answers == {"1": 40, "2": 40, "3": 40}
+    for e in items:
+        assert kind(e.question) == "video-count"
+        track = next(t for t in e.clip.tracks if f"the {t[0].colour} {t[0].shape} " in e.question)
+        runs = sum(1 for f in range(FRAMES) if track[f].visible and (f == 0 or not track[f - 1].visible))
+        assert e.answer == str(runs)
+        assert not any(np.array_equal(e.frames, t) for t in test_frames)
+    again = balanced_count_item(3)
+    assert np.array_equal(again.frames, items[3].frames) and again.question == items[3].question
+    weights = {"video-count": 4.0}
+    drawn = [item(g, 0, weights, balanced_count=True) for g in range(30)]
+    plain = [item(g, 0, weights) for g in range(30)]
+    assert 0 < sum(kind(b.question) == "video-count" for b in plain) < 30
+    for g, (a, b) in enumerate(zip(drawn, plain)):
+        assert kind(a.question) == kind(b.question)
+        want = balanced_count_item(g) if kind(b.question) == "video-count" else b
+        assert a.question == want.question and np.array_equal(a.frames, want.frames)
 
 
 # ---------------------------------------------------------------------------------------------- model and processor

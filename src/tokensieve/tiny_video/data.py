@@ -7,7 +7,10 @@ its sequence is the item's question, then up to ``extra_turns`` further question
 supervised. For the training-only evidence pointer (:mod:`.train`), each answer turn also names its
 evidence: the video tokens that cover the asked objects (the one or two the question names) in the
 question's evidence frames, where they are visible. For the training-only copy head, each order turn
-names the question's shape token of the answered object: the word the answer's second token repeats.
+names the question's shape token of the answered object: the word the answer's second token repeats. With
+``balanced_count``, a count item's answer is fixed (1, 2, 3 in turn by item index) before its clip
+(:func:`balanced_count_item`): the test split's answers are about 62% "1", 34% "2" and 4% "3", and a
+model trained on that prior never answered "3".
 """
 
 from __future__ import annotations
@@ -18,21 +21,43 @@ import numpy as np
 import torch
 
 from ..tasks.scene import IMAGE_SIZE, OBJECT_SIZE
-from ..tasks.video import Clip, questions
-from ..tasks.video_questions import VIDEO_QA_TASKS, VideoExample, generate_video, kind
+from ..tasks.video import Clip, questions, story
+from ..tasks.video_questions import VIDEO_QA_TASKS, VideoExample, generate_video, kind, video_seed
 from ..tiny.data import IGNORE_INDEX, normalize
 from . import prompt_text
 
 
-def item(g: int, start: int = 0, weights: dict[str, float] | None = None) -> VideoExample:
+COUNT_ANSWERS = ("1", "2", "3")
+
+
+def balanced_count_item(index: int) -> VideoExample:
+    """Train item ``index`` of ``video-count`` with its answer fixed first: answer ``index % 3`` of
+    :data:`COUNT_ANSWERS` (so every three consecutive items hold each answer once), then, from an RNG
+    seeded by the item's seed and 17, ``story`` clips until one holds a count question with that answer
+    (one of them, uniformly), as ``video-end`` draws its answer first. A training-only distribution: the
+    seed is a train seed, so no clip is a test clip's."""
+    wanted = COUNT_ANSWERS[index % len(COUNT_ANSWERS)]
+    rng = np.random.default_rng([*video_seed("video-count", "train", index), 17])
+    while True:
+        clip = story(rng)
+        found = [q for q in questions(clip) if kind(q[0]) == "video-count" and q[1] == wanted]
+        if found:
+            question, answer, frames = found[int(rng.integers(len(found)))]
+            return VideoExample("video-count", clip.frames, question, answer, frames, clip)
+
+
+def item(g: int, start: int = 0, weights: dict[str, float] | None = None, balanced_count: bool = False) -> VideoExample:
     """Item ``g`` of a run whose items start at train item ``start`` of every task (``weights``: task ->
-    weight, unlisted tasks 1; see the module docstring)."""
+    weight, unlisted tasks 1; ``balanced_count``: count items from :func:`balanced_count_item`; see the
+    module docstring)."""
     if not weights:
-        task = VIDEO_QA_TASKS[g % len(VIDEO_QA_TASKS)]
-        return generate_video(task, "train", 1, start + g // len(VIDEO_QA_TASKS))[0]
-    p = np.array([weights.get(t, 1.0) for t in VIDEO_QA_TASKS])
-    task = VIDEO_QA_TASKS[int(np.random.default_rng([g, 13]).choice(len(p), p=p / p.sum()))]
-    return generate_video(task, "train", 1, start + g)[0]
+        task, index = VIDEO_QA_TASKS[g % len(VIDEO_QA_TASKS)], start + g // len(VIDEO_QA_TASKS)
+    else:
+        p = np.array([weights.get(t, 1.0) for t in VIDEO_QA_TASKS])
+        task, index = VIDEO_QA_TASKS[int(np.random.default_rng([g, 13]).choice(len(p), p=p / p.sum()))], start + g
+    if balanced_count and task == "video-count":
+        return balanced_count_item(index)
+    return generate_video(task, "train", 1, index)[0]
 
 
 def turns(example: VideoExample, g: int, extra_turns: int) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -107,7 +132,7 @@ def copy_source(s: list[int], answer: int, question: int) -> int:
 
 
 def batch(tokenizer, tokens_per_frame: int, first: int, size: int, extra_turns: int, start: int = 0,
-          weights: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+          weights: dict[str, float] | None = None, balanced_count: bool = False) -> dict[str, torch.Tensor]:
     """A left-padded batch of run items ``first .. first + size - 1``: input_ids / attention_mask /
     position_ids / labels ``(B, L)`` (labels IGNORE_INDEX but on answers and their ``</s>``),
     pixel_values_videos ``(B, F, 3, 96, 96)`` and, to pop before the model call, ``task`` ``(B,)`` (each
@@ -118,7 +143,7 @@ def batch(tokenizer, tokens_per_frame: int, first: int, size: int, extra_turns: 
     :func:`before_after`'s masks ``(S, V)`` each; for the training-only copy head, ``copies``:
     ``(rows, query positions, sources)`` ``(C,)`` each, per order turn its batch row, the position of the
     answer's colour word (which predicts the shape word) and :func:`copy_source`'s position."""
-    examples = [item(first + r, start, weights) for r in range(size)]
+    examples = [item(first + r, start, weights, balanced_count) for r in range(size)]
     qas = [turns(e, first + r, extra_turns) for r, e in enumerate(examples)]
     texts = [sequence_text(q) for q in qas]
     video = tokenizer.convert_tokens_to_ids("<video>")
