@@ -219,7 +219,7 @@ def training_batch(tokenizer, extra_turns: int) -> tuple[dict, dict]:
     from tokensieve.tiny_video import data
 
     batch = data.batch(tokenizer, 36, 0, 5, extra_turns)
-    return batch, {key: batch.pop(key) for key in ("evidence", "spans", "copies", "task")}
+    return batch, {key: batch.pop(key) for key in ("evidence", "spans", "copies", "counts", "task")}
 
 
 def eager_forward(built, batch: dict):
@@ -283,6 +283,45 @@ def test_copy_loss_is_minus_log_the_copy_heads_attention_on_the_source(built):
         loss = copy_loss(model, out.hidden_states, batch, 6, 2, copies)
     rows, positions, sources = copies
     expected = -out.attentions[6][rows, 2, positions, sources].log().mean()
+    assert torch.allclose(loss, expected, atol=1e-5), (loss, expected)
+
+
+def test_count_targets_put_a_quarter_on_the_object_in_each_frame_it_appears():
+    from tokensieve.tiny_video.data import count_target
+
+    for e in generate_video("video-count", "test", 30):
+        target = count_target(e.clip, e.question, e.evidence_frames, 6).view(FRAMES, 6, 6)
+        track = next(t for t in e.clip.tracks if f"the {t[0].colour} {t[0].shape} " in e.question)
+        starts = [f for f in range(FRAMES) if track[f].visible and (f == 0 or not track[f - 1].visible)]
+        assert abs(float(target.sum()) - 0.25 * len(starts)) < 1e-6
+        for f in range(FRAMES):
+            if f not in starts:
+                assert not target[f].any()
+                continue
+            st = track[f]
+            assert abs(float(target[f].sum()) - 0.25) < 1e-6 and target[f, (st.y + 7) // 16, (st.x + 7) // 16] > 0
+            assert len(set(target[f][target[f] > 0].tolist())) == 1  # spread evenly over its tokens
+
+
+def test_count_loss_is_the_cross_entropy_of_the_count_heads_attention_against_its_target(built):
+    from tokensieve.tiny_video import data
+    from tokensieve.tiny_video.train import count_loss
+
+    batch = data.batch(built[1], 36, 0, 5, 3, weights={"video-count": 3.0})
+    counts = batch.pop("counts")
+    for key in ("evidence", "spans", "copies", "task"):
+        batch.pop(key)
+    assert len(counts[0]) >= 3
+    model, out = eager_forward(built, batch)
+    with torch.no_grad():
+        loss = count_loss(model, out.hidden_states, batch, 5, 0, counts)
+    video = batch["input_ids"] == model.config.video_token_id
+    terms = []
+    for r, p, target in zip(*counts):
+        attn = out.attentions[5][r, 0, p]  # (L,): the layer's own softmax
+        first = int(batch["attention_mask"][r].nonzero()[0])
+        terms.append(-(target * attn[video[r]].log()).sum() - (1 - target.sum()) * attn[first].log())
+    expected = torch.stack(terms).mean()
     assert torch.allclose(loss, expected, atol=1e-5), (loss, expected)
 
 

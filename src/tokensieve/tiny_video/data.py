@@ -101,6 +101,22 @@ def evidence_tokens(clip: Clip, question: str, frames: tuple[int, ...], side: in
     return mask
 
 
+COUNT_SHARE = 0.25
+"""The count head's target mass per appearance (:func:`count_target`): at most three, so at least a
+quarter stays on the first token."""
+
+
+def count_target(clip: Clip, question: str, frames: tuple[int, ...], side: int) -> torch.Tensor:
+    """For a count question, the training-only count head's target over the row's ``F * side * side``
+    video tokens ``(V,)`` float: :data:`COUNT_SHARE` per appearance frame (``frames``), spread evenly over
+    the asked object's tokens in that frame, so the mass on them grows with the count and the rest
+    (``1 - COUNT_SHARE * count``) belongs to the row's first token."""
+    target = torch.zeros(len(clip.frames) * side * side)
+    for f in frames:
+        tokens = evidence_tokens(clip, question, (f,), side)
+        target[tokens] += COUNT_SHARE / tokens.sum()
+    return target
+
 def before_after(clip: Clip, question: str, side: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """For a direction or colour question, the asked object's tokens before its move (the frames before
     the move's first) and after it (from the move's last frame on), or before and from its last colour
@@ -142,7 +158,9 @@ def batch(tokenizer, tokens_per_frame: int, first: int, size: int, extra_turns: 
     ``spans``: ``(rows, query positions, before, after)``, the same per direction or colour turn with
     :func:`before_after`'s masks ``(S, V)`` each; for the training-only copy head, ``copies``:
     ``(rows, query positions, sources)`` ``(C,)`` each, per order turn its batch row, the position of the
-    answer's colour word (which predicts the shape word) and :func:`copy_source`'s position."""
+    answer's colour word (which predicts the shape word) and :func:`copy_source`'s position; for the
+    training-only count head, ``counts``: ``(rows, query positions, targets)``, per count turn its batch
+    row, the position that predicts the answer and :func:`count_target` ``(N, V)``."""
     examples = [item(first + r, start, weights, balanced_count) for r in range(size)]
     qas = [turns(e, first + r, extra_turns) for r, e in enumerate(examples)]
     texts = [sequence_text(q) for q in qas]
@@ -161,6 +179,7 @@ def batch(tokenizer, tokens_per_frame: int, first: int, size: int, extra_turns: 
     ev_rows, ev_pos, ev_masks = [], [], []
     span_rows, span_pos, befores, afters = [], [], [], []
     copy_rows, copy_pos, copy_src = [], [], []
+    count_rows, count_pos, count_targets = [], [], []
     for row, s in enumerate(seqs):
         pad = length - len(s)
         input_ids[row, pad:] = torch.tensor(s)
@@ -187,6 +206,10 @@ def batch(tokenizer, tokens_per_frame: int, first: int, size: int, extra_turns: 
                     copy_rows.append(row)
                     copy_pos.append(pad + j)
                     copy_src.append(pad + copy_source(s, j, asked))
+                if kind(question) == "video-count":
+                    count_rows.append(row)
+                    count_pos.append(pad + j - 1)
+                    count_targets.append(count_target(examples[row].clip, question, frames, side))
                 turn += 1
             if answer:
                 labels[row, pad + j] = s[j]
@@ -201,4 +224,6 @@ def batch(tokenizer, tokens_per_frame: int, first: int, size: int, extra_turns: 
                       torch.stack(befores) if befores else torch.zeros(0, 0, dtype=torch.bool),
                       torch.stack(afters) if afters else torch.zeros(0, 0, dtype=torch.bool)),
             "copies": (torch.tensor(copy_rows, dtype=torch.long), torch.tensor(copy_pos, dtype=torch.long),
-                       torch.tensor(copy_src, dtype=torch.long))}
+                       torch.tensor(copy_src, dtype=torch.long)),
+            "counts": (torch.tensor(count_rows, dtype=torch.long), torch.tensor(count_pos, dtype=torch.long),
+                       torch.stack(count_targets) if count_targets else torch.zeros(0, 0))}

@@ -21,7 +21,13 @@ the answer's colour word to the question's shape token of the answered object (:
 :func:`.data.copy_source`), weighted ``copy_weight``, the copy an induction head makes; without it the
 shape word was often neither object of the question (docs/tiny_model.md); and, as for the time
 heads, the shape word must also be read off that layer's own output through the final norm and LM
-head (:func:`early_answer_loss`, weighted ``copy_early_weight``). Schedule (step-based, so a run is
+head (:func:`early_answer_loss`, weighted ``copy_early_weight``). A fourth, off by default, is for
+count: head ``count_head`` of decoder layer ``count_layer`` must put a quarter of its mass on the asked
+object's tokens in each frame where it appears and the rest on the row's first token
+(:func:`count_loss`, :func:`.data.count_target`), so that the head's output is a mix that moves with
+the count, and the answer must be read off that layer's output (:func:`early_answer_loss`), both
+weighted ``count_weight``; ``balanced_count`` draws count items with answers 1, 2 and 3 equally often
+(:func:`.data.balanced_count_item`). Schedule (step-based, so a run is
 reproducible from its flags): AdamW (weight decay 0.05, none on biases, norms and embeddings), linear
 warm-up then cosine decay (:func:`tokensieve.learned.loop.learning_rate`); step ``s`` trains on run
 items ``s * batch .. + batch - 1`` (:mod:`.data`: the five tasks in turn, every item new). The history
@@ -70,6 +76,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "must also be read off --copy-layer's own output through the final norm and LM head")
     p.add_argument("--copy-layer", type=int, default=6, help="decoder layer of the copy head")
     p.add_argument("--copy-head", type=int, default=2, help="attention head of --copy-layer that is the copy head")
+    p.add_argument("--count-weight", type=float, default=0.0,
+                   help="weight of the training-only count-head loss (0: none): on count answers, --count-head of "
+                        "--count-layer must put a quarter of its mass on the asked object in each frame it appears, the "
+                        "rest on the first token, and the answer must be read off that layer's output")
+    p.add_argument("--count-layer", type=int, default=5, help="decoder layer of the count head")
+    p.add_argument("--count-head", type=int, default=0, help="attention head of --count-layer that is the count head")
     p.add_argument("--task-weights", type=training_flags.task_weights_type(VIDEO_QA_TASKS), default={},
                    help="comma-separated task=weight: each item's task drawn in proportion (unlisted tasks weigh 1), "
                         "e.g. video-direction=3; default: the five tasks in turn")
@@ -88,17 +100,18 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < len(VIDEO_QA_TASKS):
         raise ValueError(f"--batch-size must be at least {len(VIDEO_QA_TASKS)} (one item of every task per step)")
     weights = {"--pointer": args.pointer, "--time-weight": args.time_weight, "--copy-weight": args.copy_weight,
-               "--copy-early-weight": args.copy_early_weight}
+               "--copy-early-weight": args.copy_early_weight, "--count-weight": args.count_weight}
     negative = [f"{name} {value}" for name, value in weights.items() if value < 0]
     if negative:
         raise ValueError(f"{', '.join(weights)} must be >= 0, got {', '.join(negative)}")
     summary = train(args.out, args.steps, args.batch_size, args.lr, args.warmup, args.seed, args.save_every,
                     args.resume, args.extra_turns, args.init_from, args.pointer, args.pointer_layer, args.task_weights,
                     args.time_weight, args.time_layer, args.copy_weight, args.copy_layer, args.copy_head,
-                    args.copy_early_weight, args.balanced_count, command=command)
+                    args.copy_early_weight, args.balanced_count, args.count_weight, args.count_layer, args.count_head,
+                    command=command)
     last = summary["history"][-1]
     print(f"trained in {summary['train_seconds']} s; last {args.save_every} steps: "
-          + " ".join(f"{t}={last[t]:.3f}" for t in VIDEO_QA_TASKS) + f"; written to {args.out}")
+          + " ".join(f"{t}={last[t]:.3f}" for t in VIDEO_QA_TASKS if t in last) + f"; written to {args.out}")
     return 0
 
 
@@ -147,6 +160,25 @@ def copy_loss(model, hidden_states: tuple[torch.Tensor, ...], batch: dict[str, t
     return -attention[torch.arange(len(rows)), sources].log().mean()
 
 
+def count_loss(model, hidden_states: tuple[torch.Tensor, ...], batch: dict[str, torch.Tensor], layer: int, head: int,
+               counts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of the attention of head ``head`` of decoder layer ``layer`` at each count
+    query against its target (``counts`` ``(rows, positions, targets)`` as :func:`.data.batch` gives
+    them: ``targets`` ``(N, V)`` over the row's video tokens, the rest of each unit mass on the row's
+    first token), i.e. the KL divergence from target to attention up to the target's entropy: the
+    head's mass on the asked object's appearance frames is a quarter per appearance, so its output
+    moves with the count (``hidden_states[layer]`` ``(B, L, D)`` is the layer's input)."""
+    rows, positions, targets = counts
+    decoder = model.model.language_model
+    cos, sin = decoder.rotary_emb(hidden_states[0], batch["position_ids"])
+    attention = attention_at(decoder.layers[layer], hidden_states[layer], cos, sin, batch["attention_mask"], rows,
+                             positions)[:, head]  # (N, L)
+    video = (batch["input_ids"] == model.config.video_token_id)[rows]
+    log_video = attention[video].view(len(rows), -1).clamp_min(1e-12).log()  # (N, V)
+    first = batch["attention_mask"].argmax(-1)[rows]  # left padding: each row's first token
+    log_first = attention[torch.arange(len(rows)), first].clamp_min(1e-12).log()
+    return -((targets * log_video).sum(-1) + (1 - targets.sum(-1)) * log_first).mean()
+
 def early_answer_loss(model, hidden: torch.Tensor, labels: torch.Tensor, queries: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Cross-entropy of the token after each query position, read off ``hidden`` ``(B, L, D)`` (an early
     layer's output) at that position through the model's own final norm and LM head: the answer must
@@ -171,8 +203,8 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
           save_every: int = 50, resume: bool = False, extra_turns: int = 10, init_from: Path | None = None,
           pointer_weight: float = 1.0, pointer_layer: int = 4, task_weights: dict[str, float] | None = None,
           time_weight: float = 1.0, time_layer: int = 3, copy_weight: float = 1.0, copy_layer: int = 6, copy_head: int = 2,
-          copy_early_weight: float = 1.0, balanced_count: bool = False, command: dict | None = None,
-          progress: bool = True) -> dict:
+          copy_early_weight: float = 1.0, balanced_count: bool = False, count_weight: float = 0.0,
+          count_layer: int = 5, count_head: int = 0, command: dict | None = None, progress: bool = True) -> dict:
     """Train and save to ``out``; returns the summary.
 
     Raises:
@@ -194,11 +226,12 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
     model.model.vision_tower.requires_grad_(False)
     model.train()
     layers, heads = model.config.text_config.num_hidden_layers, model.config.text_config.num_attention_heads
-    if not (0 <= pointer_layer < layers and 0 <= time_layer < layers - 1 and 0 <= copy_layer < layers):
-        raise ValueError(f"--pointer-layer and --copy-layer must be in 0..{layers - 1} and --time-layer in "
-                         f"0..{layers - 2}, got {pointer_layer}, {copy_layer} and {time_layer}")
-    if not 0 <= copy_head < heads:
-        raise ValueError(f"--copy-head must be in 0..{heads - 1}, got {copy_head}")
+    if not (0 <= pointer_layer < layers and 0 <= time_layer < layers - 1 and 0 <= copy_layer < layers
+            and 0 <= count_layer < layers):
+        raise ValueError(f"--pointer-layer, --copy-layer and --count-layer must be in 0..{layers - 1} and --time-layer "
+                         f"in 0..{layers - 2}, got {pointer_layer}, {copy_layer}, {count_layer} and {time_layer}")
+    if not (0 <= copy_head < heads and 0 <= count_head < heads):
+        raise ValueError(f"--copy-head and --count-head must be in 0..{heads - 1}, got {copy_head} and {count_head}")
     pointer = EvidencePointer(model.config.text_config.hidden_size)
     trained = torch.nn.ModuleDict({"model": model, "pointer": pointer})
     optimizer = adamw(trained, lr, _no_decay, betas=(0.9, 0.98))
@@ -208,7 +241,9 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
         batch = data.batch(tokenizer, processor.tokens_per_frame, step * batch_size, batch_size, extra_turns, start,
                            task_weights, balanced_count)
         evidence, spans, copies, tasks = batch.pop("evidence"), batch.pop("spans"), batch.pop("copies"), batch.pop("task")
-        out_ = model(**batch, output_hidden_states=max(pointer_weight, time_weight, copy_weight, copy_early_weight) > 0)
+        counts = batch.pop("counts")
+        out_ = model(**batch, output_hidden_states=max(pointer_weight, time_weight, copy_weight, copy_early_weight,
+                                                       count_weight) > 0)
         loss = out_.loss
         with torch.no_grad():
             hit = first_answer_right(out_.logits, batch["labels"], tokenizer.eos_token_id)
@@ -239,6 +274,15 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
                 early = early_answer_loss(model, out_.hidden_states[copy_layer + 1], batch["labels"], copies)
             loss = loss + copy_early_weight * early
             shown["copy_early"] = float(early.detach())
+        if count_weight > 0:
+            aux = torch.zeros(())
+            early = torch.zeros(())
+            if len(counts[0]):
+                aux = count_loss(model, out_.hidden_states, batch, count_layer, count_head, counts)
+                early = early_answer_loss(model, out_.hidden_states[count_layer + 1], batch["labels"], counts)
+            loss = loss + count_weight * (aux + early)
+            shown["count"] = float(aux.detach())
+            shown["count_early"] = float(early.detach())
         for t, name in enumerate(VIDEO_QA_TASKS):
             chosen = tasks == t
             if chosen.any():
@@ -252,7 +296,8 @@ def train(out: Path, steps: int = 2200, batch_size: int = 8, lr: float = 8e-4, w
                "lr": lr, "warmup": warmup, "seed": seed, "extra_turns": extra_turns, "pointer": pointer_weight,
                "pointer_layer": pointer_layer, "time_weight": time_weight, "time_layer": time_layer,
                "copy_weight": copy_weight, "copy_early_weight": copy_early_weight, "copy_layer": copy_layer, "copy_head": copy_head, "task_weights": task_weights or {},
-               "balanced_count": balanced_count,
+               "balanced_count": balanced_count, "count_weight": count_weight, "count_layer": count_layer,
+               "count_head": count_head,
                "init_from": str(init_from) if init_from else "the shipped tiny LLaVA", "train_seconds": seconds,
                "parameters": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "history": history}
