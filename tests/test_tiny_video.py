@@ -186,10 +186,13 @@ def test_bad_training_flags_are_one_line_errors(tmp_path, capsys):
     assert "--batch-size must be at least 5" in capsys.readouterr().err
     assert cli_main(["train-tiny-video", "--out", str(tmp_path / "x"), "--time-layer", "8"]) == 2
     assert "--time-layer in 0..6" in capsys.readouterr().err
-    assert cli_main(["train-tiny-video", "--out", str(tmp_path / "x"), "--copy-layer", "8"]) == 2
-    assert "--copy-layer must be in 0..7" in capsys.readouterr().err
-    assert cli_main(["train-tiny-video", "--out", str(tmp_path / "x"), "--copy-head", "4"]) == 2
-    assert "--copy-head must be in 0..3" in capsys.readouterr().err
+    for flag, value, shown in (("--copy-layer", "8", "0..7"), ("--count-layer", "-1", "0..7"), ("--copy-head", "4", "0..3"),
+                               ("--count-head", "4", "0..3")):
+        assert cli_main(["train-tiny-video", "--out", str(tmp_path / "x"), flag, value]) == 2
+        err = capsys.readouterr().err
+        assert f"must be in {shown}" in err and flag in err and f" {value}" in err.split("got", 1)[1]
+    assert cli_main(["train-tiny-video", "--out", str(tmp_path / "x"), "--count-weight", "-1"]) == 2
+    assert "got --count-weight -1.0" in capsys.readouterr().err
     assert cli_main(["train-tiny-video", "--out", str(tmp_path / "x"), "--copy-weight", "-1"]) == 2
     assert "must be >= 0, got --copy-weight -1.0" in capsys.readouterr().err
     assert cli_main(["train-tiny-video", "--out", str(tmp_path / "x"), "--copy-early-weight", "-2"]) == 2
