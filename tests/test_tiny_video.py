@@ -399,7 +399,6 @@ def test_the_shipped_models_recorded_accuracy_is_what_it_scores(heldout):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 15 open: the shipped model answers count below 0.9 (0.854)")
 def test_the_shipped_model_answers_each_video_task_at_least_nine_in_ten(heldout):
     """The issue's bar, greedy, unpruned."""
     assert all(heldout["per_task"][task]["accuracy"] >= 0.9 for task in VIDEO_QA_TASKS)
