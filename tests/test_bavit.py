@@ -364,8 +364,20 @@ def test_sparse_fine_tuning_trains_on_what_bavit_keeps(detector, classifier, tmp
 def test_throughput_reports_both_pipelines(detector, classifier) -> None:
     both = evaluate.throughput(detector, classifier, 1.0, images=3, repeats=1)
     assert set(both) == {"detector_images_per_s", "bavit_detector_images_per_s", "speedup"}
-    assert both["speedup"] == pytest.approx(both["bavit_detector_images_per_s"] / both["detector_images_per_s"], rel=0.01)
+    assert both["speedup"] == pytest.approx(both["bavit_detector_images_per_s"] / both["detector_images_per_s"], rel=1e-12)
+    assert all(v > 0 for v in both.values())
     assert set(evaluate.throughput(detector, None, 1.0, images=3, repeats=1)) == {"detector_images_per_s"}
+
+
+def test_the_report_rounds_throughput_only_when_printed() -> None:
+    from tokensieve.cli.eval_detect_cmd import format_report
+
+    report = {"settings": {"method": "bavit", "drop": 1.0, "items": 2, "detector_patches": 152},
+              "map": 0.5, "unpruned": {"map": 0.6, "map_50": 0.8}, "map_50": 0.7, "patches_kept_mean": 40.25,
+              "patches_kept_min": 30, "patches_kept_max": 51, "flops_ratio": 0.3,
+              "throughput": {"detector_images_per_s": 101.2345, "bavit_detector_images_per_s": 250.5,
+                             "speedup": 250.5 / 101.2345}}
+    assert format_report(report).splitlines()[-1] == "  throughput at batch 1: 101.2 images/s unpruned, 250.5 with BAViT (x2.474)"
 
 
 def test_the_shipped_models_load_offline_and_work() -> None:

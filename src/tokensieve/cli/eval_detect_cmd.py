@@ -68,6 +68,6 @@ def format_report(report: dict) -> str:
              f"(min {report['patches_kept_min']}, max {report['patches_kept_max']}), FLOPs ratio {report['flops_ratio']:.3f}"]
     if "throughput" in report:
         t = report["throughput"]
-        lines.append(f"  throughput at batch 1: {t['detector_images_per_s']} images/s unpruned, "
-                     f"{t['bavit_detector_images_per_s']} with BAViT (x{t['speedup']})")
+        lines.append(f"  throughput at batch 1: {t['detector_images_per_s']:.1f} images/s unpruned, "
+                     f"{t['bavit_detector_images_per_s']:.1f} with BAViT (x{t['speedup']:.3f})")
     return "\n".join(lines)
