@@ -365,6 +365,20 @@ def test_the_shipped_checkpoint_is_small_stock_and_records_its_accuracy():
     assert set(accuracy["per_task"]) == set(VIDEO_QA_TASKS)
 
 
+def test_bench_runs_the_video_methods_on_the_shipped_model(tmp_path):
+    methods = ["uniform-frames", "evs", "divprune:scope=frame", "metok"]
+    assert cli_main(["bench", "--model", "tiny-video", "--methods", ",".join(methods), "--flops", "0.5",
+                     "--limit", "1", "--batch-size", "5", "-o", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [row["bench"]["method"] for row in rows] == ["none", *methods]
+    assert all(row["settings"]["tasks"] == list(VIDEO_QA_TASKS) and row["samples"] == 5 for row in rows)
+    unpruned, pruned = rows[0], rows[1:]
+    assert unpruned["visual_tokens_kept"]["mean"] == 576.0 and unpruned["tflops"] == unpruned["tflops_unpruned"]
+    for row in pruned:  # every method removes visual tokens and FLOPs; METok's stage 3 also frees the visual KV
+        assert row["visual_tokens_kept"]["mean"] < 576.0 and row["tflops"] < 0.6 * row["tflops_unpruned"]
+    assert pruned[-1]["kv_bytes"] < 0.2 * unpruned["kv_bytes"]
+
+
 def test_eval_runs_every_video_method_on_the_shipped_model_and_keep_everything_is_exact(tmp_path):
     out = tmp_path / "r.json"
     assert cli_main(["eval", "--model", "tiny-video", "--task", "all", "--method", "metok", "--limit", "2",
