@@ -14,6 +14,7 @@ import torch
 from tiny_models import PAD, VOCAB, build
 
 import tokensieve
+from tokensieve import compat
 from tokensieve.methods.base import CacheView, Method
 
 
@@ -56,7 +57,7 @@ def test_cache_attention_equals_the_models_own_weights_in_prefill_and_decode():
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_attentions=True, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
-        step = model(input_ids=token, attention_mask=step_mask, past_key_values=out.past_key_values,
+        step = model(input_ids=token, attention_mask=step_mask, **compat.cache_argument(model, out.past_key_values),
                      position_ids=step_mask.cumsum(-1)[:, -1:] - 1, output_attentions=True)
     recorder = Recorder(layer=1)
     with torch.no_grad(), tokensieve.prune(model, recorder):
@@ -130,7 +131,7 @@ def test_the_report_names_the_entries_held_and_measures_their_storage():
     ids, mask = _padded(gen, [9, 6])
     cache = DynamicCache()
     with torch.no_grad(), tokensieve.prune(model, "streamingllm", sinks=2, window=4) as run:
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3,
+        out = model.generate(input_ids=ids, attention_mask=mask, **compat.cache_argument(model, cache), max_new_tokens=3,
                              min_new_tokens=3, do_sample=False)
     total = out.shape[1]
     stored = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))

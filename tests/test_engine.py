@@ -9,6 +9,7 @@ import torch
 from tiny_models import IMAGE, batch, build, collate, layer_input, samples
 
 import tokensieve
+from tokensieve import compat
 from tokensieve.flops import Shape, prefill_flops
 
 VISION = ["llava", "llava-next", "llava-next-video", "qwen2-vl", "qwen2.5-vl"]
@@ -178,7 +179,7 @@ def test_streamingllm_keeps_cache_constant_and_positions_true():
         seen_positions.clear()
         cache = DynamicCache()
         with tokensieve.prune(model, "streamingllm", sinks=2, window=5, positions="keep") as run:
-            out = model.generate(**inputs, past_key_values=cache, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+            out = model.generate(**inputs, **compat.cache_argument(model, cache), max_new_tokens=6, min_new_tokens=6, do_sample=False)
             lengths = [layer.keys.shape[-2] for layer in cache.layers]
     hook.remove()
     assert out.shape == plain.shape
@@ -277,7 +278,7 @@ def test_bad_inputs_raise_and_leave_the_model_as_it_was():
         with tokensieve.prune(model, "fastv"):
             cache = StaticCache(config=model.config.text_config, max_cache_len=64)
             with pytest.raises(TypeError, match="DynamicCache"):
-                model(**inputs, past_key_values=cache)
+                model(**inputs, **compat.cache_argument(model, cache))
         assert _is_clean(model)
         assert torch.equal(model(**inputs).logits, before)
 

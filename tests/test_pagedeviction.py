@@ -261,8 +261,8 @@ def test_a_filled_cache_is_refused_and_left_as_it_was():
     ids = torch.randint(1, 60, (1, 12), generator=torch.Generator().manual_seed(7))
     cache = DynamicCache()
     with torch.no_grad():
-        model(input_ids=ids[:, :8], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :8], **compat.cache_argument(model, cache), use_cache=True)
         with pytest.raises(ValueError, match="holds 8 tokens"):
             with tokensieve.prune(model, "pagedeviction", budget=32, block_size=8):
-                model(input_ids=ids[:, 8:], past_key_values=cache, use_cache=True)
+                model(input_ids=ids[:, 8:], **compat.cache_argument(model, cache), use_cache=True)
     assert type(cache) is DynamicCache and cache.get_seq_length() == 8
