@@ -226,3 +226,12 @@ def test_bench_takes_lvpruning_rows_on_the_flops_axis():
 
     assert bench.axis("lvpruning") == "flops"
     bench.check_specs(["lvpruning", "lvpruning:decision=topk"], [0.5, 0.3])
+
+
+@pytest.mark.parametrize("command", [["train-lvpruning"], ["train-atp", "--flops", "0.5"]])
+def test_the_learned_pruners_refuse_a_model_without_the_image_tasks(tmp_path, capsys, command):
+    from tokensieve.cli import main
+
+    assert main([*command, "--model", "tiny-video", "--out", str(tmp_path / "w.safetensors"), "--steps", "1"]) == 2
+    assert "runs the video tasks; the learned pruners train and are measured on the image tasks" in capsys.readouterr().err
+    assert not (tmp_path / "w.safetensors").exists()

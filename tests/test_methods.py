@@ -306,6 +306,17 @@ def test_vflowopt_search_meets_its_budget():
     assert all(s.flops / s.flops_unpruned <= 0.6 for s in run.report.samples)
 
 
+def test_the_vflowopt_search_refuses_a_model_it_cannot_run_on_before_any_trial(monkeypatch):
+    import optuna
+
+    from tokensieve import vflowopt_search
+
+    model = model_of("llava-next-video")
+    monkeypatch.setattr(optuna, "create_study", lambda **kwargs: pytest.fail("a study was created"))
+    with pytest.raises(TypeError, match="pools each frame's patches before the LLM"):
+        vflowopt_search.search(model, [], 0.6, trials=2, progress=False)
+
+
 def test_vflowopt_searches_the_release_space():
     """The ranges of the release's optimiser (sihany077/VFlowOpt, src/lmms_eval-0.2.4/lmms_eval/models/
     llava_ov_opt_all.py, optimize_ratios): t in [0, 50], m in [3, 24] real, alpha in [-1, 1], the first

@@ -44,13 +44,20 @@ def _last_hidden(model: Any, inputs: dict[str, torch.Tensor], method: VFlowOpt |
 def search(model: Any, batches: list[dict[str, torch.Tensor]], budget: float, trials: int = 40, seed: int = 0,
            progress: bool = True) -> dict[str, Any]:
     """Best VFlowOpt options for ``budget`` on ``batches``; returns the options, objective, timing,
-    and the device, dtype, torch and transformers versions it ran with."""
+    and the device, dtype, torch and transformers versions it ran with.
+
+    Raises:
+        ValueError: ``budget`` outside (0, 1) or ``trials`` below 1.
+        TypeError: a model VFlowOpt cannot run on (before any trial).
+    """
     import optuna
 
     if not 0 < budget < 1:
         raise ValueError(f"the FLOPs budget must be in (0, 1), got {budget!r}")
     if trials < 1:
         raise ValueError(f"--trials must be at least 1, got {trials}")
+    with prune(model, VFlowOpt(flops=budget)):  # a model VFlowOpt cannot run on is refused here, before any trial
+        pass
     start = time.perf_counter()
     reference = [_last_hidden(model, inputs, None) for inputs in batches]
 

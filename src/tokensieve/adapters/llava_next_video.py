@@ -19,6 +19,10 @@ from torch import nn
 
 from .base import Adapter, Layout, runs
 
+POOLED_FRAMES = ("LLaVA-NeXT-Video pools each frame's patches before the LLM, so a tower patch (and its [CLS] "
+                 "attention) is not an LLM token; methods in or on the vision tower are supported on "
+                 "LlavaForConditionalGeneration")
+
 
 class LlavaNextVideoAdapter(Adapter):
     """Video frames as images on a pooled grid; see the module docstring."""
@@ -41,8 +45,10 @@ class LlavaNextVideoAdapter(Adapter):
         return (cfg.vision_config.image_size // cfg.vision_config.patch_size) // cfg.spatial_pool_stride
 
     def tokens_per_image(self) -> int:
-        raise TypeError("LLaVA-NeXT-Video pools each frame's patches before the LLM, so a tower patch is not an "
-                        "LLM token; merging inside the vision tower is supported on LlavaForConditionalGeneration")
+        raise TypeError(POOLED_FRAMES)
+
+    def vision_feature_layer(self) -> nn.Module:
+        raise TypeError(POOLED_FRAMES)
 
     def layout(self, input_ids: torch.Tensor, inputs: dict[str, Any]) -> Layout:
         cfg = self.model.config

@@ -45,13 +45,17 @@ def add_loop_flags(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
 
 
 def prepare(args: argparse.Namespace) -> tuple[Any, Any]:
-    """Check the output and counts, set the threads, load the model: ``(model, processor)``."""
+    """Check the output and counts, set the threads, load the model (an image VLM): ``(model, processor)``."""
     check_output_file(args.out, "--out")
     if args.eval_items < 0:
         raise ValueError(f"--eval-items must be >= 0, got {args.eval_items}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, processor = models.load(args.model, args.device, args.dtype)
+    suite = evaluation.Prompting.for_processor(processor).suite
+    if suite != "image":
+        raise ValueError(f"--model {args.model} runs the {suite} tasks; the learned pruners train and are measured "
+                         f"on the image tasks, so give an image VLM (e.g. --model tiny)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     return model, processor
 

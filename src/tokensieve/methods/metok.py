@@ -54,6 +54,13 @@ Choices where the release does not carry over (each an option, defaults as state
 * **Positions.** Stage 1 shortens the prompt, which the release then numbers contiguously (``auto``:
   renumbered, original positions on M-RoPE models); stage 2 keeps each token's position, as the
   release gathers the rotary tables by the kept indices.
+* **One video per sample.** The release takes one video per prompt. Here all frames of a sample, in
+  prompt order, are one video of ``T`` frames: two videos in one prompt are segmented as one longer one.
+  At most ``T - 1`` cuts are made (fewer frames than ``events``: one event per frame).
+* **Visual tokens on no frame** (an image beside the video) are not scored by stage 2 and all stay;
+  stage 3 frees their KV with the video's, as it frees every visual entry.
+* **Padding.** Stage 2's score averages only the sample's real queries after the video (padded rows of
+  a batch are left out of the mean).
 """
 
 from __future__ import annotations
