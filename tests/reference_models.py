@@ -49,6 +49,28 @@ def shipped():
     return _MODELS["shipped"]
 
 
+def shipped_video():
+    """``(model, processor)``: the shipped tiny LLaVA-NeXT-Video (8 layers, 16 frames of 6 x 6 visual
+    tokens), switched to eager attention (loaded once)."""
+    if "shipped video" not in _MODELS:
+        from tokensieve import models
+
+        model, processor = models.load("tiny-video")
+        for cfg in (model.config, model.config.text_config, model.config.vision_config):
+            cfg._attn_implementation = "eager"
+        _MODELS["shipped video"] = (model, processor)
+    return _MODELS["shipped video"]
+
+
+def shipped_video_inputs() -> list[dict]:
+    """Test item 0 of every video task as a batch-1 input of the shipped video model."""
+    from tokensieve.tasks import VIDEO_QA_TASKS, generate
+    from tokensieve.tiny_video import build_inputs
+
+    _, processor = shipped_video()
+    return [build_inputs(processor, generate(task, "test", 1)) for task in VIDEO_QA_TASKS]
+
+
 def shipped_items(n_per_task: int = 1) -> list:
     """The first ``n_per_task`` test items of every task."""
     from tokensieve.tasks import TASKS, generate
@@ -87,10 +109,13 @@ def causal(n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def image_span(model, inputs) -> tuple[int, int]:
-    """``(start, count)`` of the one contiguous image of a batch-1, unpadded input (what the releases take)."""
+    """``(start, count)`` of the one contiguous image of a batch-1, unpadded input (what the releases take);
+    on a video model without an image in the prompt, the video's span (its frames' tokens, one run)."""
     ids = inputs["input_ids"][0]
     assert inputs["input_ids"].shape[0] == 1 and bool(inputs["attention_mask"].bool().all())
     image = (ids == model.config.image_token_id).nonzero().squeeze(1)
+    if image.numel() == 0 and getattr(model.config, "video_token_id", None) is not None:
+        image = (ids == model.config.video_token_id).nonzero().squeeze(1)
     assert image.numel() and bool((image.diff() == 1).all()), "the releases handle one contiguous image"
     return int(image[0]), int(image.numel())
 

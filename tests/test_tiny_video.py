@@ -396,6 +396,34 @@ def test_eval_runs_every_video_method_on_the_shipped_model_and_keep_everything_i
                 assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), ids)
 
 
+@pytest.mark.parametrize("name,options", [
+    ("evs", {"keep": 0.5}), ("uniform-frames", {"keep": 0.5}), ("divprune", {"keep": 0.4}),
+    ("divprune", {"keep": 0.4, "scope": "frame"}), ("metok", {}), ("metok", {"parts": (1,)}),
+    ("fastv", {"keep": 0.3}), ("pdrop", {}), ("random", {"keep": 0.5}),
+    ("fitprune", {"recipe": {"removed": {0: 40, 1: 120, 2: 100, 4: 40}, "visual_tokens": 576, "num_layers": 8}}),
+])
+def test_a_padded_batch_of_video_prompts_is_pruned_as_each_prompt_alone(name, options):
+    """One test item of each task (five prompt lengths, left-padded together): each sample keeps the
+    positions it keeps alone and its last-token logits are the same."""
+    model, processor = models.load("tiny-video")
+    prompting = evaluation.Prompting.for_processor(processor)
+    examples = [generate(task, "test", 1, start=7)[0] for task in VIDEO_QA_TASKS]
+    batch = prompting.inputs(examples)
+    assert len(set(batch["attention_mask"].sum(1).tolist())) > 1  # the batch is padded
+    with torch.no_grad(), tokensieve.prune(model, name, **options) as run:
+        batched = model(**batch).logits[:, -1]
+    mask = batch["attention_mask"]
+    assert bool((mask[:, -1] == 1).all())  # left padding: the report's positions are rows of the batch
+    for b, example in enumerate(examples):
+        with torch.no_grad(), tokensieve.prune(model, name, **options) as alone:
+            logits = model(**prompting.inputs([example])).logits[0, -1]
+        pad = int((mask[b] == 0).sum())
+        expected = {point: [p + pad for p in kept] for point, kept in alone.report.samples[0].visual_kept.items()}
+        assert run.report.samples[b].visual_kept == expected
+        assert min(len(kept) for kept in expected.values()) < 576  # the method pruned
+        assert torch.allclose(batched[b], logits, atol=1e-4), (batched[b] - logits).abs().max()
+
+
 @pytest.fixture(scope="module")
 def heldout():
     """The shipped model unpruned on the test items its record names, of every video task (slow)."""

@@ -1,4 +1,4 @@
-"""The video methods (EVS, uniform frame subsampling, METok, DivPrune per frame) on a LLaVA-NeXT-Video
+"""The video methods (EVS, uniform frame subsampling, METok, DivPrune, FastV, FitPrune) on a LLaVA-NeXT-Video
 model, against references written in this file from the authors' code.
 
 * EVS: vllm-project/vllm at 094f117, ``vllm/multimodal/evs.py`` (``compute_retained_tokens_count``,
@@ -13,8 +13,11 @@ model, against references written in this file from the authors' code.
   the frame-text similarity against the mean input embedding of the text after the video (the release
   uses a SigLIP dual encoder), strides relative to the model's own frame grid with ``avg_pool2d``'s
   ``ceil_mode`` windows, no event newline token.
-* DivPrune per frame: the release's selection (``divprune_release`` of the DivPrune reference test)
-  run on each frame alone.
+* DivPrune per frame and across all frames: the release's selection (``divprune_release`` of the
+  DivPrune reference test) run on each frame alone, and on every video token at once.
+* FastV and FitPrune on the multi-frame prompt: their release references (``fastv_reference``,
+  ``fitprune_reference`` of their reference tests) with the video's tokens as the image span, on the
+  random model and on the shipped tiny video model.
 
 The references build the shorter prompt the releases build (stage 1 and the encoder methods: the kept
 rows in order, numbered ``0..L-1``), run the decoder from its parts, and compare kept positions, the
@@ -30,9 +33,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from reference_models import causal, decoder_input, last_logits
+from reference_models import causal, decoder_input, last_logits, shipped_video, shipped_video_inputs
 from test_reference_divprune_fastervlm import _pruned as encoder_run
 from test_reference_divprune_fastervlm import divprune_release
+from test_reference_fastv_dart import fastv_reference
+from test_reference_vflowopt_fitprune import fitprune_reference
 from test_reference_pdrop_transprune import _kv, decode_reference
 from tiny_models import TEXT, VIDEO
 from transformers import (
@@ -43,6 +48,7 @@ from transformers import (
 )
 
 import tokensieve
+from tokensieve.recipe import Recipe
 
 FRAMES, SIDE = 8, 3
 PER_FRAME = SIDE * SIDE
@@ -183,8 +189,67 @@ def test_divprune_per_frame_runs_the_release_on_each_frame(keep, per_frame):
         assert len(picks) == per_frame
         kept += rows[picks].tolist()
     _check_encoder(model, inputs, sorted(kept), "divprune", keep=keep, scope="frame")
-    across, _, _ = _pruned(model, inputs, "divprune", keep=keep)
-    assert len(across.visual_kept["encoder:0"]) == len(kept)  # the default pools every frame together
+
+
+@pytest.mark.parametrize("seed,keep", [(6, 1 / 3), (7, 0.5), (8, 0.1)])
+def test_divprune_across_frames_runs_the_release_on_the_whole_video(seed, keep):
+    """The default ``scope="all"``: the release's selection on every video token of every frame at once."""
+    model = video_model()
+    inputs = video_inputs(seed)
+    span = _span(inputs)
+    picks = divprune_release(decoder_input(model, inputs)[span], keep)
+    assert len(picks) == round(keep * FRAMES * PER_FRAME)
+    _check_encoder(model, inputs, sorted(span[picks].tolist()), "divprune", keep=keep)
+
+
+# ---------------------------------------------------------------------------------------------- FastV and FitPrune
+def _prefill_kept(model, inputs, method: str, **options):
+    """tokensieve's kept positions per prefill/inside point and the last-token logits."""
+    with torch.no_grad(), tokensieve.prune(model, method, **options) as run:
+        logits = model(**inputs).logits[0, -1]
+    kept = run.report.samples[0].visual_kept
+    return {k: v for k, v in kept.items() if k.startswith(("prefill:", "inside:"))}, logits
+
+
+@pytest.mark.parametrize("seed,layer,keep", [(0, 2, 0.5), (1, 1, 0.25), (2, 3, 0.75)])
+def test_fastv_on_the_multi_frame_prompt_is_the_release(seed, layer, keep):
+    """The video's tokens are FastV's image span (``SYS_LENGTH`` to ``SYS_LENGTH + IMAGE_TOKEN_LENGTH``):
+    the release's rule, unchanged, on a prompt of 8 frames."""
+    model = video_model()
+    inputs = video_inputs(seed)
+    expected, ref_logits = fastv_reference(model, inputs, layer, int(keep * FRAMES * PER_FRAME))
+    kept, logits = _prefill_kept(model, inputs, "fastv", layer=layer, keep=keep)
+    assert kept == {f"prefill:{layer}": expected}
+    assert torch.allclose(logits, ref_logits, atol=LOGITS_ATOL), (logits - ref_logits).abs().max()
+
+
+@pytest.mark.parametrize("score", ["product", "fit"])
+@pytest.mark.parametrize("seed,scheme", [(3, {0: 10, 1: 20, 3: 6}), (4, {1: 30, 2: 12})])
+def test_fitprune_on_the_multi_frame_prompt_is_the_release(seed, scheme, score):
+    model = video_model()
+    inputs = video_inputs(seed)
+    expected, ref_logits = fitprune_reference(model, inputs, scheme, score)
+    recipe = Recipe(removed=scheme, visual_tokens=FRAMES * PER_FRAME, num_layers=4)
+    kept, logits = _prefill_kept(model, inputs, "fitprune", recipe=recipe, score=score)
+    assert kept == expected
+    assert torch.allclose(logits, ref_logits, atol=LOGITS_ATOL), (logits - ref_logits).abs().max()
+
+
+def test_fastv_and_fitprune_are_the_release_on_the_shipped_video_model():
+    """Defaults of FastV (K = 2, rank 288 of 576) and a FitPrune schedule for 576 tokens over 8 layers,
+    test item 0 of every video task."""
+    model, _ = shipped_video()
+    scheme = {0: 40, 1: 120, 2: 100, 3: 30, 4: 40, 6: 12}
+    recipe = Recipe(removed=scheme, visual_tokens=576, num_layers=8)
+    for inputs in shipped_video_inputs():
+        expected, ref_logits = fastv_reference(model, inputs, 2, 288)
+        kept, logits = _prefill_kept(model, inputs, "fastv")
+        assert kept == {"prefill:2": expected}
+        assert torch.allclose(logits, ref_logits, atol=LOGITS_ATOL), (logits - ref_logits).abs().max()
+        expected, ref_logits = fitprune_reference(model, inputs, scheme)
+        kept, logits = _prefill_kept(model, inputs, "fitprune", recipe=recipe)
+        assert kept == expected
+        assert torch.allclose(logits, ref_logits, atol=LOGITS_ATOL), (logits - ref_logits).abs().max()
 
 
 # ---------------------------------------------------------------------------------------------- METok
