@@ -92,29 +92,33 @@ def test_sta_stage_matches_the_release_loop():
             assert got[b].tolist() == reference_stage(x[b], keys[b], groups, reverse, r)
 
 
+# The release's schedule (model_vit.py: merges after blocks 0, 4, 8 of 12, in 8, 4 and 2 groups, the
+# middle stage visiting the groups in reverse) on this model's 6 blocks: after blocks 0, 2, 4.
+STA_STAGES = {0: (8, False), 2: (4, True), 4: (2, False)}
+# keep 0.5 of 288 tokens (8 tubelets x 36): each stage removes r per group, 288 - (8 + 4 + 2) r <= 144
+# first at r = 11: 8 x 25 = 200, 4 x 39 = 156, 2 x 67 = 134 tokens after the three stages.
+STA_R, STA_AFTER = 11, [200, 156, 134]
+
+
 @torch.no_grad()
 def test_sta_in_the_model_matches_the_release(model, clips):
     """Score and kept positions through the hooked stock model equal the loop reference applied to the
     block outputs and keys recomputed from the layers' weights; logits equal the reference forward."""
-    setting = prune.VideoPrune("sta", keep=0.5)
-    resolved = prune.plan(model.config, setting)
-    logits, kept = prune.run(model, clips, setting, resolved)
+    logits, kept = prune.run(model, clips, prune.VideoPrune("sta", keep=0.5))
     x = model.videomae.embeddings(clips, None)
     positions = torch.arange(x.shape[1]).expand(x.shape[0], -1)
-    tubelets, _ = grid(model.config)
     expected = []
     for b, layer in enumerate(model.videomae.encoder.layer):
         keys = reference_keys(layer, x)
         x = layer(x)
-        grouping = sta.stage_grouping(b, 6, tubelets)
-        if grouping is not None:
-            rows = torch.tensor([reference_stage(x[i], keys[i], *grouping, resolved.r) for i in range(x.shape[0])])
+        if b in STA_STAGES:
+            rows = torch.tensor([reference_stage(x[i], keys[i], *STA_STAGES[b], STA_R) for i in range(x.shape[0])])
             x = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
             positions = positions.gather(1, rows)
             expected.append(positions)
     assert [k.tolist() for k in kept] == [e.tolist() for e in expected]
     torch.testing.assert_close(logits, model.classifier(model.fc_norm(x.mean(1))), atol=1e-5, rtol=1e-5)
-    assert [k.shape[1] for k in kept] == list(resolved.after_stages)
+    assert [k.shape[1] for k in kept] == STA_AFTER
 
 
 @pytest.mark.parametrize("method", prune.METHODS)
@@ -157,21 +161,34 @@ def test_tome_matching_and_weighted_merge():
     assert int(tome.bipartite_merge_map(metric, 100).max()) + 1 == 11 - 5  # capped at t // 2
     x, size = torch.randn(2, 11, 3, dtype=torch.float64), torch.rand(2, 11, dtype=torch.float64) + 1
     merged, total = tome.merge_weighted(x, size, dest)
+    expected, expected_total = reference_merge(x, size, dest)
+    torch.testing.assert_close(merged, expected)
+    torch.testing.assert_close(total, expected_total)
     for i in range(2):
         for k in range(7):
             members = [j for j in range(11) if dest[i, j] == k]
             assert math.isclose(float(total[i, k]), sum(float(size[i, j]) for j in members))
-            mean = sum(x[i, j] * size[i, j] for j in members) / total[i, k]
-            torch.testing.assert_close(merged[i, k], mean)
+
+
+def reference_merge(x: torch.Tensor, size: torch.Tensor, dest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's ``merge_wavg``: rows ``x`` ``(B, t, C)`` of sizes ``(B, t)`` summed into ``dest``'s slots
+    weighted by size, divided by the slots' total size; ``(B, k, C)`` and ``(B, k)``."""
+    slots = int(dest.max()) + 1
+    merged = [torch.zeros(slots, x.shape[-1], dtype=x.dtype).index_add_(0, dest[i], x[i] * size[i, :, None])
+              for i in range(x.shape[0])]
+    total = [torch.zeros(slots, dtype=size.dtype).index_add_(0, dest[i], size[i]) for i in range(x.shape[0])]
+    return torch.stack(merged) / torch.stack(total)[..., None], torch.stack(total)
+
+
+# keep 0.6 of 288 tokens: 172 left, 116 merges over the 6 blocks, the remainder in the first blocks.
+TOME_MERGES = [20, 20, 19, 19, 19, 19]
 
 
 @torch.no_grad()
 def test_tome_in_the_model_matches_a_block_by_block_reference(model, clips):
     """ToMeBlock restated from the release on the layers' weights: attention with log(size) added to the
     logits, merge between the attention residual and the MLP, size-weighted."""
-    setting = prune.VideoPrune("tome", keep=0.6)
-    resolved = prune.plan(model.config, setting)
-    logits, kept = prune.run(model, clips, setting, resolved)
+    logits, kept = prune.run(model, clips, prune.VideoPrune("tome", keep=0.6))
     x = model.videomae.embeddings(clips, None)
     size = torch.ones(x.shape[:2])
     for b, layer in enumerate(model.videomae.encoder.layer):
@@ -181,11 +198,11 @@ def test_tome_in_the_model_matches_a_block_by_block_reference(model, clips):
         q, k, v = (lin(h).view(*h.shape[:2], heads, -1).transpose(1, 2) for lin in (att.query, att.key, att.value))
         weights = (q @ k.transpose(-1, -2) * att.scaling + size.log()[:, None, None, :]).softmax(-1)
         x = x + layer.attention.output.dense((weights @ v).transpose(1, 2).reshape(h.shape))
-        dest = torch.stack([torch.tensor(reference_tome_map(k.mean(1)[i], resolved.merges[b])) for i in range(x.shape[0])])
-        x, size = tome.merge_weighted(x, size, dest)
+        dest = torch.stack([torch.tensor(reference_tome_map(k.mean(1)[i], TOME_MERGES[b])) for i in range(x.shape[0])])
+        x, size = reference_merge(x, size, dest)
         x = x + layer.output.dense(layer.intermediate(layer.layernorm_after(x)))
     torch.testing.assert_close(logits, model.classifier(model.fc_norm(x.mean(1))), atol=1e-5, rtol=1e-4)
-    assert [k.shape[1] for k in kept] == list(resolved.mlp)
+    assert [k.shape[1] for k in kept] == (288 - torch.tensor(TOME_MERGES).cumsum(0)).tolist()
     assert model.config._attn_implementation == "sdpa"
 
 
