@@ -33,7 +33,7 @@ SIDE = 6
 ROWS: list[tuple[str, dict]] = [
     ("uniform-frames", {"flops": 0.5}), ("evs", {"flops": 0.5}), ("divprune", {"flops": 0.5}),
     ("divprune", {"flops": 0.5, "scope": "frame"}), ("random", {"flops": 0.5}), ("fastv", {"flops": 0.5}),
-    ("pdrop", {"flops": 0.5}), ("metok", {"parts": (1,)}), ("metok", {"parts": (2,)}),
+    ("pdrop", {"flops": 0.5}), ("fitprune", {"flops": 0.5}), ("metok", {"parts": (1,)}), ("metok", {"parts": (2,)}),
 ]
 
 
