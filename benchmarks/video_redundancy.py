@@ -88,12 +88,13 @@ def main() -> None:
           "|---|---|---|---|---|")
     rows = []
     for method, options in ROWS:
+        run_options = dict(options)
         if method == "fitprune":  # its recipe for the budget, calibrated as `tokensieve eval --flops` does
-            options = {**options, "recipe": calibrate_on_tasks(model, Prompting.for_processor(processor), "all",
-                                                               options["flops"], model_name="tiny-video")}
-        per_task = {t: shares(model, processor, method, options, t, args.limit, args.batch_size) for t in VIDEO_QA_TASKS}
+            run_options["recipe"] = calibrate_on_tasks(model, Prompting.for_processor(processor), "all",
+                                                       options["flops"], model_name="tiny-video")
+        per_task = {t: shares(model, processor, method, run_options, t, args.limit, args.batch_size)
+                    for t in VIDEO_QA_TASKS}
         mean = {k: sum(v[k] for v in per_task.values()) / len(per_task) for k in ("static", "changed", "evidence", "all")}
-        options = {k: v for k, v in options.items() if k != "recipe"}
         rows.append({"method": method, "options": options, "per_task": per_task, "mean": mean})
         flags = " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in options.items())
         print(f"| {method} {flags} | {mean['static']:.2f} | {mean['changed']:.2f} | {mean['evidence']:.2f} | "

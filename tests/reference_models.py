@@ -36,16 +36,20 @@ def sharpened_llama(attn: str) -> torch.nn.Module:
     return _MODELS[key]
 
 
+def _eager(model, processor) -> tuple:
+    """``(model, processor)`` with the model's LLM and vision tower switched to eager attention."""
+    for cfg in (model.config, model.config.text_config, model.config.vision_config):
+        cfg._attn_implementation = "eager"
+    return model, processor
+
+
 def shipped():
     """``(model, processor)``: the shipped tiny LLaVA (8 layers, a 12 x 12 grid of visual tokens),
     switched to eager attention (loaded once)."""
     if "shipped" not in _MODELS:
         from tokensieve.tiny import load_tiny
 
-        model, processor = load_tiny()
-        for cfg in (model.config, model.config.text_config, model.config.vision_config):
-            cfg._attn_implementation = "eager"
-        _MODELS["shipped"] = (model, processor)
+        _MODELS["shipped"] = _eager(*load_tiny())
     return _MODELS["shipped"]
 
 
@@ -55,10 +59,7 @@ def shipped_video():
     if "shipped video" not in _MODELS:
         from tokensieve import models
 
-        model, processor = models.load("tiny-video")
-        for cfg in (model.config, model.config.text_config, model.config.vision_config):
-            cfg._attn_implementation = "eager"
-        _MODELS["shipped video"] = (model, processor)
+        _MODELS["shipped video"] = _eager(*models.load("tiny-video"))
     return _MODELS["shipped video"]
 
 

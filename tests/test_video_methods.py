@@ -36,7 +36,9 @@ import torch.nn.functional as F
 from reference_models import causal, decoder_input, last_logits, shipped_video, shipped_video_inputs
 from test_reference_divprune_fastervlm import _pruned as encoder_run
 from test_reference_divprune_fastervlm import divprune_release
+from test_reference_fastv_dart import _pruned as fastv_run
 from test_reference_fastv_dart import fastv_reference
+from test_reference_vflowopt_fitprune import _fitprune as fitprune_run
 from test_reference_vflowopt_fitprune import fitprune_reference
 from test_reference_pdrop_transprune import _kv, decode_reference
 from tiny_models import TEXT, VIDEO
@@ -203,14 +205,6 @@ def test_divprune_across_frames_runs_the_release_on_the_whole_video(seed, keep):
 
 
 # ---------------------------------------------------------------------------------------------- FastV and FitPrune
-def _prefill_kept(model, inputs, method: str, **options):
-    """tokensieve's kept positions per prefill/inside point and the last-token logits."""
-    with torch.no_grad(), tokensieve.prune(model, method, **options) as run:
-        logits = model(**inputs).logits[0, -1]
-    kept = run.report.samples[0].visual_kept
-    return {k: v for k, v in kept.items() if k.startswith(("prefill:", "inside:"))}, logits
-
-
 @pytest.mark.parametrize("seed,layer,keep", [(0, 2, 0.5), (1, 1, 0.25), (2, 3, 0.75)])
 def test_fastv_on_the_multi_frame_prompt_is_the_release(seed, layer, keep):
     """The video's tokens are FastV's image span (``SYS_LENGTH`` to ``SYS_LENGTH + IMAGE_TOKEN_LENGTH``):
@@ -218,7 +212,7 @@ def test_fastv_on_the_multi_frame_prompt_is_the_release(seed, layer, keep):
     model = video_model()
     inputs = video_inputs(seed)
     expected, ref_logits = fastv_reference(model, inputs, layer, int(keep * FRAMES * PER_FRAME))
-    kept, logits = _prefill_kept(model, inputs, "fastv", layer=layer, keep=keep)
+    kept, logits, _ = fastv_run(model, inputs, "fastv", layer=layer, keep=keep)
     assert kept == {f"prefill:{layer}": expected}
     assert torch.allclose(logits, ref_logits, atol=LOGITS_ATOL), (logits - ref_logits).abs().max()
 
@@ -230,7 +224,7 @@ def test_fitprune_on_the_multi_frame_prompt_is_the_release(seed, scheme, score):
     inputs = video_inputs(seed)
     expected, ref_logits = fitprune_reference(model, inputs, scheme, score)
     recipe = Recipe(removed=scheme, visual_tokens=FRAMES * PER_FRAME, num_layers=4)
-    kept, logits = _prefill_kept(model, inputs, "fitprune", recipe=recipe, score=score)
+    kept, logits = fitprune_run(model, inputs, recipe, score)
     assert kept == expected
     assert torch.allclose(logits, ref_logits, atol=LOGITS_ATOL), (logits - ref_logits).abs().max()
 
@@ -243,11 +237,11 @@ def test_fastv_and_fitprune_are_the_release_on_the_shipped_video_model():
     recipe = Recipe(removed=scheme, visual_tokens=576, num_layers=8)
     for inputs in shipped_video_inputs():
         expected, ref_logits = fastv_reference(model, inputs, 2, 288)
-        kept, logits = _prefill_kept(model, inputs, "fastv")
+        kept, logits, _ = fastv_run(model, inputs, "fastv")
         assert kept == {"prefill:2": expected}
         assert torch.allclose(logits, ref_logits, atol=LOGITS_ATOL), (logits - ref_logits).abs().max()
         expected, ref_logits = fitprune_reference(model, inputs, scheme)
-        kept, logits = _prefill_kept(model, inputs, "fitprune", recipe=recipe)
+        kept, logits = fitprune_run(model, inputs, recipe, "product")
         assert kept == expected
         assert torch.allclose(logits, ref_logits, atol=LOGITS_ATOL), (logits - ref_logits).abs().max()
 
